@@ -1,0 +1,49 @@
+"""Exceptions whose messages are written for the person at the terminal.
+
+Library code raises these; each CLI turns one into a single stderr line and exit code 1.
+"""
+from __future__ import annotations
+
+
+class ItmError(Exception):
+    """Base class: the message says what went wrong and what to do about it."""
+
+
+class UnknownModelError(ItmError):
+    pass
+
+
+class WeightsUnavailableError(ItmError):
+    pass
+
+
+class CheckpointError(ItmError):
+    pass
+
+
+class IndexNotFoundError(ItmError):
+    pass
+
+
+class IndexFormatError(ItmError):
+    pass
+
+
+class ModelMismatchError(ItmError):
+    pass
+
+
+class EmptyIndexError(ItmError):
+    pass
+
+
+class QueryError(ItmError):
+    pass
+
+
+class CorpusError(ItmError):
+    pass
+
+
+class DecodeError(ItmError):
+    """One corpus item cannot be used; the build skips it and records the reason."""
