@@ -1,0 +1,177 @@
+"""The dual encoder: an open_clip image tower and text tower behind one small interface."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, ItmError
+from .models import RANDOM, ModelSpec
+from .weights import pretrained_source
+
+ENCODER_KIND = "dual_encoder"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Encoded:
+    embeddings: torch.Tensor  # (B, E) float32, L2-normalised
+    tokens: list[torch.Tensor]  # one per requested layer: image (B, 1+H*W, W) with CLS first; text (B, L, W)
+    mask: torch.Tensor | None = None  # (B, L) bool, True for real text tokens (SOT..EOT)
+    grid: tuple[int, int] | None = None  # (H, W) patch grid of image tokens
+
+
+class DualEncoder:
+    """Embeds images and texts into one space; optionally returns token features of chosen layers.
+
+    >>> enc = DualEncoder.load(resolve_model("itm-tiny", "random"))
+    >>> enc.encode_texts(["a red circle"]).embeddings.shape
+    torch.Size([1, 32])
+    """
+
+    def __init__(self, model: open_clip.CLIP, tokenizer, preprocess, spec: ModelSpec, identity: dict,
+                 device: str = "cpu", precision: str = "fp32"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess  # PIL.Image -> (3, S, S) float tensor
+        self.spec = spec
+        self.identity = identity  # what the index manifest records and checks
+        self.device = torch.device(device)
+        self.dtype = PRECISIONS[precision]
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -> "DualEncoder":
+        if precision not in PRECISIONS:
+            raise ItmError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision == "fp16" and not str(device).startswith("cuda"):
+            raise ItmError("fp16 needs a GPU (--device cuda); on a CPU use --precision bf16 or fp32")
+        model, model_cfg, sha = _build_model(spec)
+        identity = {
+            "arch": spec.arch,
+            "pretrained": spec.pretrained,
+            "checkpoint_sha256": sha,
+            "embed_dim": int(model_cfg["embed_dim"]),
+            "image_size": int(model.visual.image_size[0]),
+            "context_length": int(model.context_length),
+        }
+        tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length) \
+            if "hf_tokenizer_name" not in model_cfg.get("text_cfg", {}) else open_clip.get_tokenizer(spec.arch)
+        pp = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
+        preprocess = open_clip.image_transform(
+            model.visual.image_size, is_train=False, mean=pp.get("mean"), std=pp.get("std"),
+            resize_mode=pp.get("resize_mode"), interpolation=pp.get("interpolation"))
+        model = model.to(device=device, dtype=PRECISIONS[precision])
+        return cls(model, tokenizer, preprocess, spec, identity, device, precision)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.identity["embed_dim"]
+
+    @property
+    def image_size(self) -> int:
+        return self.identity["image_size"]
+
+    @property
+    def n_image_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def n_text_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
+    @property
+    def image_width(self) -> int:
+        return int(self.model.visual.transformer.width)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.transformer.width)
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess(image)  # (3, S, S)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor, layers: Sequence[int] = ()) -> Encoded:
+        pixels = pixels.to(self.device, self.dtype)  # (B, 3, S, S)
+        if not layers:
+            return Encoded(_unit(self.model.encode_image(pixels)), [])
+        out = self.model.forward_intermediates(
+            image=pixels, image_indices=_absolute(layers, self.n_image_layers), image_output_extra_tokens=True)
+        tokens = []
+        for grid, prefix in zip(out["image_intermediates"], out["image_intermediates_prefix"]):
+            b, w, h, gw = grid.shape  # (B, W, H, Gw)
+            tokens.append(torch.cat([prefix, grid.flatten(2).transpose(1, 2)], 1).float())  # (B, 1+H*Gw, W)
+        return Encoded(_unit(out["image_features"]), tokens, grid=(h, gw))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], layers: Sequence[int] = ()) -> Encoded:
+        ids = self.tokenizer(list(texts)).to(self.device)  # (B, L)
+        eot = ids.argmax(dim=-1)  # EOT has the highest token id
+        mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot[:, None]  # (B, L)
+        if not layers:
+            return Encoded(_unit(self.model.encode_text(ids)), [], mask=mask)
+        out = self.model.forward_intermediates(text=ids, text_indices=_absolute(layers, self.n_text_layers))
+        return Encoded(_unit(out["text_features"]), [t.float() for t in out["text_intermediates"]], mask=mask)
+
+    def save(self, path: Path) -> Path:
+        """Write this encoder as an itm checkpoint (safetensors + JSON) that `--checkpoint` loads."""
+        return save_encoder(self.model, self.spec.arch, path)
+
+
+def save_encoder(model: open_clip.CLIP, arch: str, path: Path) -> Path:
+    """Write an open_clip model of an itm-registered architecture as an itm checkpoint."""
+    cfg = open_clip.get_model_config(arch)
+    return save_checkpoint({k: v.float() for k, v in model.state_dict().items()},
+                           {"kind": ENCODER_KIND, "arch": arch, "model_cfg": cfg}, path)
+
+
+def _build_model(spec: ModelSpec) -> tuple[open_clip.CLIP, dict[str, Any], str | None]:
+    if spec.checkpoint is not None and Path(spec.checkpoint).suffix == ".safetensors" \
+            and Path(spec.checkpoint).with_suffix(".json").is_file():
+        tensors, meta = load_checkpoint(spec.checkpoint, ENCODER_KIND)
+        if meta["arch"] != spec.arch and spec.name is None:
+            raise CheckpointError(f"checkpoint {spec.checkpoint} holds a {meta['arch']} model, not {spec.arch}")
+        model = open_clip.CLIP(**meta["model_cfg"])
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {spec.checkpoint} does not fit {meta['arch']}: {e}") from None
+        return model, meta["model_cfg"], file_sha256(spec.checkpoint)
+    cfg = open_clip.get_model_config(spec.arch)
+    if spec.checkpoint is not None:
+        if not Path(spec.checkpoint).is_file():
+            raise CheckpointError(f"checkpoint {spec.checkpoint} not found")
+        try:  # open_clip's own loader, with torch.load(weights_only=True) for pickle-format files
+            model = open_clip.create_model(spec.arch, pretrained=str(spec.checkpoint), weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot load {spec.checkpoint} as {spec.arch}: {e}") from None
+        return model, cfg, file_sha256(spec.checkpoint)
+    if spec.pretrained == RANDOM:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same random model every time, so build and search agree
+            _quiet_open_clip()
+            return open_clip.create_model(spec.arch), cfg, None
+    source = pretrained_source(spec.arch, spec.pretrained)
+    return open_clip.create_model(spec.arch, pretrained=source), cfg, None
+
+
+def _quiet_open_clip() -> None:
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+
+
+def _absolute(layers: Sequence[int], n: int) -> list[int]:
+    out = [i % n for i in layers]
+    if any(not -n <= i < n for i in layers):
+        raise ItmError(f"layer indices {list(layers)} out of range for a {n}-layer tower")
+    return out
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)

@@ -1,0 +1,87 @@
+"""Which dual encoder to load: open_clip architectures, itm's own configs, checkpoints, bundles.
+
+A *model spec* names an architecture plus where its weights come from: an open_clip
+pretrained tag (downloaded and cached the usual open_clip / Hugging Face way), a local
+checkpoint file, or `random` (seeded random weights, for tests). A *bundle* is a folder
+with `bundle.json` naming an encoder checkpoint and optionally a fusion reranker; the
+demo model shipped in `data/demo` is one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+
+from .errors import UnknownModelError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+RANDOM = "random"  # explicit seeded random weights; never a silent fallback
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEMO_DIR = Path(os.environ.get("ITM_DEMO_DIR", Path(__file__).resolve().parents[1] / "data" / "demo"))
+BUNDLES = {"demo": DEMO_DIR}
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str  # open_clip architecture name, e.g. ViT-B-32 or itm-tiny
+    pretrained: str | None = None  # open_clip pretrained tag, or "random"
+    checkpoint: Path | None = None  # local encoder checkpoint (safetensors+JSON, or an open_clip file)
+    reranker: Path | None = None  # fusion reranker checkpoint that comes with the model
+    name: str | None = None  # the name the user gave, when it was a bundle
+
+
+def list_models() -> list[str]:
+    """Every name `--model` accepts: bundles first, then open_clip architectures."""
+    return sorted(BUNDLES) + open_clip.list_models()
+
+
+def resolve_model(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    checkpoint: Path | str | None = None,
+    reranker: Path | str | None = None,
+) -> ModelSpec:
+    """Turn command-line style choices into a ModelSpec.
+
+    >>> resolve_model("ViT-B-32").pretrained
+    'laion2b_s34b_b79k'
+    """
+    reranker = Path(reranker) if reranker else None
+    if model in BUNDLES or Path(model, "bundle.json").is_file():
+        return _bundle_spec(model, reranker)
+    if model not in open_clip.list_models():
+        raise UnknownModelError(
+            f"unknown model {model!r}; choose one of: {', '.join(sorted(BUNDLES))}, "
+            "or an open_clip architecture such as ViT-B-32 (see open_clip.list_models())"
+        )
+    if checkpoint:
+        return ModelSpec(model, None, Path(checkpoint), reranker)
+    if pretrained is None:
+        if model != DEFAULT_MODEL:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            raise UnknownModelError(
+                f"model {model} needs weights: pass --pretrained TAG"
+                + (f" (one of {', '.join(tags)})" if tags else "")
+                + " or --checkpoint PATH"
+            )
+        pretrained = DEFAULT_PRETRAINED
+    return ModelSpec(model, pretrained, None, reranker)
+
+
+def _bundle_spec(model: str, reranker: Path | None) -> ModelSpec:
+    folder = Path(BUNDLES.get(model, model))
+    manifest = folder / "bundle.json"
+    if not manifest.is_file():
+        raise UnknownModelError(
+            f"model {model!r} is not available: {manifest} is missing "
+            "(train it with `python data/demo/train_demo.py`)"
+        )
+    meta = json.loads(manifest.read_text())
+    bundled = folder / meta["reranker"] if meta.get("reranker") else None
+    return ModelSpec(meta["arch"], None, folder / meta["encoder"], reranker or bundled, name=model)
