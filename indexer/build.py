@@ -75,7 +75,7 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
     index_dir.mkdir(parents=True, exist_ok=True)
     with _locked(index_dir):
         old = store.read_manifest(index_dir)
-        spec = model or _spec_from_manifest(old, index_dir) or resolve_model()
+        spec = model or spec_from_manifest(old, index_dir) or resolve_model()
         encoder = DualEncoder.load(spec, options.device, options.precision)
         projector = load_projector(spec.reranker, encoder) if spec.reranker else None
         info = model_info(spec, encoder)
@@ -125,7 +125,7 @@ def check_model(manifest: dict[str, Any], info: dict[str, Any], reranker: dict |
             f"{str(new_sha)[:12]}; pass --index for another index, or delete it to rebuild")
 
 
-def _spec_from_manifest(manifest: dict | None, index_dir: Path) -> ModelSpec | None:
+def spec_from_manifest(manifest: dict | None, index_dir: Path) -> ModelSpec | None:
     """Later builds of an index default to the model it was built with."""
     if manifest is None:
         return None

@@ -57,7 +57,7 @@ def load_image(
     """
     if min_side < 1:
         raise ValueError(f"min_side must be positive, got {min_side}")
-    raw = _read_file(data) if isinstance(data, Path) else bytes(data)
+    raw = read_file(data) if isinstance(data, Path) else bytes(data)
     if not raw:
         raise DecodeError("empty file")
     if _looks_like_heif(raw):
@@ -72,7 +72,8 @@ def load_image(
         im.close()
 
 
-def _read_file(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
+    """The bytes of a file, or DecodeError with a short reason."""
     try:
         return path.read_bytes()
     except FileNotFoundError:

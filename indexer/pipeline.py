@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 from .errors import DecodeError
-from .images import load_image
+from .images import load_image, read_file
 from .scan import FileEntry
 
 T = TypeVar("T")
@@ -34,9 +34,9 @@ def prepare_image(entry: FileEntry, preprocess: Callable, min_side: int, max_pix
                   known: Callable[[str], bool]) -> Prepared:
     """Read once, hash, and decode only when no embedding exists for these bytes yet."""
     try:
-        data = Path(entry.path).read_bytes()
-    except OSError as e:
-        return Prepared(entry, error=e.strerror or str(e))
+        data = read_file(Path(entry.path))
+    except DecodeError as e:
+        return Prepared(entry, error=str(e))
     h = content_hash(data)
     if known(h):
         return Prepared(entry, h)

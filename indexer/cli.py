@@ -1,0 +1,83 @@
+"""itm-index: build an index from a folder of images or a text file, and describe it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import store
+from .build import BuildOptions, build_index, model_label
+from .cliutil import user_errors, warn
+from .images import DEFAULT_MAX_PIXELS
+from .models import DEFAULT_MODEL, resolve_model
+
+PROG = "itm-index"
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
+IndexOpt = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory (default: per-user data dir).")
+
+
+@app.command()
+def build(
+    source: Path = typer.Argument(..., help="Folder of images, or a .txt/.jsonl/.csv/.parquet file of texts."),
+    index: Optional[Path] = IndexOpt,
+    model: Optional[str] = typer.Option(None, help=f"Model name or bundle (default {DEFAULT_MODEL}, or the index's)."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or 'random'."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local encoder checkpoint file."),
+    reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint whose rerank store to build."),
+    batch_size: int = typer.Option(64, min=1),
+    workers: int = typer.Option(BuildOptions.workers, min=0, help="Decoding threads (0: decode inline)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, or fp16 (GPU only)."),
+    exclude: List[str] = typer.Option([], help="Glob to leave out, relative to the folder (repeatable)."),
+    include_hidden: bool = typer.Option(False, help="Also index dot-files and dot-folders."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Skip images with more pixels than this."),
+    faiss_factory: Optional[str] = typer.Option(None, help="FAISS factory string (default: by corpus size)."),
+    text_column: Optional[str] = typer.Option(None, help="Text column of a jsonl/csv/parquet file."),
+    id_column: Optional[str] = typer.Option(None, help="Id column of a jsonl/csv/parquet file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
+    with user_errors(PROG):
+        spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
+            if (model or pretrained or checkpoint or reranker) else None
+        opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
+                            exclude=exclude, include_hidden=include_hidden, max_pixels=max_pixels,
+                            faiss_factory=faiss_factory, text_column=text_column, id_column=id_column,
+                            progress=not quiet)
+        r = build_index(source, index, spec, opts, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
+    typer.echo(f"{r.index_dir}: {r.added} added, {r.updated} updated, {r.removed} removed, "
+               f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
+               f"{r.images} images, {r.texts} texts in {r.seconds:.1f}s")
+
+
+@app.command()
+def info(index: Optional[Path] = IndexOpt,
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Counts, model, FAISS index types, size on disk, and the files that were skipped."""
+    with user_errors(PROG):
+        snap = store.Snapshot.open(index or store.default_index_dir())
+    m = snap.manifest
+    disk = sum(p.stat().st_size for p in snap.index_dir.iterdir() if p.is_file())
+    skipped = snap.skipped().to_pylist()
+    if as_json:
+        typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m["counts"], "model": m["model"],
+                               "reranker": m.get("reranker"), "ann": m["ann"], "bytes_on_disk": disk,
+                               "generation": m["generation"], "skipped": skipped}, indent=1))
+        return
+    typer.echo(f"index       {snap.index_dir} (format {m['format']}, generation {m['generation']})")
+    typer.echo(f"items       {m['counts']['image']} images, {m['counts']['text']} texts")
+    typer.echo(f"model       {model_label(m['model'])}, {m['model']['embed_dim']}-d")
+    rr = m.get("reranker")
+    typer.echo(f"reranker    {rr['sha256'][:12] + ', store ' + 'x'.join(map(str, rr['image_shape'])) + ' fp16 per image' if rr else 'none (recall only)'}")
+    for kind, a in m["ann"].items():
+        typer.echo(f"faiss       {kind}: {a['factory']}, {a['ntotal']} vectors, recall@10 vs exact {a['recall_at_10']:.3f}")
+    typer.echo(f"on disk     {disk / 2**20:.1f} MiB")
+    typer.echo(f"skipped     {len(skipped)}")
+    for s in skipped:
+        typer.echo(f"  {s['path']}: {s['reason']}")
+
+
+def main() -> None:
+    app(prog_name=PROG)

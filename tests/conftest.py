@@ -1,0 +1,59 @@
+"""Fixtures shared by all tests: tiny registered models, generated corpora, isolated user dirs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.models import resolve_model
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_dirs(tmp_path_factory, monkeypatch):
+    """No test reads or writes the real per-user index, caches or hub."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("ITM_INDEX", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    return resolve_model("itm-tiny", "random")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_spec):
+    from indexer.encoder import DualEncoder
+    return DualEncoder.load(tiny_spec)
+
+
+def write_images(folder: Path, n: int, seed: int = 0, size=(40, 48)) -> list[Path]:
+    """n distinct random images, some in a subfolder."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / ("sub" if i % 3 == 0 else "") / f"img{i:03d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    write_images(folder, 12)
+    return folder
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(f"a {c} square number {i}" for i, c in enumerate(COLOURS)) + "\n")
+    return path

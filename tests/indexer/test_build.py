@@ -1,0 +1,158 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from indexer import store
+from indexer.build import BuildOptions, build_index
+from indexer.encoder import DualEncoder
+from indexer.errors import IndexFormatError, ModelMismatchError
+from indexer.models import resolve_model
+from tests.conftest import write_images
+from tests.fixtures_broken import make_odd_files
+
+
+def build(src, idx, spec, **kw):
+    skips = []
+    report = build_index(src, idx, spec, BuildOptions(batch_size=4, **kw), on_skip=lambda p, w: skips.append((p, w)))
+    return report, skips
+
+
+def rows(idx):
+    snap = store.Snapshot.open(idx)
+    return snap, snap.rows.to_pylist()
+
+
+def test_first_build_embeds_every_image_and_text(tmp_path, image_folder, text_file, tiny_spec, tiny_encoder):
+    idx = tmp_path / "idx"
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.images, r.texts, r.skipped) == (12, 12, 0, 0)
+    r, _ = build(text_file, idx, tiny_spec)
+    assert (r.added, r.images, r.texts) == (4, 12, 4)
+    snap, rs = rows(idx)
+    texts = [x for x in rs if x["kind"] == "text"]
+    assert [t["text"] for t in texts] == text_file.read_text().splitlines()
+    # stored embeddings are what the encoder gives for the same text (oracle: one-at-a-time encoding)
+    emb = snap.gather(snap.kind_rows("text"), "emb")
+    direct = tiny_encoder.encode_texts([t["text"] for t in texts]).embeddings.numpy()
+    np.testing.assert_allclose(emb, direct, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert snap.manifest["ann"]["image"]["factory"] == "Flat"
+    assert len({x["id"] for x in rs}) == 16
+
+
+def test_rebuild_embeds_only_new_and_changed_and_removes_deleted(tmp_path, image_folder, tiny_spec):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    files = sorted(image_folder.rglob("*.png"))
+    files[0].unlink()  # removed
+    write_images(image_folder / "new", 2, seed=7)  # added
+    shutil.copy(files[1], image_folder / "copy_of_1.png")  # added, same bytes: reused
+    files[2].rename(image_folder / "renamed.png")  # removed + added, reused
+    write_images(tmp_path / "elsewhere", 1, seed=9, size=(30, 30))[0].replace(files[3])  # changed bytes: updated
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.updated, r.removed, r.reused) == (4, 1, 2, 2)
+    assert r.unchanged == 12 - 2 - 1
+    assert r.images == 12 - 1 + 2 + 1
+    _, rs = rows(idx)
+    paths = {x["path"] for x in rs}
+    assert str(files[0]) not in paths and str(image_folder / "renamed.png") in paths
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.updated, r.removed, r.unchanged) == (0, 0, 0, 14)
+
+
+def test_text_file_rebuild_tracks_lines(tmp_path, text_file, tiny_spec):
+    idx = tmp_path / "idx"
+    build(text_file, idx, tiny_spec)
+    lines = text_file.read_text().splitlines()
+    text_file.write_text("\n".join([lines[0], "a brand new caption", lines[2]]) + "\n")
+    r, _ = build(text_file, idx, tiny_spec)
+    assert (r.added, r.updated, r.removed, r.unchanged) == (0, 1, 1, 2)
+    _, rs = rows(idx)
+    assert sorted(x["text"] for x in rs) == sorted([lines[0], "a brand new caption", lines[2]])
+
+
+def test_broken_files_are_skipped_and_recorded(tmp_path, tiny_spec):
+    expected = make_odd_files(tmp_path / "odd")
+    r, skips = build(tmp_path / "odd", tmp_path / "idx", tiny_spec, max_pixels=50_000_000)
+    skipped_names = {os.path.basename(p) for p, _ in skips}
+    assert skipped_names == {n for n, o in expected.items() if o == "skip"}
+    assert r.images == sum(o == "ok" for o in expected.values())
+    recorded = store.Snapshot.open(tmp_path / "idx").skipped().to_pylist()
+    assert {os.path.basename(s["path"]) for s in recorded} == skipped_names
+    assert all(s["reason"] for s in recorded)
+
+
+def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, image_folder, tiny_spec, monkeypatch):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    before = json.loads((idx / "manifest.json").read_text())
+    write_images(image_folder / "more", 10, seed=3)
+
+    real_write = store.write_manifest
+    def crash_on_final(index_dir, manifest):
+        if not manifest["staging"]:
+            raise KeyboardInterrupt  # like Ctrl-C between staging and the final commit
+        real_write(index_dir, manifest)
+    monkeypatch.setattr(store, "write_manifest", crash_on_final)
+    with pytest.raises(KeyboardInterrupt):
+        build(image_folder, idx, tiny_spec, commit_every=4)
+    monkeypatch.setattr(store, "write_manifest", real_write)
+
+    after = json.loads((idx / "manifest.json").read_text())
+    assert after["generation"] == before["generation"] and after["rows"] == before["rows"]
+    assert after["staging"], "encoded segments were staged for the next build"
+    snap, rs = rows(idx)
+    assert len(rs) == 12  # readers see the previous snapshot, whole
+    snap.gather(snap.kind_rows("image"), "emb")
+
+    calls = []
+    real_encode = DualEncoder.encode_images
+    monkeypatch.setattr(DualEncoder, "encode_images", lambda self, *a, **k: calls.append(1) or real_encode(self, *a, **k))
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.reused, r.images) == (10, 10, 22)
+    assert calls == []  # nothing re-embedded
+    assert not json.loads((idx / "manifest.json").read_text())["staging"]
+
+
+def test_half_written_files_are_invisible_and_collected(tmp_path, image_folder, tiny_spec):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    (idx / ".manifest.json.deadbeef.tmp").write_text("{half")
+    (idx / "seg-0000.emb.npy").write_bytes(b"partial")
+    _, rs = rows(idx)
+    assert len(rs) == 12
+    build(image_folder, idx, tiny_spec)
+    assert not (idx / "seg-0000.emb.npy").exists() and not (idx / ".manifest.json.deadbeef.tmp").exists()
+
+
+def test_other_model_and_newer_format_are_refused(tmp_path, image_folder, tiny_spec, tiny_encoder):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    ckpt = tiny_encoder.save(tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelMismatchError, match="was built with itm-tiny/random"):
+        build(image_folder, idx, resolve_model("itm-tiny", checkpoint=ckpt))
+    m = json.loads((idx / "manifest.json").read_text())
+    (idx / "manifest.json").write_text(json.dumps({**m, "format": store.FORMAT_VERSION + 1}))
+    with pytest.raises(IndexFormatError, match="newer than this itm"):
+        build(image_folder, idx, tiny_spec)
+
+
+def test_later_builds_default_to_the_index_model(tmp_path, image_folder, text_file, tiny_spec):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    r = build_index(text_file, idx)
+    assert r.texts == 4
+
+
+def test_forced_faiss_factory_is_kept(tmp_path, image_folder, tiny_spec):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec, faiss_factory="HNSW8")
+    m = json.loads((idx / "manifest.json").read_text())
+    assert m["ann"]["image"]["factory"] == "HNSW8" and 0 <= m["ann"]["image"]["recall_at_10"] <= 1
+    write_images(image_folder / "x", 1, seed=5)
+    build(image_folder, idx, tiny_spec)
+    assert json.loads((idx / "manifest.json").read_text())["ann"]["image"]["factory"] == "HNSW8"
