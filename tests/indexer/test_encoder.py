@@ -1,0 +1,68 @@
+import time
+
+import pytest
+import torch
+
+from indexer.encoder import DualEncoder
+from indexer.errors import CheckpointError, ItmError, UnknownModelError, WeightsUnavailableError
+from indexer.models import list_models, resolve_model
+
+
+def test_embeddings_are_unit_and_tokens_have_the_promised_shapes(tiny_encoder):
+    pixels = torch.randn(3, 3, 32, 32)
+    plain = tiny_encoder.encode_images(pixels)
+    out = tiny_encoder.encode_images(pixels, layers=[-2, -1])
+    assert torch.allclose(plain.embeddings, out.embeddings, atol=1e-6)
+    assert torch.allclose(out.embeddings.norm(dim=-1), torch.ones(3))
+    assert out.grid == (4, 4) and [t.shape for t in out.tokens] == [(3, 17, 64)] * 2
+    txt = tiny_encoder.encode_texts(["a red circle", "a blue square left of a green star"], layers=[0])
+    assert txt.tokens[0].shape == (2, 16, 64)
+    assert txt.mask.sum(1).tolist() == [5, 10]  # SOT + words + EOT
+
+
+def test_random_weights_are_reproducible_and_checkpoint_round_trip_is_exact(tmp_path, tiny_spec, tiny_encoder):
+    pixels = torch.randn(2, 3, 32, 32)
+    again = DualEncoder.load(tiny_spec)
+    assert torch.equal(again.encode_images(pixels).embeddings, tiny_encoder.encode_images(pixels).embeddings)
+    path = tiny_encoder.save(tmp_path / "enc.safetensors")
+    loaded = DualEncoder.load(resolve_model("itm-tiny", checkpoint=path))
+    assert torch.equal(loaded.encode_images(pixels).embeddings, tiny_encoder.encode_images(pixels).embeddings)
+    assert torch.equal(loaded.encode_texts(["x y"]).embeddings, tiny_encoder.encode_texts(["x y"]).embeddings)
+    assert loaded.identity["checkpoint_sha256"] and tiny_encoder.identity["checkpoint_sha256"] is None
+
+
+def test_pickle_and_broken_checkpoints_are_refused(tmp_path):
+    pt = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pt)
+    with pytest.raises(CheckpointError):
+        DualEncoder.load(resolve_model("itm-tiny", checkpoint=tmp_path / "missing.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense")
+    bad.with_suffix(".json").write_text('{"kind": "dual_encoder", "arch": "itm-tiny", "model_cfg": {}}')
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        DualEncoder.load(resolve_model("itm-tiny", checkpoint=bad))
+
+
+def test_bf16_is_close_to_fp32(tiny_spec, tiny_encoder):
+    pixels = torch.randn(4, 3, 32, 32)
+    bf16 = DualEncoder.load(tiny_spec, precision="bf16")
+    cos = (bf16.encode_images(pixels).embeddings * tiny_encoder.encode_images(pixels).embeddings).sum(-1)
+    assert cos.min() > 0.98
+    with pytest.raises(ItmError, match="fp16 needs a GPU"):
+        DualEncoder.load(tiny_spec, precision="fp16")
+
+
+def test_missing_weights_fail_fast_with_the_remedy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="--checkpoint PATH.*--model demo"):
+        DualEncoder.load(resolve_model())  # ViT-B-32 / laion2b_s34b_b79k
+    assert time.perf_counter() - t0 < 30
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'"):
+        resolve_model("no-such-model")
+    with pytest.raises(UnknownModelError, match="no pretrained weights tagged"):
+        DualEncoder.load(resolve_model("ViT-B-32", "no-such-tag"))
+    assert "demo" in list_models() and "itm-tiny" in list_models()
