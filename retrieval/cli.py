@@ -1,0 +1,53 @@
+"""itm-search: text -> images, or image -> texts and similar images."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from indexer.cliutil import user_errors, warn
+
+from .settings import DEFAULT_RERANK_K
+
+PROG = "itm-search"
+
+
+def search(
+    query: Optional[str] = typer.Argument(None, help="Words to search images for."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Reverse lookup: texts (and images) like this image."),
+    k: int = typer.Option(10, "-k", min=1, help="Number of results (per kind)."),
+    kind: Optional[str] = typer.Option(None, help="image, text or all (default: image for text, all for --image)."),
+    rerank_k: int = typer.Option(DEFAULT_RERANK_K, min=1, help="Candidates the fusion model rescores."),
+    no_rerank: bool = typer.Option(False, "--no-rerank", help="Recall only: rank by dual-encoder similarity."),
+    index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
+    device: str = typer.Option("cpu"),
+    precision: str = typer.Option("fp32"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts."),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (and texts), one per line."),
+) -> None:
+    """Search the index. Example: itm-search "a red circle left of a blue square" -k 5"""
+    with user_errors(PROG):
+        if query is None and image is None:
+            raise typer.BadParameter("give a QUERY or --image PATH")
+        from .search import Searcher  # torch and open_clip load only when a search runs
+
+        searcher = Searcher(index, rerank=not no_rerank, device=device, precision=precision)
+        if not no_rerank and not searcher.has_reranker:
+            warn(PROG, "this index has no reranker; results are recall-only (build with a model that has one, "
+                       "e.g. --model demo)")
+        hits = searcher.search(text=query, image=image, k=k, kind=kind, rerank_k=rerank_k)
+    for h in hits:
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(h)))
+        elif paths_only:
+            typer.echo(h.path if h.kind == "image" else h.text)
+        else:
+            what = h.path if h.kind == "image" else f"{h.text!r}"
+            typer.echo(f"{h.score:8.4f}  {h.kind:5}  {what}")
+
+
+def main() -> None:
+    typer.run(search)

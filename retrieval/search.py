@@ -1,0 +1,155 @@
+"""Two-stage search: FAISS recall of the top-k, then fusion reranking of those k."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from indexer import store
+from indexer.ann import to_gpu_if_available, tune
+from indexer.build import model_label, same_model, spec_from_manifest
+from indexer.encoder import DualEncoder, Encoded
+from indexer.errors import DecodeError, EmptyIndexError, ModelMismatchError, QueryError
+from indexer.images import load_image
+from indexer.models import ModelSpec
+
+from .checkpoint import load_reranker
+from .fusion import FusionReranker
+from .settings import DEFAULT_RERANK_K
+
+KINDS = ("image", "text", "all")
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int  # stable row id in the index
+    kind: str  # "image" or "text"
+    score: float  # what the results are ranked by: fused score when reranked, else recall score
+    recall_score: float  # dual-encoder cosine similarity
+    match_logit: float | None  # fusion model's match logit, None when not reranked
+    path: str  # image file, or the text file a text came from
+    text: str | None  # the text, for text hits
+
+
+@dataclass
+class Timings:
+    encode_ms: float = 0.0
+    recall_ms: float = 0.0
+    rerank_ms: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Searcher:
+    """Answers queries against one committed snapshot of an index.
+
+    >>> s = Searcher("idx/")
+    >>> [h.path for h in s.search(text="a red circle left of a blue square", k=3)]
+    ['idx/../images/0007.png', ...]
+    """
+
+    def __init__(self, index_dir: Path | str | None = None, *, model: ModelSpec | None = None,
+                 rerank: bool = True, device: str = "cpu", precision: str = "fp32"):
+        self.index_dir = Path(index_dir) if index_dir else store.default_index_dir()
+        self.snapshot = store.Snapshot.open(self.index_dir)
+        manifest = self.snapshot.manifest
+        if not sum(manifest["counts"].values()):
+            raise EmptyIndexError(f"index at {self.index_dir} is empty; add images with `itm-index build FOLDER`")
+        self.encoder = DualEncoder.load(model or spec_from_manifest(manifest, self.index_dir), device, precision)
+        info = {**self.encoder.identity}
+        if not same_model(manifest["model"], info):
+            raise ModelMismatchError(
+                f"index at {self.index_dir} was built with {model_label(manifest['model'])}; the query model is "
+                f"{model_label(info)}; pass --index for another index or rebuild this one with that model")
+        self.reranker: FusionReranker | None = None
+        if rerank and manifest.get("reranker"):
+            self.reranker = load_reranker(self.index_dir / manifest["reranker"]["file"]).eval()
+        self.ann = {kind: to_gpu_if_available(self._load_ann(a)) for kind, a in manifest["ann"].items()}
+        self.kind_rows = {kind: self.snapshot.kind_rows(kind) for kind in store.KINDS}
+        self.timings = Timings()
+
+    @property
+    def has_reranker(self) -> bool:
+        return self.reranker is not None
+
+    def search(self, text: str | None = None, image: Path | str | None = None, k: int = 10,
+               kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K) -> list[Hit]:
+        """Text -> images (default kind "image"), or image -> texts and images (default kind "all")."""
+        if (text is None) == (image is None):
+            raise QueryError("give a text query or --image PATH, not both and not neither")
+        if k < 1:
+            raise QueryError(f"k must be at least 1, got {k}")
+        kind = kind or ("image" if text is not None else "all")
+        if kind not in KINDS:
+            raise QueryError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        t0 = time.perf_counter()
+        query = self._encode_text(text) if text is not None else self._encode_image(Path(image))
+        self.timings = Timings(encode_ms=1e3 * (time.perf_counter() - t0))
+        query_kind = "text" if text is not None else "image"
+        hits: list[Hit] = []
+        for target in (("text", "image") if kind == "all" else (kind,)):
+            hits += self._search_kind(query, query_kind, target, k, rerank_k)
+        return hits
+
+    def _search_kind(self, query: Encoded, query_kind: str, target: str, k: int, rerank_k: int) -> list[Hit]:
+        if target not in self.ann:
+            return []
+        cross = query_kind != target
+        depth = max(k, rerank_k) if (cross and self.reranker is not None) else k
+        t0 = time.perf_counter()
+        sims, pos = self.ann[target].search(query.embeddings.cpu().numpy(), min(depth, self.ann[target].ntotal))
+        keep = pos[0] >= 0
+        sims, rows = sims[0][keep], self.kind_rows[target][pos[0][keep]]
+        self.timings.recall_ms += 1e3 * (time.perf_counter() - t0)
+        logits = None
+        if cross and self.reranker is not None and len(rows):
+            t0 = time.perf_counter()
+            logits = self._rerank(query, query_kind, rows)
+            self.timings.rerank_ms += 1e3 * (time.perf_counter() - t0)
+            scores = self.reranker.score(torch.from_numpy(logits), torch.from_numpy(sims)).numpy()
+        else:
+            scores = sims
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [self._hit(int(rows[i]), float(scores[i]), float(sims[i]),
+                          None if logits is None else float(logits[i])) for i in order]
+
+    @torch.inference_mode()
+    def _rerank(self, query: Encoded, query_kind: str, rows: np.ndarray) -> np.ndarray:
+        """One batched forward pass over the k candidates; the query's features are shared, not copied."""
+        cand = torch.from_numpy(self.snapshot.gather(rows, "tok"))  # (k, L, T, D) fp16
+        if query_kind == "text":
+            txt, mask = self.reranker.encode_text_store(query.tokens, query.mask)  # (1, L, Tt, D), (1, Tt)
+            logits = self.reranker(cand, txt, mask)
+        else:
+            img = self.reranker.encode_image_store(query.tokens, query.grid)  # (1, L, Ti, D)
+            mask = torch.from_numpy(self.snapshot.gather(rows, "mask"))  # (k, Tt)
+            logits = self.reranker(img.half(), cand, mask)
+        return logits.float().numpy()
+
+    def _encode_text(self, text: str) -> Encoded:
+        if not text or not text.strip():
+            raise QueryError("the query is empty; give some words to search for")
+        layers = self.reranker.cfg.text_layers if self.reranker is not None else ()
+        return self.encoder.encode_texts([text.strip()], layers)
+
+    def _encode_image(self, path: Path) -> Encoded:
+        try:
+            image = load_image(path, min_side=self.encoder.image_size)
+        except DecodeError as e:
+            raise QueryError(f"cannot use query image {path}: {e}") from None
+        layers = self.reranker.cfg.image_layers if self.reranker is not None else ()
+        return self.encoder.encode_images(self.encoder.prepare(image)[None], layers)
+
+    def _hit(self, row: int, score: float, recall: float, logit: float | None) -> Hit:
+        r = {name: self.snapshot.rows.column(name)[row].as_py() for name in ("id", "kind", "path", "text")}
+        return Hit(r["id"], r["kind"], score, recall, logit, r["path"], r["text"])
+
+    def _load_ann(self, meta: dict):
+        index = store.read_ann(self.index_dir / meta["file"])
+        if index.d != meta["dim"] or index.d != self.encoder.embed_dim:
+            raise ModelMismatchError(f"FAISS index {meta['file']} in {self.index_dir} has dimension {index.d}, "
+                                     f"expected {self.encoder.embed_dim}; rebuild the index")
+        tune(index)
+        return index

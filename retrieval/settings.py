@@ -1,0 +1,4 @@
+"""Defaults shared by the library and the commands, in a module light enough for `--help`."""
+
+# Candidates the fusion model rescores per query (see benchmarks/rerank_latency.py for the cost).
+DEFAULT_RERANK_K = 50
