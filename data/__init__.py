@@ -1,0 +1,1 @@
+"""Datasets for itm: the synthetic image-caption world and the bundled samples."""
