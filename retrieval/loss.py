@@ -1,0 +1,171 @@
+"""Training losses for the dual encoders and the fusion reranker, as named parts of one module.
+
+- contrastive: symmetric InfoNCE on the pooled dual embeddings, learnable temperature.
+- matching: binary cross-entropy on fusion match logits for the positive pairs and for hard
+  negatives mined from the in-batch dual similarity, in both directions.
+- ranking: VSE++ max-violation margin loss on the same fusion logits.
+
+>>> loss_fn = ItmLoss(hard_negatives="hardest")
+>>> parts = loss_fn(model, image_feats, text_feats, text_mask, image_emb, text_emb)  # doctest: +SKIP
+>>> parts["total"].backward()  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fusion import FusionReranker
+
+PARTS = ("contrastive", "matching", "ranking")
+MINING_MODES = ("sample", "hardest")
+
+
+def positive_mask(n: int, image_ids: Tensor | None = None, text_ids: Tensor | None = None,
+                  device: torch.device | str | None = None) -> Tensor:
+    """(n, n) bool: True where image row i and text column j match (the diagonal, a shared image or text id)."""
+    pos = torch.eye(n, dtype=torch.bool, device=device)
+    for ids in (image_ids, text_ids):
+        if ids is not None:
+            pos |= ids[:, None] == ids[None, :]
+    return pos
+
+
+def contrastive_loss(logits: Tensor, positives: Tensor) -> Tensor:
+    """Symmetric InfoNCE over (B, B) image-text logits; each row's target is its own column.
+
+    Other positives in a row (the same image with another caption) are dropped from the softmax
+    instead of being pushed away as negatives.
+    """
+    others = positives & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(others, float("-inf"))  # (B, B)
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+@dataclass(frozen=True)
+class HardNegatives:
+    texts: Tensor  # (B, m) for image i, indices of confusable non-matching texts
+    texts_valid: Tensor  # (B, m) False where the batch had fewer than m non-matching texts
+    images: Tensor  # (B, m) for text j, indices of confusable non-matching images
+    images_valid: Tensor  # (B, m)
+
+
+def mine_hard_negatives(sim: Tensor, positives: Tensor, num: int = 1, mode: str = "sample",
+                        generator: torch.Generator | None = None) -> HardNegatives:
+    """Pick `num` negatives per image (a row of sim) and per text (a column) from the batch.
+
+    "hardest" takes the most similar non-matching items; "sample" draws without replacement with
+    probability proportional to softmax(sim) (Gumbel top-k), as ALBEF does. An invalid slot points
+    at the anchor's own positive, so every index is usable; the valid masks say which to count.
+    """
+    if mode not in MINING_MODES:
+        raise ValueError(f"hard_negatives must be one of {', '.join(MINING_MODES)}, not {mode!r}")
+    with torch.no_grad():
+        own = torch.arange(len(sim), device=sim.device)[:, None]  # (B, 1)
+
+        def pick(s: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:  # rows are the anchors
+            if mode == "sample":
+                s = s - torch.empty_like(s).exponential_(generator=generator).log()  # + Gumbel noise
+            vals, idx = s.masked_fill(pos, float("-inf")).topk(min(num, s.shape[1]), dim=1)  # (B, m)
+            valid = torch.isfinite(vals)
+            return torch.where(valid, idx, own), valid
+
+        texts, texts_valid = pick(sim.float(), positives)
+        images, images_valid = pick(sim.float().T, positives.T)
+    return HardNegatives(texts, texts_valid, images, images_valid)
+
+
+def fusion_pairs(image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
+                 image_idx: Tensor, text_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The row-aligned batch FusionReranker.forward takes: pair n is (image image_idx[n], text text_idx[n])."""
+    return image_feats[image_idx], text_feats[text_idx], text_mask[text_idx]
+
+
+def matching_loss(pos_logits: Tensor, neg_logits: Tensor, neg_valid: Tensor) -> Tensor:
+    """Binary cross-entropy: positives (B,) labelled 1, the valid negatives of neg_logits (...) labelled 0."""
+    logits = torch.cat([pos_logits, neg_logits[neg_valid]])
+    labels = torch.cat([torch.ones_like(pos_logits), torch.zeros_like(logits[len(pos_logits):])])
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def ranking_loss(pos_logits: Tensor, neg_logits: Tensor, neg_valid: Tensor, margin: float) -> Tensor:
+    """VSE++ max-violation: each anchor's highest-scoring negative must stay `margin` below its positive.
+
+    pos_logits (B,); neg_logits, neg_valid (..., B, m): the m mined negatives of each anchor.
+    Anchors without a valid negative are left out.
+    """
+    hardest = neg_logits.masked_fill(~neg_valid, float("-inf")).amax(-1)  # (..., B)
+    has = neg_valid.any(-1)
+    violation = F.relu(margin - pos_logits + hardest)[has]
+    return violation.sum() / has.sum().clamp_min(1)
+
+
+class ItmLoss(nn.Module):
+    """Contrastive + matching + ranking, weighted; returns each part unweighted, and the weighted "total".
+
+    Holds the learnable temperature (a log-scale parameter clamped like CLIP's), so pass this
+    module's parameters to the optimiser too. A part with weight 0 is still computed and
+    reported, but adds nothing to "total" or to its gradient.
+
+    Args:
+        contrastive_weight, matching_weight, ranking_weight: weights of the three parts.
+        margin: ranking margin, in match-logit units.
+        num_negatives: hard negatives mined per image and per text; the fusion model then runs on
+            B * (1 + 2 * num_negatives) pairs.
+        hard_negatives: "sample" (proportional to softmax of the dual similarity) or "hardest".
+        init_temperature, max_logit_scale: the contrastive temperature starts at init_temperature;
+            its inverse (the logit scale) is clamped to at most max_logit_scale.
+    """
+
+    def __init__(self, contrastive_weight: float = 1.0, matching_weight: float = 1.0, ranking_weight: float = 1.0,
+                 margin: float = 1.0, num_negatives: int = 1, hard_negatives: str = "sample",
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0):
+        super().__init__()
+        if hard_negatives not in MINING_MODES:
+            raise ValueError(f"hard_negatives must be one of {', '.join(MINING_MODES)}, not {hard_negatives!r}")
+        self.weights = {"contrastive": contrastive_weight, "matching": matching_weight, "ranking": ranking_weight}
+        self.margin = margin
+        self.num_negatives = num_negatives
+        self.hard_negatives = hard_negatives
+        self.max_log_scale = math.log(max_logit_scale)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+
+    @property
+    def scale(self) -> Tensor:
+        """The contrastive logit scale, 1 / temperature, clamped to [1, max_logit_scale]."""
+        return self.logit_scale.clamp(0, self.max_log_scale).exp()
+
+    def forward(self, model: FusionReranker, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
+                image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Loss parts for a batch of B matching pairs (row i of every input belongs to pair i).
+
+        image_feats (B, Lv, Ti, D) and text_feats (B, Lt, Tt, D), text_mask (B, Tt): the model's
+        store features (computed with gradients when the store projections train). image_emb,
+        text_emb (B, E): L2-normalised dual embeddings. image_ids / text_ids (B,): optional; rows
+        sharing an id are all positives of each other (one image with several captions, a
+        caption repeated for several images), so none is mined or pushed away as a negative.
+        """
+        b, m = len(image_emb), self.num_negatives
+        positives = positive_mask(b, image_ids, text_ids, device=image_emb.device)
+        sim = self.scale * image_emb @ text_emb.T  # (B, B) image rows, text columns
+        parts = {"contrastive": contrastive_loss(sim, positives)}
+
+        neg = mine_hard_negatives(sim.detach(), positives, m, self.hard_negatives, generator)
+        m = neg.texts.shape[1]  # fewer than asked when B is small
+        anchors = torch.arange(b, device=image_emb.device)
+        image_idx = torch.cat([anchors, anchors.repeat_interleave(m), neg.images.flatten()])  # (B + 2Bm,)
+        text_idx = torch.cat([anchors, neg.texts.flatten(), anchors.repeat_interleave(m)])
+        logits = model(*fusion_pairs(image_feats, text_feats, text_mask, image_idx, text_idx))
+        pos, neg_texts, neg_images = logits.split([b, b * m, b * m])
+        neg_logits = torch.stack([neg_texts.view(b, m), neg_images.view(b, m)])  # (2, B, m) image / text anchors
+        neg_valid = torch.stack([neg.texts_valid, neg.images_valid])  # (2, B, m)
+        parts["matching"] = matching_loss(pos, neg_logits, neg_valid)
+        parts["ranking"] = ranking_loss(pos, neg_logits, neg_valid, self.margin)
+
+        parts["total"] = sum((w * parts[k] for k, w in self.weights.items() if w), sim.new_zeros(()))
+        return parts

@@ -1,0 +1,140 @@
+"""The fusion reranker: registry, store encoders, and batched scoring against a one-pair-at-a-time oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from indexer.errors import UnknownModelError
+from retrieval.fusion import (FusionReranker, bytes_per_image, bytes_per_text, get_fusion_config,
+                              list_fusion_models)
+
+B, GRID, L = 5, (4, 4), 12  # batch, tiny encoder's patch grid, raw text length
+
+
+@pytest.fixture(scope="module")
+def model() -> FusionReranker:
+    torch.manual_seed(0)
+    return FusionReranker(get_fusion_config("fusion-tiny", self_attention=True)).eval()
+
+
+def random_tokens(cfg, n=B, lengths=(3, 12, 7, 1, 9), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(n, 1 + GRID[0] * GRID[1], cfg.image_width, generator=g) for _ in range(cfg.n_levels)]
+    texts = [torch.randn(n, L, cfg.text_width, generator=g) for _ in range(cfg.n_levels)]
+    mask = torch.arange(L)[None] < torch.tensor(lengths[:n])[:, None]  # (n, L)
+    return images, texts, mask
+
+
+@pytest.fixture(scope="module")
+def store(model):
+    images, texts, mask = random_tokens(model.cfg)
+    with torch.no_grad():
+        img = model.encode_image_store(images, GRID)
+        txt, txt_mask = model.encode_text_store(texts, mask)
+    return img, txt, txt_mask
+
+
+def test_registry_lists_configs_and_applies_overrides():
+    assert {"fusion-base", "fusion-tiny"} <= set(list_fusion_models())
+    cfg = get_fusion_config("fusion-base", image_width=192, text_width=128)
+    assert (cfg.name, cfg.image_width, cfg.text_width) == ("fusion-base", 192, 128)
+    assert get_fusion_config("fusion-tiny", image_layers=[-3, -1]).image_layers == (-3, -1)
+
+
+def test_unknown_config_name_lists_known_ones():
+    with pytest.raises(UnknownModelError, match="fusion-base.*fusion-tiny"):
+        get_fusion_config("fusion-huge")
+
+
+@pytest.mark.parametrize("bad", [{"heads": 3}, {"image_layers": (-1, -2)}, {"text_layers": (-1,)},
+                                 {"fusion_order": "sideways"}])
+def test_invalid_config_fields_are_refused(bad):
+    with pytest.raises(ValueError):
+        get_fusion_config("fusion-tiny", **bad)
+
+
+def test_base_store_fits_the_byte_budget():
+    cfg = get_fusion_config("fusion-base")
+    assert bytes_per_image(cfg) <= 16 * 1024
+    assert bytes_per_image(cfg) == cfg.n_levels * (1 + cfg.regions**2) * cfg.d_model * 2
+    assert bytes_per_text(cfg) == cfg.n_levels * cfg.max_text_tokens * (cfg.d_model * 2) + cfg.max_text_tokens
+
+
+def test_store_shapes(model, store):
+    cfg = model.cfg
+    img, txt, mask = store
+    assert img.shape == (B, cfg.n_levels, 1 + cfg.regions**2, cfg.d_model)
+    assert txt.shape == (B, cfg.n_levels, cfg.max_text_tokens, cfg.d_model)
+    assert mask.sum(1).tolist() == [3, 8, 7, 1, 8]  # lengths clipped to max_text_tokens = 8
+    assert torch.all(txt[~mask[:, None].expand_as(txt[..., 0])] == 0)  # padding stored as zeros
+
+
+def test_long_text_keeps_its_eot_token(model):
+    cfg = model.cfg
+    _, texts, mask = random_tokens(cfg)  # row 1 has 12 real tokens, more than max_text_tokens
+    with torch.no_grad():
+        txt, _ = model.encode_text_store(texts, mask)
+        for level, x in enumerate(texts):
+            p = model.store.text_store[level]
+            kept = torch.cat([x[1, :cfg.max_text_tokens - 1], x[1, 11:12]])  # first Tt-1 tokens, then EOT
+            torch.testing.assert_close(txt[1, level], p.proj(p.norm(kept)))
+
+
+def test_image_store_checks_the_grid(model):
+    images, _, _ = random_tokens(model.cfg)
+    with pytest.raises(ValueError, match="3x3"):
+        model.encode_image_store(images, (3, 3))
+
+
+def test_batched_reranking_equals_one_pair_at_a_time(model, store):
+    img, txt, mask = store
+    with torch.no_grad():
+        batched = model(img, txt, mask)
+        single = torch.cat([model(img[i:i + 1], txt[i:i + 1], mask[i:i + 1]) for i in range(B)])
+    assert batched.shape == (B,)
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("query", ["text", "image"])
+def test_shared_query_broadcasts_like_copies(model, store, query):
+    img, txt, mask = store
+    with torch.no_grad():
+        if query == "text":  # text 0 against every image
+            shared = model(img, txt[:1], mask[:1])
+            copied = model(img, txt[:1].expand(B, -1, -1, -1), mask[:1].expand(B, -1))
+        else:  # image 0 against every text
+            shared = model(img[:1], txt, mask)
+            copied = model(img[:1].expand(B, -1, -1, -1), txt, mask)
+    torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_is_masked(model, store):
+    img, txt, mask = store
+    noisy = txt.clone()
+    pad = ~mask[:, None, :, None].expand_as(noisy)
+    noisy[pad] = torch.randn(int(pad.sum())) * 100
+    with torch.no_grad():
+        torch.testing.assert_close(model(img, noisy, mask), model(img, txt, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_store_is_accepted(model, store):
+    img, txt, mask = store
+    with torch.no_grad():
+        half = model(img.half(), txt.half(), mask)
+        full = model(img.half().float(), txt.half().float(), mask)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full)
+
+
+def test_score_adds_weighted_logit_to_recall(model):
+    logit, recall = torch.tensor([2.0, -1.0]), torch.tensor([0.3, 0.2])
+    torch.testing.assert_close(model.score(logit, recall), recall + model.cfg.score_weight * logit)
+    torch.testing.assert_close(model.score(logit, recall, weight=0.0), recall)
+
+
+def test_fine_to_coarse_order_runs(store):
+    torch.manual_seed(0)
+    model = FusionReranker(get_fusion_config("fusion-tiny", fusion_order="fine_to_coarse")).eval()
+    assert model.order == [0, 1]
+    with torch.no_grad():
+        assert torch.isfinite(model(*store)).all()
