@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -97,10 +98,13 @@ class DualEncoder:
     def prepare(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)  # (3, S, S)
 
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor, layers: Sequence[int] = ()) -> Encoded:
-        pixels = pixels.to(self.device, self.dtype)  # (B, 3, S, S)
-        if not layers:
+    def encode_images(self, pixels: torch.Tensor, layers: Sequence[int] = (), grad: bool = False) -> Encoded:
+        """Unit embeddings, plus token features of `layers`; `grad` keeps the graph for training."""
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+            return self._images(pixels.to(self.device, self.dtype), layers)
+
+    def _images(self, pixels: torch.Tensor, layers: Sequence[int]) -> Encoded:
+        if not layers:  # pixels (B, 3, S, S)
             return Encoded(_unit(self.model.encode_image(pixels)), [])
         out = self.model.forward_intermediates(
             image=pixels, image_indices=_absolute(layers, self.n_image_layers), image_output_extra_tokens=True)
@@ -110,8 +114,11 @@ class DualEncoder:
             tokens.append(torch.cat([prefix, grid.flatten(2).transpose(1, 2)], 1).float())  # (B, 1+H*Gw, W)
         return Encoded(_unit(out["image_features"]), tokens, grid=(h, gw))
 
-    @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], layers: Sequence[int] = ()) -> Encoded:
+    def encode_texts(self, texts: Sequence[str], layers: Sequence[int] = (), grad: bool = False) -> Encoded:
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+            return self._texts(texts, layers)
+
+    def _texts(self, texts: Sequence[str], layers: Sequence[int]) -> Encoded:
         ids = self.tokenizer(list(texts)).to(self.device)  # (B, L)
         eot = ids.argmax(dim=-1)  # EOT has the highest token id
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot[:, None]  # (B, L)
@@ -154,16 +161,23 @@ def _build_model(spec: ModelSpec) -> tuple[open_clip.CLIP, dict[str, Any], str |
             raise CheckpointError(f"cannot load {spec.checkpoint} as {spec.arch}: {e}") from None
         return model, cfg, file_sha256(spec.checkpoint)
     if spec.pretrained == RANDOM:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), _quiet_root_logger():
             torch.manual_seed(0)  # the same random model every time, so build and search agree
-            _quiet_open_clip()
             return open_clip.create_model(spec.arch), cfg, None
     source = pretrained_source(spec.arch, spec.pretrained)
     return open_clip.create_model(spec.arch, pretrained=source), cfg, None
 
 
-def _quiet_open_clip() -> None:
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+@contextmanager
+def _quiet_root_logger():
+    """open_clip warns on the root logger that random weights are random; here that is the request."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _absolute(layers: Sequence[int], n: int) -> list[int]:

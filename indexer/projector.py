@@ -103,7 +103,7 @@ def store_encoder_from_config(cfg: dict) -> StoreEncoder:
 def load_projector(path: Path, encoder) -> StoreProjector:
     """The store encoder of the reranker checkpoint at `path`, checked against the dual encoder."""
     tensors, meta = load_checkpoint(Path(path), RERANKER_KIND)
-    cfg = meta["config"]
+    cfg = meta["fusion_config"]
     if (cfg["image_width"], cfg["text_width"]) != (encoder.image_width, encoder.text_width):
         raise CheckpointError(
             f"reranker {path} expects token widths {cfg['image_width']}/{cfg['text_width']}, but the encoder "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,6 @@ class Timings:
     encode_ms: float = 0.0
     recall_ms: float = 0.0
     rerank_ms: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Searcher:

@@ -13,7 +13,9 @@ from tests.fixtures_broken import make_odd_files
 
 def run(cmd, *args, env=None):
     exe = shutil.which(cmd)
-    argv = [exe] if exe else [sys.executable, "-m", {"itm-index": "indexer.cli", "itm-search": "retrieval.cli"}[cmd]]
+    modules = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli", "itm-train": "retrieval.train_cli",
+               "itm-eval": "retrieval.eval_cli"}
+    argv = [exe] if exe else [sys.executable, "-c", f"import {modules[cmd]} as m; m.main()"]
     return subprocess.run(argv + [str(a) for a in args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 
