@@ -1,0 +1,66 @@
+"""itm-train: train the fusion reranker (and optionally the dual encoders) on image-caption data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from indexer.cliutil import user_errors, warn
+
+PROG = "itm-train"
+
+
+def train_command(
+    dataset: Path = typer.Argument(..., help="Karpathy-split JSON, or a .jsonl/.csv/.parquet of (image, caption)."),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoints (reranker.safetensors, ...)."),
+    image_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the file's)."),
+    split: str = typer.Option("train", help="Split to train on, when the data has splits."),
+    model: str = typer.Option("ViT-B-32", help="Dual encoder: open_clip name or bundle."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or 'random'."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local encoder checkpoint."),
+    fusion: str = typer.Option("fusion-base", help="Fusion config name (retrieval/fusion_configs)."),
+    epochs: int = typer.Option(1, min=1),
+    max_steps: Optional[int] = typer.Option(None, min=1),
+    batch_size: int = typer.Option(64, min=2),
+    lr: float = typer.Option(3e-4, help="Reranker learning rate."),
+    train_encoders: bool = typer.Option(False, help="Fine-tune the dual encoders too."),
+    no_reranker: bool = typer.Option(False, help="Train the encoders alone (contrastive loss only)."),
+    encoder_lr: float = typer.Option(1e-5),
+    contrastive_weight: float = typer.Option(1.0),
+    matching_weight: float = typer.Option(1.0),
+    ranking_weight: float = typer.Option(1.0),
+    margin: float = typer.Option(1.0, help="Ranking-loss margin (match-logit units)."),
+    num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
+    hard_negatives: str = typer.Option("sample", help="sample or hardest."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    workers: int = typer.Option(2, min=0),
+    save_every: int = typer.Option(200, min=1),
+    resume: bool = typer.Option(False, help="Continue from the checkpoints in --out."),
+) -> None:
+    """Train on DATASET and write safetensors checkpoints to --out."""
+    with user_errors(PROG):
+        from indexer.models import resolve_model
+
+        from .data import load_dataset
+        from .train import TrainOptions, train
+
+        spec = resolve_model(model, pretrained, checkpoint)
+        data = load_dataset(dataset, image_root, split)
+        opts = TrainOptions(fusion=fusion, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                            encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
+                            train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
+                            matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,
+                            num_negatives=num_negatives, hard_negatives=hard_negatives, seed=seed, device=device,
+                            workers=workers, save_every=save_every, progress=True)
+        r = train(spec, data, out, opts, resume=resume, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in r.losses.items())
+    typer.echo(f"{r.steps} steps in {r.seconds:.0f}s on {len(data)} images; last losses: {parts}")
+    for path in (r.reranker, r.encoder):
+        if path:
+            typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    typer.run(train_command)

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.data import load_dataset
+from retrieval.evaluate import Features, Ranks, embed_dataset, rank, recall
+
+
+def unit(*v):
+    v = torch.tensor(v, dtype=torch.float32)
+    return v / v.norm()
+
+
+@pytest.fixture
+def hand_features():
+    """3 images (the axes) x 2 captions each, with rankings worked out by hand below."""
+    images = torch.eye(3)
+    captions = torch.stack([
+        unit(1, 0.05, 0.02),  # image 0: img0, img1, img2              -> t2i rank 0
+        unit(0.2, 1, 0.1),    # image 0: img1, img0, img2              -> rank 1
+        unit(0.1, 0.5, 1),    # image 1: img2, img1, img0              -> rank 1
+        unit(0.1, 1, 0),      # image 1: img1 first                    -> rank 0
+        unit(1, 0.3, 0.2),    # image 2: img0, img1, img2              -> rank 2
+        unit(1, 0.1, 0.2),    # image 2: img0, img2, img1              -> rank 1
+    ])
+    return Features(images, captions, np.array([0, 0, 1, 1, 2, 2]), [f"c{i}" for i in range(6)])
+
+
+def test_recall_matches_a_hand_computation(hand_features):
+    r = rank(hand_features)
+    assert r.t2i.tolist() == [0, 1, 1, 0, 2, 1]
+    # image -> text, by hand: image 0 ranks its caption c0 (cos 1.0) first;
+    # image 1: c3 (0.995) first, a caption of its own;
+    # image 2: c2 (0.89) first, not its own; its best own caption c5 (0.19) comes after c2 and c4 (0.19 > c5?)
+    col = hand_features.text_emb[:, 2]
+    own_best = max(col[4], col[5])
+    expected_i2 = int((col > own_best).sum())
+    assert r.i2t.tolist() == [0, 0, expected_i2]
+    out = recall(r, ks=(1, 2))
+    assert out["t2i_r1"] == pytest.approx(100 * 2 / 6) and out["t2i_r2"] == pytest.approx(100 * 5 / 6)
+    assert out["i2t_r1"] == pytest.approx(100 * 2 / 3)
+    assert out["rsum"] == pytest.approx(sum(v for k, v in out.items() if k != "rsum"))
+    sub = recall(r, ks=(1,), images=np.array([False, False, True]), caption_image=hand_features.caption_image)
+    assert sub["t2i_r1"] == 0.0
+
+
+def test_reranking_reorders_only_the_top_k(hand_features):
+    class PreferImage2:  # a stand-in reranker whose logit favours image 2 for every caption
+        cfg = None
+
+        def __call__(self, img, txt, mask):
+            return (img[:, 0, 0, 0] == 2).float() * 10
+
+        def score(self, logit, sim):
+            return sim + logit
+
+    f = hand_features
+    f.image_store = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1)
+    f.text_store, f.text_mask = torch.zeros(6, 1, 1, 1), torch.ones(6, 1, dtype=torch.bool)
+    r2 = rank(f, PreferImage2(), rerank_k=2)
+    # only captions whose top 2 hold image 2 change: caption 2's image 1 stays second (image 2 was
+    # already first); caption 4 had image 2 at recall rank 2, outside k=2, so it stays at rank 2;
+    # caption 5 had it at rank 1, inside, so the reranker lifts it to rank 0
+    assert r2.t2i.tolist() == [0, 1, 1, 0, 2, 0]
+    r3 = rank(f, PreferImage2(), rerank_k=3)
+    assert r3.t2i[4] == 0
+
+
+def test_karpathy_fixture_end_to_end(tmp_path, tiny_encoder):
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(4):
+        name = f"{i}.png"
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name)
+        images.append({"filepath": "imgs", "filename": name, "split": "test" if i < 3 else "train",
+                       "sentences": [{"raw": f"caption {i} a"}, {"raw": f"caption {i} b"}]})
+    (tmp_path / "k.json").write_text(json.dumps({"images": images}))
+    data = load_dataset(tmp_path / "k.json", split="test")
+    assert [d.image.name for d in data] == ["0.png", "1.png", "2.png"] and len(data[0].captions) == 2
+    assert len(load_dataset(tmp_path / "k.json", split="train")) == 1
+    f = embed_dataset(tiny_encoder, None, data)
+    sim = (f.text_emb @ f.image_emb.T).numpy()
+    own = sim[np.arange(6), f.caption_image]
+    assert rank(f).t2i.tolist() == [(row > o).sum() for row, o in zip(sim, own)]

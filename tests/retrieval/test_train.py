@@ -1,0 +1,123 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from indexer.errors import ItmError
+from retrieval import train as train_mod
+from retrieval.data import load_dataset
+from retrieval.fusion import FusionReranker, get_fusion_config
+from retrieval.loss import ItmLoss
+from retrieval.train import TrainOptions, train
+from tests.conftest import write_images
+
+
+@pytest.fixture
+def caption_file(tmp_path):
+    paths = write_images(tmp_path / "imgs", 12, size=(32, 32))
+    lines = [f'{{"image": "{p.relative_to(tmp_path)}", "caption": "picture {i} with {c}"}}'
+             for i, p in enumerate(paths) for c in ("red", "blue")]
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "caps.jsonl"
+
+
+OPTS = dict(fusion="fusion-tiny", batch_size=4, max_steps=4, epochs=10, save_every=1, workers=0)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caption_file, tiny_spec, monkeypatch):
+    data = load_dataset(caption_file)
+    assert len(data) == 12 and all(len(d.captions) == 2 for d in data)
+    straight = train(tiny_spec, data, tmp_path / "a", TrainOptions(**OPTS))
+    assert straight.steps == 4 and set(straight.losses) == {"contrastive", "matching", "ranking", "total"}
+
+    real_step, calls = train_mod._step, []
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(train_mod, "_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_spec, data, tmp_path / "b", TrainOptions(**OPTS))
+    monkeypatch.setattr(train_mod, "_step", real_step)
+    resumed = train(tiny_spec, data, tmp_path / "b", TrainOptions(**OPTS), resume=True)
+    assert resumed.steps == 4
+    a, b = load_file(str(straight.reranker)), load_file(str(resumed.reranker))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_encoder_training_writes_a_loadable_checkpoint(tmp_path, caption_file, tiny_spec):
+    from indexer.encoder import DualEncoder
+    from indexer.models import resolve_model
+    r = train(tiny_spec, load_dataset(caption_file), tmp_path / "enc",
+              TrainOptions(**{**OPTS, "max_steps": 2}, train_encoders=True, train_reranker=False, encoder_lr=1e-3))
+    assert r.reranker is None and set(r.losses) == {"contrastive", "total"}
+    trained = DualEncoder.load(resolve_model("itm-tiny", checkpoint=r.encoder))
+    before = DualEncoder.load(tiny_spec)
+    x = torch.randn(1, 3, 32, 32)
+    assert not torch.equal(trained.encode_images(x).embeddings, before.encode_images(x).embeddings)
+
+
+def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
+    data = load_dataset(caption_file)
+    with pytest.raises(ItmError, match="nothing to train"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(train_reranker=False))
+    with pytest.raises(ItmError, match="empty"):
+        train(tiny_spec, [], tmp_path / "x", TrainOptions(**OPTS))
+    with pytest.raises(ItmError, match="reads layers"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**{**OPTS, "fusion": "fusion-base"}))
+
+
+# ---- binding: a reranker told only bags of words by the dual side learns who has which colour ----
+
+N_COLOURS, N_SHAPES, D = 5, 5, 32
+
+
+def scene_features(colours, shapes, table):
+    """Store features of 2-object scenes (left, right) and captions 'c0 s0 left-of c1 s1', as the store holds them."""
+    b = len(colours)
+    img = torch.zeros(b, 2, 5, D)  # (B, Lv, Ti, D): CLS + 2x2 regions; objects in regions 1 (left) and 2 (right)
+    for side in (0, 1):
+        obj = table["colour"][colours[:, side]] + table["shape"][shapes[:, side]] + table["pos"][side]
+        img[:, :, 1 + side] = obj[:, None]
+    words = [table["sot"].expand(b, D), table["colour"][colours[:, 0]], table["shape"][shapes[:, 0]],
+             table["left_of"].expand(b, D), table["colour"][colours[:, 1]], table["shape"][shapes[:, 1]],
+             table["eot"].expand(b, D), torch.zeros(b, D)]
+    txt = torch.stack(words, 1)[:, None].expand(b, 2, 8, D).clone()  # (B, Lt, Tt, D)
+    mask = torch.arange(8)[None].expand(b, 8) < 7
+    bag = table["colour"][colours].sum(1) + table["shape"][shapes].sum(1)  # order-free: blind to bindings
+    return img, txt, mask, F.normalize(bag, dim=-1)
+
+
+def test_swapping_colours_between_objects_lowers_the_fused_score():
+    g = torch.Generator().manual_seed(0)
+    table = {k: torch.randn(n, D, generator=g) for k, n in (("colour", N_COLOURS), ("shape", N_SHAPES), ("pos", 2))}
+    table |= {k: torch.randn(D, generator=g) for k in ("sot", "eot", "left_of")}
+    torch.manual_seed(0)
+    model = FusionReranker(get_fusion_config("fusion-tiny", image_width=D, text_width=D))
+    loss_fn = ItmLoss(num_negatives=2)
+    opt = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=2e-3)
+
+    def draw(n):
+        colours = torch.stack([torch.randperm(N_COLOURS, generator=g)[:2] for _ in range(n)])
+        shapes = torch.stack([torch.randperm(N_SHAPES, generator=g)[:2] for _ in range(n)])
+        return colours, shapes
+
+    for _ in range(300):
+        colours, shapes = draw(16)
+        twins = colours.flip(1)  # each scene beside its colour-swapped twin, as confusable as can be
+        img, txt, mask, bag = scene_features(torch.cat([colours, twins]), torch.cat([shapes, shapes]), table)
+        parts = loss_fn(model, img, txt, mask, bag, bag)
+        opt.zero_grad()
+        parts["total"].backward()
+        opt.step()
+
+    model.eval()
+    colours, shapes = draw(200)
+    img, txt, mask, bag = scene_features(colours, shapes, table)
+    _, swapped, swapped_mask, swapped_bag = scene_features(colours.flip(1), shapes, table)
+    with torch.no_grad():
+        true = model.score(model(img, txt, mask), (bag * bag).sum(-1))
+        false = model.score(model(img, swapped, swapped_mask), (bag * swapped_bag).sum(-1))
+    assert torch.allclose(bag, swapped_bag)  # the dual side cannot tell them apart
+    assert (true > false).float().mean() >= 0.9
