@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,13 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], config: dict[str, Any], pa
     """Write `path` (safetensors) and `path.json`; returns the safetensors path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    meta = {"format": FORMAT_VERSION, **config}
-    sidecar(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # each file is written beside its final name and renamed, so a crash never leaves half a checkpoint
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    meta_tmp = path.with_name(f".{sidecar(path).name}.tmp")
+    meta_tmp.write_text(json.dumps({"format": FORMAT_VERSION, **config}, indent=2, sort_keys=True) + "\n")
+    os.replace(meta_tmp, sidecar(path))
+    os.replace(tmp, path)
     return path
 
 

@@ -1,6 +1,7 @@
 """Two-stage search: FAISS recall of the top-k, then fusion reranking of those k."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,17 +103,17 @@ class Searcher:
         keep = pos[0] >= 0
         sims, rows = sims[0][keep], self.kind_rows[target][pos[0][keep]]
         self.timings.recall_ms += 1e3 * (time.perf_counter() - t0)
-        logits = None
+        hits = self._hits(rows, sims)
         if cross and self.reranker is not None and len(rows):
             t0 = time.perf_counter()
-            logits = self._rerank(query, query_kind, rows)
+            n = min(rerank_k, len(rows))  # only the top rerank_k are rescored; the rest keep recall order
+            logits = self._rerank(query, query_kind, rows[:n])
+            scores = self.reranker.score(torch.from_numpy(logits), torch.from_numpy(sims[:n])).numpy()
+            top = [dataclasses.replace(hits[i], score=float(scores[i]), match_logit=float(logits[i]))
+                   for i in np.argsort(-scores, kind="stable")]
+            hits = top + hits[n:]
             self.timings.rerank_ms += 1e3 * (time.perf_counter() - t0)
-            scores = self.reranker.score(torch.from_numpy(logits), torch.from_numpy(sims)).numpy()
-        else:
-            scores = sims
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [self._hit(int(rows[i]), float(scores[i]), float(sims[i]),
-                          None if logits is None else float(logits[i])) for i in order]
+        return hits[:k]
 
     @torch.inference_mode()
     def _rerank(self, query: Encoded, query_kind: str, rows: np.ndarray) -> np.ndarray:
@@ -141,9 +142,9 @@ class Searcher:
         layers = self.reranker.cfg.image_layers if self.reranker is not None else ()
         return self.encoder.encode_images(self.encoder.prepare(image)[None], layers)
 
-    def _hit(self, row: int, score: float, recall: float, logit: float | None) -> Hit:
-        r = {name: self.snapshot.rows.column(name)[row].as_py() for name in ("id", "kind", "path", "text")}
-        return Hit(r["id"], r["kind"], score, recall, logit, r["path"], r["text"])
+    def _hits(self, rows: np.ndarray, sims: np.ndarray) -> list[Hit]:
+        meta = self.snapshot.rows.select(["id", "kind", "path", "text"]).take(rows).to_pylist()
+        return [Hit(m["id"], m["kind"], float(s), float(s), None, m["path"], m["text"]) for m, s in zip(meta, sims)]
 
     def _load_ann(self, meta: dict):
         index = store.read_ann(self.index_dir / meta["file"])

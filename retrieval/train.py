@@ -157,8 +157,7 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     txt = encoder.encode_texts(captions, tlayers, grad=grad)
     if reranker is None:
         positives = positive_mask(len(keep), image_ids, device=opts.device)
-        scale = loss_fn.logit_scale.clamp(0, loss_fn.max_log_scale).exp()
-        c = contrastive_loss(scale * img.embeddings @ txt.embeddings.T, positives)
+        c = contrastive_loss(loss_fn.scale * img.embeddings @ txt.embeddings.T, positives)
         return {"contrastive": c, "total": c}
     # tokens from a frozen encoder are inference tensors: clone them so autograd may save them
     itok = img.tokens if grad else [t.clone() for t in img.tokens]

@@ -1,0 +1,94 @@
+"""Two-stage search through an index whose rerank store was built by a (tiny, random) reranker."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from indexer import store
+from indexer.build import BuildOptions, build_index
+from indexer.errors import CheckpointError, ModelMismatchError
+from indexer.models import resolve_model
+from retrieval.checkpoint import save_reranker
+from retrieval.fusion import FusionReranker, bytes_per_image, get_fusion_config
+from retrieval.search import Searcher
+
+
+@pytest.fixture(scope="module")
+def reranker_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval()
+    return save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker.safetensors")
+
+
+@pytest.fixture
+def index(tmp_path, image_folder, text_file, reranker_path):
+    spec = resolve_model("itm-tiny", "random", reranker=reranker_path)
+    idx = tmp_path / "idx"
+    build_index(image_folder, idx, spec, BuildOptions(batch_size=5))
+    build_index(text_file, idx, spec, BuildOptions(batch_size=3))
+    return idx
+
+
+def test_store_holds_projected_tokens_within_budget(index):
+    snap = store.Snapshot.open(index)
+    rr = snap.manifest["reranker"]
+    cfg = get_fusion_config("fusion-tiny")
+    tok = snap.gather(snap.kind_rows("image"), "tok")
+    assert tok.dtype == np.float16 and tok.shape[1:] == tuple(rr["image_shape"]) == (2, 5, 32)
+    assert tok[0].nbytes == bytes_per_image(cfg)
+    assert snap.gather(snap.kind_rows("text"), "mask").dtype == bool
+    assert (index / rr["file"]).exists()  # the index carries its reranker
+
+
+def test_text_query_is_reranked_and_batched_equals_one_at_a_time(index):
+    s = Searcher(index)
+    assert s.has_reranker
+    hits = s.search(text="a red square", k=4, rerank_k=8)
+    assert len(hits) == 4 and all(h.match_logit is not None for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    for h in hits:  # final score = recall + weight * logit, as --json shows both parts
+        assert h.score == pytest.approx(h.recall_score + s.reranker.cfg.score_weight * h.match_logit, abs=1e-5)
+    # oracle: score each candidate on its own, outside the batched pass
+    q = s.encoder.encode_texts(["a red square"], s.reranker.cfg.text_layers)
+    txt, mask = s.reranker.encode_text_store(q.tokens, q.mask)
+    snap = s.snapshot
+    ids = snap.rows.column("id").to_pylist()
+    for h in hits:
+        row = np.array([ids.index(h.id)])
+        with torch.no_grad():
+            one = s.reranker(torch.from_numpy(snap.gather(row, "tok")), txt, mask)
+        assert float(one) == pytest.approx(h.match_logit, abs=1e-4)
+    plain = Searcher(index, rerank=False).search(text="a red square", k=4)
+    assert all(h.match_logit is None for h in plain)
+
+
+def test_rerank_changes_order_only_inside_the_top_k(index):
+    s = Searcher(index)
+    recall_order = [h.id for h in Searcher(index, rerank=False).search(text="a blue circle", k=12)]
+    reranked = [h.id for h in s.search(text="a blue circle", k=12, rerank_k=5)]
+    assert set(reranked[:5]) == set(recall_order[:5]) and reranked[5:] == recall_order[5:]
+
+
+def test_image_query_reranks_texts(index, image_folder):
+    hits = Searcher(index).search(image=sorted(image_folder.rglob("*.png"))[0], k=3, kind="text")
+    assert len(hits) == 3 and all(h.kind == "text" and h.match_logit is not None for h in hits)
+
+
+def test_reranker_that_does_not_fit_is_refused(tmp_path, image_folder, index, reranker_path):
+    other = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64))
+    path = save_reranker(other, tmp_path / "other.safetensors")
+    with pytest.raises(ModelMismatchError, match="rerank store for reranker"):
+        build_index(image_folder, index, resolve_model("itm-tiny", "random", reranker=path))
+    wide = save_reranker(FusionReranker(get_fusion_config("fusion-tiny", image_width=96, text_width=64)),
+                         tmp_path / "wide.safetensors")
+    with pytest.raises(CheckpointError, match="expects token widths 96/64"):
+        build_index(image_folder, tmp_path / "idx2", resolve_model("itm-tiny", "random", reranker=wide))
+
+
+def test_index_without_store_says_so(tmp_path, image_folder, tiny_spec):
+    build_index(image_folder, tmp_path / "plain", tiny_spec)
+    s = Searcher(tmp_path / "plain")
+    assert not s.has_reranker
+    assert all(h.match_logit is None for h in s.search(text="x", k=2))
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["reranker"] is None
