@@ -1,6 +1,6 @@
 """Fusion reranker latency on this machine: one query against k candidates, one batched forward pass.
 
-    python benchmarks/fusion_latency.py [--config fusion-base] [--threads N] [--out out/fusion_latency.json]
+    python benchmarks/fusion_latency.py [--config fusion-base] [--threads N] [--out benchmarks/results/fusion_latency.json]
 
 Random weights and random fp16 store features: latency depends only on shapes, so each row
 fixes the real length of every text (the full max_text_tokens: the worst case; 16: a typical
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--ks", default="10,50,100")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
-    parser.add_argument("--out", type=Path, default=Path("out/fusion_latency.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fusion_latency.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,8 @@ RERANKER_FILE, ENCODER_FILE, STATE_FILE = "reranker.safetensors", "encoder.safet
 class TrainOptions:
     fusion: str = "fusion-base"  # fusion config name; widths are taken from the encoder
     epochs: int = 1
-    max_steps: int | None = None  # stop after this many steps, whatever the epochs
+    max_steps: int | None = None  # the schedule's length in steps, whatever the epochs
+    stop_after: int | None = None  # end early at this step; the learning-rate schedule still spans max_steps
     batch_size: int = 64
     lr: float = 3e-4  # reranker learning rate
     encoder_lr: float = 1e-5  # dual-encoder learning rate, when they train
@@ -90,13 +91,14 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     optimizer = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
     steps_per_epoch = max(1, len(data) // opts.batch_size)
     total = min(opts.max_steps or 10**12, opts.epochs * steps_per_epoch)
+    end = min(total, opts.stop_after or total)
     step = _load_state(out_dir, optimizer, loss_fn) if resume else 0
     if opts.train_encoders and step:
         encoder = DualEncoder.load(ModelSpec(spec.arch, checkpoint=out_dir / ENCODER_FILE), opts.device)
     images = _ImageCache(encoder, opts.workers, on_skip)
     history: list[dict[str, float]] = []
-    bar = tqdm(total=total, initial=step, disable=not opts.progress, unit="step", desc="training")
-    while step < total:
+    bar = tqdm(total=end, initial=step, disable=not opts.progress, unit="step", desc="training")
+    while step < end:
         epoch, index = divmod(step, steps_per_epoch)
         batch = _batch(data, opts.seed, epoch, index, opts.batch_size)
         _set_lr(optimizer, groups, opts, step, total)
@@ -112,7 +114,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         history.append({k: float(v.detach()) for k, v in parts.items()})
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
-        if step % opts.save_every == 0 or step == total:
+        if step % opts.save_every == 0 or step == end:
             _save(out_dir, encoder, reranker, optimizer, loss_fn, step, opts, spec)
     bar.close()
     recent = history[-50:]
