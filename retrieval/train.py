@@ -46,6 +46,7 @@ class TrainOptions:
     margin: float = 1.0  # ranking margin, in match-logit units
     num_negatives: int = 2  # hard negatives mined per image and per text
     hard_negatives: str = "sample"  # "sample" (softmax of similarity) or "hardest"
+    neighbours: int = 0  # batch each image with its N nearest images (frozen encoders), so in-batch negatives confuse
     seed: int = 0
     device: str = "cpu"
     workers: int = 2  # image decoding threads
@@ -96,11 +97,12 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     if opts.train_encoders and step:
         encoder = DualEncoder.load(ModelSpec(spec.arch, checkpoint=out_dir / ENCODER_FILE), opts.device)
     images = _ImageCache(encoder, opts.workers, on_skip)
+    near = _neighbour_table(encoder, images, data, opts) if opts.neighbours else None
     history: list[dict[str, float]] = []
     bar = tqdm(total=end, initial=step, disable=not opts.progress, unit="step", desc="training")
     while step < end:
         epoch, index = divmod(step, steps_per_epoch)
-        batch = _batch(data, opts.seed, epoch, index, opts.batch_size)
+        batch = _batch(data, opts.seed, epoch, index, opts.batch_size, near)
         _set_lr(optimizer, groups, opts, step, total)
         parts = _step(encoder, reranker, loss_fn, images, batch, opts, step)
         if parts is None:  # every image of the batch failed to load
@@ -136,12 +138,43 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
     return FusionReranker(cfg).to(opts.device).train()
 
 
-def _batch(data: list[ImageCaptions], seed: int, epoch: int, index: int, size: int) -> list[tuple[Path, str]]:
-    """The index-th batch of an epoch: a seeded permutation of images, one seeded caption each."""
+def _batch(data: list[ImageCaptions], seed: int, epoch: int, index: int, size: int,
+           near: torch.Tensor | None = None) -> list[tuple[Path, str]]:
+    """The index-th batch of an epoch: a seeded permutation of images, one seeded caption each.
+
+    With a neighbour table, each anchor brings its nearest images along (fewer anchors per batch).
+    """
     order = list(range(len(data)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     rng = random.Random(seed * 7_919 + epoch * 104_729 + index)
-    return [(data[i].image, rng.choice(data[i].captions)) for i in order[index * size:(index + 1) * size]]
+    if near is None:
+        chosen = order[index * size:(index + 1) * size]
+    else:
+        per = size // (1 + near.shape[1])
+        groups = ([a, *near[a].tolist()] for a in order[index * per:(index + 1) * per])
+        chosen = list(dict.fromkeys(i for g in groups for i in g))[:size]
+    return [(data[i].image, rng.choice(data[i].captions)) for i in chosen]
+
+
+def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[ImageCaptions],
+                     opts: TrainOptions, chunk: int = 256) -> torch.Tensor:
+    """(N, neighbours) indices of each image's nearest other images by frozen dual-encoder similarity."""
+    if opts.train_encoders:
+        raise ItmError("--neighbours needs frozen encoders: their similarity must not drift during training")
+    emb = []
+    for s in range(0, len(data), chunk):
+        pixels, keep = images.get([d.image for d in data[s:s + chunk]])
+        out = torch.zeros(len(data[s:s + chunk]), encoder.embed_dim)
+        if keep:
+            out[keep] = encoder.encode_images(pixels).embeddings.cpu()
+        emb.append(out)
+    emb = torch.cat(emb)  # (N, E); images that failed to load are zero vectors, nobody's neighbour
+    near = []
+    for s in range(0, len(emb), chunk):
+        sim = emb[s:s + chunk] @ emb.T  # (chunk, N)
+        sim[torch.arange(len(sim)), torch.arange(s, s + len(sim))] = -2  # not your own neighbour
+        near.append(sim.topk(opts.neighbours, dim=1).indices)
+    return torch.cat(near)
 
 
 def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss, images: "_ImageCache",

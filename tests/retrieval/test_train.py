@@ -121,3 +121,20 @@ def test_swapping_colours_between_objects_lowers_the_fused_score():
         false = model.score(model(img, swapped, swapped_mask), (bag * swapped_bag).sum(-1))
     assert torch.allclose(bag, swapped_bag)  # the dual side cannot tell them apart
     assert (true > false).float().mean() >= 0.9
+
+
+def test_neighbour_batches_keep_confusable_images_together(tmp_path):
+    from pathlib import Path
+    from retrieval.data import ImageCaptions
+    data = [ImageCaptions(Path(f"/x/{i}.png"), (f"c{i}",)) for i in range(12)]
+    near = torch.tensor([[(i + 6) % 12] for i in range(12)])  # each image's neighbour: the one 6 away
+    batch = train_mod._batch(data, seed=0, epoch=0, index=0, size=4, near=near)
+    ids = [int(p.stem) for p, _ in batch]
+    assert len(ids) == 4 and ids[1] == (ids[0] + 6) % 12 and ids[3] == (ids[2] + 6) % 12
+    assert train_mod._batch(data, 0, 0, 0, 4) == train_mod._batch(data, 0, 0, 0, 4)  # seeded
+
+
+def test_neighbours_need_frozen_encoders(tmp_path, caption_file, tiny_spec):
+    with pytest.raises(ItmError, match="frozen encoders"):
+        train(tiny_spec, load_dataset(caption_file), tmp_path / "n",
+              TrainOptions(**OPTS, neighbours=2, train_encoders=True))
