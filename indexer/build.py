@@ -163,6 +163,27 @@ class _Segment:
     mask: list[np.ndarray] = field(default_factory=list)
 
 
+class _Pending:
+    """Items waiting for a forward pass; full batches are encoded, large segments staged."""
+
+    def __init__(self, job: "_Job", kind: str, encode: Callable[[list, _Segment], None]):
+        self.job, self.encode = job, encode
+        self.batch: list = []
+        self.seg = _Segment(kind)
+
+    def add(self, item) -> None:
+        self.batch.append(item)
+        if len(self.batch) >= self.job.opt.batch_size:
+            self.encode(self.batch, self.seg)
+            self.batch = []
+            self.seg = self.job._maybe_stage(self.seg)
+
+    def close(self) -> None:
+        if self.batch:
+            self.encode(self.batch, self.seg)
+        self.job._stage(self.seg)
+
+
 class _Job:
     def __init__(self, index_dir, old, encoder, projector, options, on_skip, info, reranker):
         self.index_dir, self.old, self.encoder, self.projector = index_dir, old, encoder, projector
@@ -203,32 +224,19 @@ class _Job:
         def work(entry: FileEntry) -> Prepared:
             return prepare_image(entry, self.encoder.prepare, size, self.opt.max_pixels, known)
 
-        seg = _Segment("image")
-        batch: list[Prepared] = []
+        pending = _Pending(self, "image", self._encode_images)
         bar = tqdm(total=len(todo), unit="img", disable=not self.opt.progress, desc="embedding", smoothing=0.1)
         for item in ordered_map(work, todo, self.opt.workers, prefetch=4 * self.opt.batch_size):
             bar.update(1)
             if item.error is not None:
                 self._skip(root, item.entry.path, item.error)
                 continue
-            is_update = str(item.entry.path) in mine
-            self.updated += is_update
-            self.added += not is_update
             e = item.entry
-            self.new.append({"kind": "image", "source": str(root), "path": str(e.path), "text": None,
-                             "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash})
-            if item.hash in self.known or item.hash in self.in_flight:
-                self.reused += 1
-                continue
-            self.in_flight.add(item.hash)
-            batch.append(item)
-            if len(batch) >= self.opt.batch_size:
-                self._encode_images(batch, seg)
-                batch = []
-                seg = self._maybe_stage(seg)
-        if batch:
-            self._encode_images(batch, seg)
-        self._stage(seg)
+            row = {"kind": "image", "source": str(root), "path": str(e.path), "text": None,
+                   "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash}
+            if self._needs_encoding(row, is_update=str(e.path) in mine):
+                pending.add(item)
+        pending.close()
         bar.close()
 
     def _encode_images(self, batch: list[Prepared], seg: _Segment) -> None:
@@ -251,8 +259,7 @@ class _Job:
             return
         items = read_texts(path, text_column=self.opt.text_column, id_column=self.opt.id_column,
                            on_skip=lambda p, why: self._skip(path, p, why))
-        seg = _Segment("text")
-        batch: list[dict] = []
+        pending = _Pending(self, "text", self._encode_texts)
         seen: set[str] = set()
         bar = tqdm(total=len(items), unit="text", disable=not self.opt.progress, desc="embedding")
         for item in items:
@@ -268,22 +275,9 @@ class _Job:
             if old is not None and old["hash"] == h:
                 self.kept.append({**old, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
                 self.unchanged += 1
-                continue
-            self.updated += old is not None
-            self.added += old is None
-            self.new.append(row)
-            if h in self.known or h in self.in_flight:
-                self.reused += 1
-                continue
-            self.in_flight.add(h)
-            batch.append(row)
-            if len(batch) >= self.opt.batch_size:
-                self._encode_texts(batch, seg)
-                batch = []
-                seg = self._maybe_stage(seg)
-        if batch:
-            self._encode_texts(batch, seg)
-        self._stage(seg)
+            elif self._needs_encoding(row, is_update=old is not None):
+                pending.add(row)
+        pending.close()
         bar.close()
         self.removed += len(set(mine) - seen)
 
@@ -296,6 +290,17 @@ class _Job:
             seg.tok.append(tok)
             seg.mask.append(mask)
         seg.rows.extend(batch)
+
+    def _needs_encoding(self, row: dict, is_update: bool) -> bool:
+        """Count an added or updated row; False when an embedding for its content exists or is on its way."""
+        self.updated += is_update
+        self.added += not is_update
+        self.new.append(row)
+        if row["hash"] in self.known or row["hash"] in self.in_flight:
+            self.reused += 1
+            return False
+        self.in_flight.add(row["hash"])
+        return True
 
     # ---- commits ------------------------------------------------------------------------
     def _skip(self, source: Path, path, reason: str) -> None:
