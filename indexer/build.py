@@ -100,11 +100,8 @@ def model_info(spec: ModelSpec, encoder: DualEncoder) -> dict[str, Any]:
 
 
 def model_label(info: dict[str, Any]) -> str:
-    if info.get("name"):
-        return f"{info['name']} ({info['arch']})"
-    if info.get("checkpoint_sha256"):
-        return f"{info['arch']}/checkpoint {info['checkpoint_sha256'][:12]}"
-    return f"{info['arch']}/{info['pretrained']}"
+    weights = f"checkpoint {info['checkpoint_sha256'][:12]}" if info.get("checkpoint_sha256") else info["pretrained"]
+    return f"{info['name']} ({info['arch']}/{weights})" if info.get("name") else f"{info['arch']}/{weights}"
 
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
