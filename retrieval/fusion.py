@@ -11,7 +11,8 @@ Inside forward, levels are visited coarse to fine by default (deepest block firs
 level's tokens start the running text and image states; each later level is mixed into those
 states by a learned per-token sigmoid gate, and then a two-way block lets text tokens attend to
 image regions and image regions attend to text tokens. The image CLS state and the masked mean of
-the text states form the joint vector that an MLP turns into one match logit.
+the text states, with their product and difference, form the joint vector that an MLP turns into
+one match logit.
 
 >>> cfg = get_fusion_config("fusion-tiny")
 >>> model = FusionReranker(cfg).eval()
@@ -210,7 +211,7 @@ class FusionReranker(nn.Module):
         self.blocks = nn.ModuleList(TwoWayBlock(cfg) for _ in range(n))  # one per step of self.order
         self.text_gates = nn.ModuleList(LevelGate(d) for _ in range(n - 1))  # before steps 1..n-1
         self.image_gates = nn.ModuleList(LevelGate(d) for _ in range(n - 1))
-        self.head = nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+        self.head = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, d), nn.GELU(), nn.Linear(d, 1))
 
     def encode_image_store(self, tokens: Sequence[Tensor], grid: tuple[int, int]) -> Tensor:
         """Store features for images: one (B, 1+H*W, Wv) tensor per configured layer -> (B, Lv, Ti, D).
@@ -250,7 +251,10 @@ class FusionReranker(nn.Module):
             t, v = self.blocks[step](t, v, text_mask)
         real = text_mask[..., None]  # (B, Tt, 1)
         text_vec = t.masked_fill(~real, 0).sum(1) / real.sum(1).clamp_min(1)  # (B, D)
-        joint = torch.cat(torch.broadcast_tensors(v[:, 0], text_vec), -1)  # (B, 2D)
+        v0, tv = torch.broadcast_tensors(v[:, 0], text_vec)  # (B, D) each
+        # the product and difference give the head a direct comparison of the two streams, so training
+        # does not sit on the constant-logit plateau while cross-attention learns to align them
+        joint = torch.cat([v0, tv, v0 * tv, (v0 - tv).abs()], -1)  # (B, 4D)
         return self.head(joint).squeeze(-1)  # (B,)
 
     def score(self, match_logit: Tensor, recall_sim: Tensor, weight: float | None = None) -> Tensor:

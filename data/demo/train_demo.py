@@ -28,9 +28,8 @@ SEED = 0
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128, encoder_lr=1e-3, lr=1e-3,
                       weight_decay=0.1, warmup_steps=100, max_steps=800, stop_after=300, epochs=100, seed=SEED,
                       save_every=100, progress=True)
-STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=5e-4, warmup_steps=50, max_steps=600, stop_after=400,
-                      epochs=100, num_negatives=2, hard_negatives="sample", neighbours=3, seed=SEED, save_every=100,
-                      progress=True)
+STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=30, max_steps=600, stop_after=450,
+                      epochs=100, num_negatives=2, hard_negatives="sample", seed=SEED, save_every=50, progress=True)
 
 
 def main() -> None:
