@@ -16,8 +16,16 @@ def test_embeddings_are_unit_and_tokens_have_the_promised_shapes(tiny_encoder):
     assert torch.allclose(out.embeddings.norm(dim=-1), torch.ones(3))
     assert out.grid == (4, 4) and [t.shape for t in out.tokens] == [(3, 17, 64)] * 2
     txt = tiny_encoder.encode_texts(["a red circle", "a blue square left of a green star"], layers=[0])
-    assert txt.tokens[0].shape == (2, 16, 64)
     assert txt.mask.sum(1).tolist() == [5, 10]  # SOT + words + EOT
+    assert txt.tokens[0].shape == (2, 10, 64)  # padding past the longest text is cut: causal tower, EOT pooling
+
+
+def test_cutting_padding_does_not_change_text_features(tiny_encoder):
+    texts = ["a red circle", "a blue square left of a green star"]
+    ids = tiny_encoder.tokenizer(texts)  # (2, 16): full context, padded
+    with torch.no_grad():
+        full = tiny_encoder.model.encode_text(ids, normalize=True)
+    assert torch.allclose(tiny_encoder.encode_texts(texts).embeddings, full, atol=1e-6)
 
 
 def test_random_weights_are_reproducible_and_checkpoint_round_trip_is_exact(tmp_path, tiny_spec, tiny_encoder):
