@@ -1,6 +1,6 @@
 """Recipe for the bundled demo model: dual encoders, then the fusion reranker, on the synthetic world.
 
-    python data/demo/train_demo.py            # about an hour on a 2-core CPU; writes data/demo/*.safetensors
+    python data/demo/train_demo.py     # about 50 min on a shared 2-core CPU; writes data/demo/*.safetensors
 
 Stage 1 trains the `itm-demo` dual encoders from random weights with the contrastive loss.
 Stage 2 freezes them and trains the `fusion-demo` reranker with matching + ranking losses
