@@ -91,7 +91,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         groups.append({"params": list(encoder.model.parameters()), "lr": opts.encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
     steps_per_epoch = max(1, len(data) // opts.batch_size)
-    total = min(opts.max_steps or 10**12, opts.epochs * steps_per_epoch)
+    total = opts.max_steps or opts.epochs * steps_per_epoch
     end = min(total, opts.stop_after or total)
     step = _load_state(out_dir, optimizer, loss_fn) if resume else 0
     if opts.train_encoders and step:
