@@ -37,6 +37,8 @@ class Hit:
 
 @dataclass
 class Timings:
+    """Where the last query's time went (milliseconds)."""
+
     encode_ms: float = 0.0
     recall_ms: float = 0.0
     rerank_ms: float = 0.0
@@ -47,7 +49,7 @@ class Searcher:
 
     >>> s = Searcher("idx/")
     >>> [h.path for h in s.search(text="a red circle left of a blue square", k=3)]
-    ['idx/../images/0007.png', ...]
+    ['/photos/0007.png', '/photos/0131.png', '/photos/0042.png']
     """
 
     def __init__(self, index_dir: Path | str | None = None, *, model: ModelSpec | None = None,
@@ -58,7 +60,7 @@ class Searcher:
         if not sum(manifest["counts"].values()):
             raise EmptyIndexError(f"index at {self.index_dir} is empty; add images with `itm-index build FOLDER`")
         self.encoder = DualEncoder.load(model or spec_from_manifest(manifest, self.index_dir), device, precision)
-        info = {**self.encoder.identity}
+        info = self.encoder.identity
         if not same_model(manifest["model"], info):
             raise ModelMismatchError(
                 f"index at {self.index_dir} was built with {model_label(manifest['model'])}; the query model is "
