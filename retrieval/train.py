@@ -80,7 +80,10 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
-    encoder = DualEncoder.load(spec, opts.device)
+    resuming = resume and (out_dir / STATE_FILE).exists()
+    # a resumed encoder run continues from its own last weights; the optimizer must hold those parameters
+    encoder = DualEncoder.load(ModelSpec(spec.arch, checkpoint=out_dir / ENCODER_FILE)
+                               if resuming and opts.train_encoders else spec, opts.device)
     reranker = _make_reranker(encoder, opts, out_dir, resume)
     loss_fn = ItmLoss(opts.contrastive_weight, opts.matching_weight, opts.ranking_weight, opts.margin,
                       opts.num_negatives, opts.hard_negatives).to(opts.device)
@@ -93,9 +96,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     steps_per_epoch = max(1, len(data) // opts.batch_size)
     total = opts.max_steps or opts.epochs * steps_per_epoch
     end = min(total, opts.stop_after or total)
-    step = _load_state(out_dir, optimizer, loss_fn) if resume else 0
-    if opts.train_encoders and step:
-        encoder = DualEncoder.load(ModelSpec(spec.arch, checkpoint=out_dir / ENCODER_FILE), opts.device)
+    step = _load_state(out_dir, optimizer, loss_fn) if resuming else 0
     images = _ImageCache(encoder, opts.workers, on_skip)
     near = _neighbour_table(encoder, images, data, opts) if opts.neighbours else None
     history: list[dict[str, float]] = []

@@ -24,10 +24,13 @@ def caption_file(tmp_path):
 OPTS = dict(fusion="fusion-tiny", batch_size=4, max_steps=4, epochs=10, save_every=1, workers=0)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caption_file, tiny_spec, monkeypatch):
+@pytest.mark.parametrize("train_encoders", [False, True])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caption_file, tiny_spec, monkeypatch,
+                                                          train_encoders):
     data = load_dataset(caption_file)
     assert len(data) == 12 and all(len(d.captions) == 2 for d in data)
-    straight = train(tiny_spec, data, tmp_path / "a", TrainOptions(**OPTS))
+    opts = TrainOptions(**OPTS, train_encoders=train_encoders, encoder_lr=1e-3)
+    straight = train(tiny_spec, data, tmp_path / "a", opts)
     assert straight.steps == 4 and set(straight.losses) == {"contrastive", "matching", "ranking", "total"}
 
     real_step, calls = train_mod._step, []
@@ -38,12 +41,16 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caption_file
         return real_step(*a, **k)
     monkeypatch.setattr(train_mod, "_step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_spec, data, tmp_path / "b", TrainOptions(**OPTS))
+        train(tiny_spec, data, tmp_path / "b", opts)
     monkeypatch.setattr(train_mod, "_step", real_step)
-    resumed = train(tiny_spec, data, tmp_path / "b", TrainOptions(**OPTS), resume=True)
+    resumed = train(tiny_spec, data, tmp_path / "b", opts, resume=True)
     assert resumed.steps == 4
-    a, b = load_file(str(straight.reranker)), load_file(str(resumed.reranker))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    pairs = [(straight.reranker, resumed.reranker)]
+    if train_encoders:
+        pairs.append((straight.encoder, resumed.encoder))
+    for x, y in pairs:
+        a, b = load_file(str(x)), load_file(str(y))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_encoder_training_writes_a_loadable_checkpoint(tmp_path, caption_file, tiny_spec):
