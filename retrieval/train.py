@@ -224,12 +224,11 @@ class _ImageCache:
 
     def get(self, paths: list[Path]) -> tuple[torch.Tensor, list[int]]:
         missing = [p for p in dict.fromkeys(paths) if p not in self.cache]
-        for p, x in zip(missing, ordered_map(self._load, missing, self.workers, prefetch=len(missing) or 1)):
-            if len(self.cache) < self.max_items or x is None:
+        loaded = dict(zip(missing, ordered_map(self._load, missing, self.workers, prefetch=len(missing) or 1)))
+        for p, x in loaded.items():
+            if len(self.cache) < self.max_items or x is None:  # failures are remembered, never retried
                 self.cache[p] = x
-            else:
-                self.cache.setdefault(p, x)  # still used for this batch below
-        tensors = [self.cache.get(p) for p in paths]
+        tensors = [self.cache[p] if p in self.cache else loaded[p] for p in paths]
         keep = [i for i, x in enumerate(tensors) if x is not None]
         stacked = torch.stack([tensors[i] for i in keep]).float() if keep else torch.empty(0)
         return stacked, keep
