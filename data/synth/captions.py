@@ -9,7 +9,7 @@ checked against a scene without trusting the code that wrote it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import permutations
 
@@ -361,3 +361,27 @@ def _all_words() -> tuple[str, ...]:
 
 
 WORDS: tuple[str, ...] = _all_words()
+
+
+def truth_table(captions: Sequence[str], scenes: Sequence[Scene]) -> np.ndarray:
+    """(len(captions), len(scenes)) bool: caption i is true of scene j, by the parser and checker.
+
+    Only scenes that hold every mentioned colour-shape pair are checked, so this stays fast for
+    thousands of captions and scenes.
+    """
+    holding: dict[tuple[str, str], set[int]] = {}
+    for j, scene in enumerate(scenes):
+        for o in scene.objects:
+            holding.setdefault(o.combo, set()).add(j)
+    out = np.zeros((len(captions), len(scenes)), dtype=bool)
+    rows: dict[str, np.ndarray] = {}
+    for i, text in enumerate(captions):
+        if text not in rows:
+            parts = parse_caption(text)
+            row = np.zeros(len(scenes), dtype=bool)
+            candidates = set.intersection(*(holding.get((m.colour, m.shape), set()) for m in parts.mentions))
+            for j in candidates:
+                row[j] = caption_matches(scenes[j], parts)
+            rows[text] = row
+        out[i] = rows[text]
+    return out

@@ -10,7 +10,8 @@ two apart. Every caption of a twin is false of its partner, so a retrieval
 metric can count the partner as a plain miss.
 
 Colour-shape pairs in `HELD_OUT` occur only in the test split: not in train or
-val scenes, captions or hard negatives.
+val scenes, captions or hard negatives. Train and val images can come in twin
+pairs too (`twin_fraction`), as hard negative images for training and validation.
 """
 from __future__ import annotations
 
@@ -100,13 +101,26 @@ def _captions(scene: Scene, rng: np.random.Generator, n: int, allow_held_out: bo
     return tuple(chosen), tuple(negs), tuple(kinds)
 
 
+@lru_cache(maxsize=16)
+def _seen_pair(seed: int, split: str, pair: int, twin_fraction: float) -> tuple[Scene, Scene, str] | None:
+    """A twin pair of train/val scenes (no held-out pair in either), or None for two independent images."""
+    rng = _rng(seed, split, pair, 2)
+    if rng.random() >= twin_fraction:
+        return None
+    p_three = OBJECT_COUNT_P[2] / (OBJECT_COUNT_P[1] + OBJECT_COUNT_P[2])
+    base = sample_scene(rng, n_objects=3 if rng.random() < p_three else 2, allow_held_out=False)
+    twin, kind = _twin(base, rng)
+    return None if twin.has_held_out else (base, twin, kind)
+
+
 def _sample(split: str, i: int, n_images: int, seed: int, image_size: int,
-            captions_per_image: int) -> Sample:
+            captions_per_image: int, twin_fraction: float = 0.0) -> Sample:
     rng = _rng(seed, split, i, 1)
     render_seed = int(rng.integers(2**32))
     twin_id = twin_kind = twin = None
-    if split == "test":
-        pair = _test_pair(seed, i // 2)
+    pair = _test_pair(seed, i // 2) if split == "test" else \
+        _seen_pair(seed, split, i // 2, twin_fraction) if twin_fraction > 0 else None
+    if pair is not None:
         scene = pair[i % 2]
         if pair[2] is not None and (i ^ 1) < n_images:
             twin_id, twin_kind, twin = _image_id(split, i ^ 1), pair[2], pair[1 - i % 2]
@@ -122,11 +136,14 @@ def _image_id(split: str, i: int) -> str:
 
 
 def generate_split(split: str, n_images: int, seed: int, *, image_size: int = 64,
-                   captions_per_image: int = 5, start: int = 0, stop: int | None = None) -> list[Sample]:
+                   captions_per_image: int = 5, start: int = 0, stop: int | None = None,
+                   twin_fraction: float = 0.0) -> list[Sample]:
     """Samples of one split; the same arguments always give the same samples and pixels.
 
     `start`/`stop` select a slice of the split's `n_images` samples without
     generating the rest (the slice equals the same slice of the whole list).
+    `twin_fraction` makes that share of train/val image pairs confusable twins
+    (the test split always has TWIN_FRACTION; 0 leaves train/val as they were).
 
     >>> s = generate_split("test", 4, seed=0)
     >>> len(s), len(s[0].captions), s[0].render().size
@@ -135,4 +152,7 @@ def generate_split(split: str, n_images: int, seed: int, *, image_size: int = 64
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     stop = n_images if stop is None else min(stop, n_images)
-    return [_sample(split, i, n_images, seed, image_size, captions_per_image) for i in range(start, stop)]
+    if split == "test" and twin_fraction:
+        raise ValueError("the test split's twins are fixed; twin_fraction applies to train and val")
+    return [_sample(split, i, n_images, seed, image_size, captions_per_image, twin_fraction)
+            for i in range(start, stop)]

@@ -7,7 +7,11 @@ Layout under --out:
     captions.jsonl          {"image", "caption", "split"} per caption
     hard_negatives.jsonl    {"image", "caption", "negative", "held_out", "kind"} per test caption
     dataset_karpathy.json   COCO/Flickr30k Karpathy layout; each sentence also carries
-                            its hard negative ("negative", "negative_kind")
+                            its hard negative ("negative", "negative_kind"), each image
+                            its scene (for truth checks) and its twin, if any
+
+--twin-fraction makes that share of train and val image pairs confusable twins (hard
+negative images for training); the test split is the same whatever it is.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import json
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 from .captions import parse_caption
 from .dataset import SPLITS, Sample, generate_split
+from .world import Obj, Scene
 
 CHUNK = 500            # images per job; even, so test twin pairs never straddle jobs
 PNG_OPTIONS = {"compress_level": 3}   # faster than the default and no larger here
@@ -41,10 +46,10 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def _write_chunk(job: tuple[Path, str, int, int, int, int, int, int]) -> list[Sample]:
-    out, split, n, seed, size, per_image, start, stop = job
+def _write_chunk(job: tuple[Path, str, int, int, int, int, int, int, float]) -> list[Sample]:
+    out, split, n, seed, size, per_image, start, stop, twin_fraction = job
     samples = generate_split(split, n, seed, image_size=size, captions_per_image=per_image,
-                             start=start, stop=stop)
+                             start=start, stop=stop, twin_fraction=twin_fraction)
     for s in samples:
         s.render().save(out / "images" / split / f"{s.image_id}.png", **PNG_OPTIONS)
     return samples
@@ -72,7 +77,7 @@ def _karpathy(samples: list[Sample]) -> dict:
             "filepath": f"images/{s.split}", "filename": f"{s.image_id}.png", "split": s.split,
             "imgid": imgid, "sentids": [x["sentid"] for x in sentences], "sentences": sentences,
             "held_out": s.held_out, "twin": None if s.twin_id is None else f"{s.twin_id}.png",
-            "twin_kind": s.twin_kind,
+            "twin_kind": s.twin_kind, "scene": scene_to_dict(s.scene),
         })
     return {"dataset": "synth", "images": images}
 
@@ -88,14 +93,15 @@ def _write_metadata(out: Path, samples: list[Sample]) -> None:
 
 
 def prepare(out: Path, counts: Mapping[str, int], seed: int, *, image_size: int = 64,
-            captions_per_image: int = 5, workers: int = 1) -> PrepareSummary:
+            captions_per_image: int = 5, workers: int = 1, twin_fraction: float = 0.0) -> PrepareSummary:
     """Generate the splits in `counts` ({"train": N, ...}) and write them under `out`."""
     t0 = time.perf_counter()
     jobs = []
     for split in SPLITS:
         n = counts.get(split, 0)
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        jobs += [(out, split, n, seed, image_size, captions_per_image, a, a + CHUNK)
+        twins = 0.0 if split == "test" else twin_fraction
+        jobs += [(out, split, n, seed, image_size, captions_per_image, a, a + CHUNK, twins)
                  for a in range(0, n, CHUNK)]
     if workers > 1 and len(jobs) > 1:
         with get_context("fork").Pool(workers) as pool:
@@ -108,6 +114,14 @@ def prepare(out: Path, counts: Mapping[str, int], seed: int, *, image_size: int 
     return PrepareSummary(out, {sp: counts.get(sp, 0) for sp in SPLITS},
                           sum(len(s.captions) for s in samples), sum(s.held_out for s in test),
                           sum(s.twin_id is not None for s in test), time.perf_counter() - t0)
+
+
+def scene_to_dict(scene: Scene) -> dict:
+    return {"background": scene.background, "objects": [asdict(o) for o in scene.objects]}
+
+
+def scene_from_dict(d: dict) -> Scene:
+    return Scene(tuple(Obj(**o) for o in d["objects"]), d["background"])
 
 
 def _corpus_caption(s: Sample) -> str:
@@ -143,9 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--workers", type=int, default=2, help="processes writing images")
+    p.add_argument("--twin-fraction", type=float, default=0.0, help="share of train/val pairs that are twins")
     a = p.parse_args(argv)
     r = prepare(a.out, {"train": a.train, "val": a.val, "test": a.test}, a.seed,
-                image_size=a.size, captions_per_image=a.captions_per_image, workers=a.workers)
+                image_size=a.size, captions_per_image=a.captions_per_image, workers=a.workers,
+                twin_fraction=a.twin_fraction)
     per_split = ", ".join(f"{k} {v}" for k, v in r.counts.items())
     print(f"wrote {sum(r.counts.values())} images ({per_split}), "
           f"{r.captions} captions, {r.held_out_test} held-out and {r.twins_test} twin test images "
