@@ -18,6 +18,8 @@ CAPTION_KEYS = ("caption", "text")
 class ImageCaptions:
     image: Path  # absolute path of the image file
     captions: tuple[str, ...]  # every caption of this image
+    negatives: tuple[str | None, ...] = ()  # a false caption worded like each caption, where the data has one
+    hard_images: tuple[Path, ...] = ()  # images known to be confusable with this one (none of its captions fit)
 
 
 def load_dataset(path: Path | str, image_root: Path | str | None = None, split: str = "train") -> list[ImageCaptions]:
@@ -26,7 +28,9 @@ def load_dataset(path: Path | str, image_root: Path | str | None = None, split: 
     A caption table (.jsonl, .csv, .parquet) has an image path column (image/filepath/file/path)
     and a caption column (caption/text), one row per caption; its `split` column, if any, is
     filtered on. Relative image paths are taken from `image_root` (default: the file's folder).
-    Karpathy split "train" includes "restval", as is usual.
+    Karpathy split "train" includes "restval", as is usual. Karpathy sentences may carry a
+    "negative" (a false caption of the image, used as a hard negative in training) and images a
+    "twin" (a confusable image of the same split, used as a hard negative image).
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
@@ -60,8 +64,12 @@ def _karpathy(path: Path, root: Path, split: str) -> list[ImageCaptions]:
     out = []
     for im in images:
         if im.get("split") in splits:
-            rel = Path(im.get("filepath", ""), im["filename"])
-            out.append(ImageCaptions((root / rel).resolve(), tuple(s["raw"].strip() for s in im["sentences"])))
+            folder = root / im.get("filepath", "")
+            sentences = im["sentences"]
+            negatives = tuple(s.get("negative") for s in sentences)
+            twin = (folder / im["twin"]).resolve() if im.get("twin") else None
+            out.append(ImageCaptions((folder / im["filename"]).resolve(), tuple(s["raw"].strip() for s in sentences),
+                                     negatives if any(negatives) else (), (twin,) if twin else ()))
     return out
 
 

@@ -1,8 +1,11 @@
 """Training losses for the dual encoders and the fusion reranker, as named parts of one module.
 
-- contrastive: symmetric InfoNCE on the pooled dual embeddings, learnable temperature.
+- contrastive: symmetric InfoNCE on the pooled dual embeddings, learnable temperature; known
+  false captions (a caption's binding swap or relation flip) join each image's softmax as extra
+  negatives, as NegCLIP does.
 - matching: binary cross-entropy on fusion match logits for the positive pairs and for hard
-  negatives mined from the in-batch dual similarity, in both directions.
+  negatives mined from the in-batch dual similarity, in both directions, plus each image's
+  known false caption and each caption's known confusable image.
 - ranking: VSE++ max-violation margin loss on the same fusion logits.
 
 >>> loss_fn = ItmLoss(hard_negatives="hardest")
@@ -34,16 +37,36 @@ def positive_mask(n: int, image_ids: Tensor | None = None, text_ids: Tensor | No
     return pos
 
 
-def contrastive_loss(logits: Tensor, positives: Tensor) -> Tensor:
+def contrastive_loss(logits: Tensor, positives: Tensor, extra_negatives: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE over (B, B) image-text logits; each row's target is its own column.
 
     Other positives in a row (the same image with another caption) are dropped from the softmax
-    instead of being pushed away as negatives.
+    instead of being pushed away as negatives. extra_negatives (B, N), if given, are logits of
+    images against texts known to be false (-inf where absent): more columns of the image->text
+    softmax only.
     """
     others = positives & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(others, float("-inf"))  # (B, B)
     target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    rows = logits if extra_negatives is None else torch.cat([logits, extra_negatives], 1)  # (B, B + N)
+    return (F.cross_entropy(rows, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+@dataclass(frozen=True)
+class KnownNegatives:
+    """Negatives the data names, beside the mined ones: one per anchor at most.
+
+    texts: a false caption for each image (e.g. its caption with two colours swapped), as store
+    features (B, Lt, Tt, D), mask (B, Tt) and unit embeddings (B, E); text_valid (B,) says which
+    images have one. images (B,): for each caption, the batch row of an image it is false of
+    though confusable with its own (a twin), or -1.
+    """
+
+    text_feats: Tensor | None = None
+    text_mask: Tensor | None = None
+    text_emb: Tensor | None = None
+    text_valid: Tensor | None = None
+    images: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -139,9 +162,10 @@ class ItmLoss(nn.Module):
         """The contrastive logit scale, 1 / temperature, clamped to [1, max_logit_scale]."""
         return self.logit_scale.clamp(0, self.max_log_scale).exp()
 
-    def forward(self, model: FusionReranker, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
-                image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None,
-                text_ids: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, model: FusionReranker | None, image_feats: Tensor | None, text_feats: Tensor | None,
+                text_mask: Tensor | None, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None,
+                text_ids: Tensor | None = None, generator: torch.Generator | None = None,
+                known: KnownNegatives | None = None) -> dict[str, Tensor]:
         """Loss parts for a batch of B matching pairs (row i of every input belongs to pair i).
 
         image_feats (B, Lv, Ti, D) and text_feats (B, Lt, Tt, D), text_mask (B, Tt): the model's
@@ -149,23 +173,51 @@ class ItmLoss(nn.Module):
         text_emb (B, E): L2-normalised dual embeddings. image_ids / text_ids (B,): optional; rows
         sharing an id are all positives of each other (one image with several captions, a
         caption repeated for several images), so none is mined or pushed away as a negative.
+        known: negatives the data names (false captions, confusable images), used by every part.
+        Without a model, only the contrastive part is computed (dual-encoder training).
         """
-        b, m = len(image_emb), self.num_negatives
+        b = len(image_emb)
+        known = known or KnownNegatives()
         positives = positive_mask(b, image_ids, text_ids, device=image_emb.device)
         sim = self.scale * image_emb @ text_emb.T  # (B, B) image rows, text columns
-        parts = {"contrastive": contrastive_loss(sim, positives)}
+        extra = None
+        if known.text_emb is not None:
+            extra = (self.scale * image_emb @ known.text_emb.T).masked_fill(~known.text_valid[None], float("-inf"))
+        parts = {"contrastive": contrastive_loss(sim, positives, extra)}
+        if model is not None:
+            parts |= self._fusion_parts(model, image_feats, text_feats, text_mask, sim, positives, known, generator)
+        parts["total"] = sum((w * parts[k] for k, w in self.weights.items() if w and k in parts), sim.new_zeros(()))
+        return parts
 
-        neg = mine_hard_negatives(sim.detach(), positives, m, self.hard_negatives, generator)
+    def _fusion_parts(self, model: FusionReranker, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
+                      sim: Tensor, positives: Tensor, known: KnownNegatives,
+                      generator: torch.Generator | None) -> dict[str, Tensor]:
+        b = len(sim)
+        neg = mine_hard_negatives(sim.detach(), positives, self.num_negatives, self.hard_negatives, generator)
         m = neg.texts.shape[1]  # fewer than asked when B is small
-        anchors = torch.arange(b, device=image_emb.device)
+        anchors = torch.arange(b, device=sim.device)
         image_idx = torch.cat([anchors, anchors.repeat_interleave(m), neg.images.flatten()])  # (B + 2Bm,)
         text_idx = torch.cat([anchors, neg.texts.flatten(), anchors.repeat_interleave(m)])
+        texts_valid, images_valid = neg.texts_valid, neg.images_valid  # (B, m) each
+        if known.images is not None:  # each caption's confusable image, where it is in the batch
+            has = known.images >= 0
+            image_idx = torch.cat([image_idx, torch.where(has, known.images, anchors)])
+            text_idx = torch.cat([text_idx, anchors])
         logits = model(*fusion_pairs(image_feats, text_feats, text_mask, image_idx, text_idx))
-        pos, neg_texts, neg_images = logits.split([b, b * m, b * m])
-        neg_logits = torch.stack([neg_texts.view(b, m), neg_images.view(b, m)])  # (2, B, m) image / text anchors
-        neg_valid = torch.stack([neg.texts_valid, neg.images_valid])  # (2, B, m)
-        parts["matching"] = matching_loss(pos, neg_logits, neg_valid)
-        parts["ranking"] = ranking_loss(pos, neg_logits, neg_valid, self.margin)
-
-        parts["total"] = sum((w * parts[k] for k, w in self.weights.items() if w), sim.new_zeros(()))
+        pos, neg_texts, neg_images, hard_images = logits.split([b, b * m, b * m, len(logits) - b * (1 + 2 * m)])
+        neg_texts, neg_images = neg_texts.view(b, m), neg_images.view(b, m)
+        if known.images is not None:
+            neg_images = torch.cat([neg_images, hard_images[:, None]], 1)  # (B, m + 1)
+            images_valid = torch.cat([images_valid, has[:, None]], 1)
+        if known.text_feats is not None:  # each image's false caption
+            false_caps = model(image_feats, known.text_feats, known.text_mask)  # (B,)
+            neg_texts = torch.cat([neg_texts, false_caps[:, None]], 1)  # (B, m + 1)
+            texts_valid = torch.cat([texts_valid, known.text_valid[:, None]], 1)
+        parts = {"matching": matching_loss(pos, torch.cat([neg_texts.flatten(), neg_images.flatten()]),
+                                           torch.cat([texts_valid.flatten(), images_valid.flatten()]))}
+        # per direction: each anchor's highest-scoring negative must stay a margin below its positive
+        violations = [ranking_loss(pos, n, v, self.margin) * v.any(-1).sum()
+                      for n, v in ((neg_texts, texts_valid), (neg_images, images_valid))]
+        anchors_with = texts_valid.any(-1).sum() + images_valid.any(-1).sum()
+        parts["ranking"] = sum(violations) / anchors_with.clamp_min(1)
         return parts

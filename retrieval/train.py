@@ -1,10 +1,11 @@
 """Training the fusion reranker (encoders frozen by default) and, optionally, the dual encoders."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,8 +21,9 @@ from indexer.pipeline import ordered_map
 
 from .checkpoint import load_reranker, save_reranker
 from .data import ImageCaptions
+from .evaluate import embed_dataset, rank, recall, swap_accuracy
 from .fusion import FusionReranker, get_fusion_config
-from .loss import ItmLoss, contrastive_loss, positive_mask
+from .loss import ItmLoss, KnownNegatives
 
 STATE_KIND = "train_state"
 RERANKER_FILE, ENCODER_FILE, STATE_FILE = "reranker.safetensors", "encoder.safetensors", "train_state.safetensors"
@@ -47,10 +49,16 @@ class TrainOptions:
     num_negatives: int = 2  # hard negatives mined per image and per text
     hard_negatives: str = "sample"  # "sample" (softmax of similarity) or "hardest"
     neighbours: int = 0  # batch each image with its N nearest images (frozen encoders), so in-batch negatives confuse
+    caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
+    hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
+    eval_every: int = 0  # steps between validations on the validation data (0: none)
+    patience: int = 0  # stop after this many validations without a better figure (0: never early)
+    val_rerank_k: int = 10  # candidates reranked when validating a reranker
     seed: int = 0
     device: str = "cpu"
     workers: int = 2  # image decoding threads
     save_every: int = 200  # steps between checkpoints
+    log_every: int = 10  # steps averaged per line of log.jsonl
     progress: bool = False
 
 
@@ -58,16 +66,30 @@ class TrainOptions:
 class TrainResult:
     out_dir: Path
     steps: int
-    reranker: Path | None
+    reranker: Path | None  # the best on validation when validating, else the last
     encoder: Path | None
     losses: dict[str, float] = field(default_factory=dict)  # mean of each part over the last 50 steps
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    best_step: int | None = None  # step of the checkpoint chosen on validation
+    validation: list[dict[str, float]] = field(default_factory=list)  # each validation's figures, with its step
+
+
+@dataclass(frozen=True)
+class _Row:
+    item: int  # index into the data
+    caption: int  # which of its captions
 
 
 def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts: TrainOptions | None = None,
-          resume: bool = False, on_skip: Callable[[str, str], None] | None = None) -> TrainResult:
+          resume: bool = False, on_skip: Callable[[str, str], None] | None = None,
+          val_data: list[ImageCaptions] | None = None) -> TrainResult:
     """Train on (image, captions) data; checkpoints go to out_dir, and `resume` continues from them.
+
+    With `val_data` and opts.eval_every, the model is validated every eval_every steps; the best
+    checkpoint (validation figure VAL_FIGURE) is kept in out_dir/best/, and opts.patience stops
+    training once that many validations in a row bring no improvement. Every log_every steps the
+    mean losses, and every validation's figures, are appended to out_dir/log.jsonl.
 
     >>> train(resolve_model("demo"), load_dataset("captions.jsonl"), "runs/r1", TrainOptions(epochs=2))
     """
@@ -77,6 +99,8 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         raise ItmError("nothing to train: enable the reranker or --train-encoders")
     if not data:
         raise ItmError("the training set is empty")
+    if opts.eval_every and not val_data:
+        raise ItmError("validation was asked for, but the validation set is empty")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -96,16 +120,20 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     steps_per_epoch = max(1, len(data) // opts.batch_size)
     total = opts.max_steps or opts.epochs * steps_per_epoch
     end = min(total, opts.stop_after or total)
-    step = _load_state(out_dir, optimizer, loss_fn) if resuming else 0
+    state = _load_state(out_dir, optimizer, loss_fn) if resuming else {"step": 0}
+    step, best = state["step"], state.get("best")
+    bad_evals = state.get("bad_evals", 0)
     images = _ImageCache(encoder, opts.workers, on_skip)
-    near = _neighbour_table(encoder, images, data, opts) if opts.neighbours else None
+    near = _near_table(encoder, images, data, opts)
     history: list[dict[str, float]] = []
+    validation: list[dict[str, float]] = []
+    log = _Log(out_dir / "log.jsonl", opts.log_every, fresh=not resuming)
     bar = tqdm(total=end, initial=step, disable=not opts.progress, unit="step", desc="training")
     while step < end:
         epoch, index = divmod(step, steps_per_epoch)
         batch = _batch(data, opts.seed, epoch, index, opts.batch_size, near)
         _set_lr(optimizer, groups, opts, step, total)
-        parts = _step(encoder, reranker, loss_fn, images, batch, opts, step)
+        parts = _step(encoder, reranker, loss_fn, images, data, batch, opts, step)
         if parts is None:  # every image of the batch failed to load
             step += 1
             continue
@@ -115,16 +143,59 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         optimizer.step()
         step += 1
         history.append({k: float(v.detach()) for k, v in parts.items()})
+        log.losses(step, history[-1])
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
-        if step % opts.save_every == 0 or step == end:
-            _save(out_dir, encoder, reranker, optimizer, loss_fn, step, opts, spec)
+        stop = False
+        if opts.eval_every and (step % opts.eval_every == 0 or step == end):
+            figures = validate(encoder, reranker, val_data, opts.val_rerank_k if reranker is not None else 0)
+            validation.append({"step": step, **figures})
+            log.write({"step": step, "val": figures})
+            if best is None or figures[VAL_FIGURE] > best["value"]:
+                best, bad_evals = {"step": step, "value": figures[VAL_FIGURE]}, 0
+                _save_weights(out_dir / "best", encoder, reranker, opts, spec)
+            else:
+                bad_evals += 1
+                stop = bool(opts.patience) and bad_evals >= opts.patience
+        if step % opts.save_every == 0 or step == end or stop:
+            _save(out_dir, encoder, reranker, optimizer, loss_fn, opts, spec,
+                  {"step": step, "best": best, "bad_evals": bad_evals})
+        if stop:
+            break
     bar.close()
     recent = history[-50:]
     losses = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]} if recent else {}
-    return TrainResult(out_dir, step, out_dir / RERANKER_FILE if reranker is not None else None,
-                       out_dir / ENCODER_FILE if opts.train_encoders else None, losses, images.skipped,
-                       time.perf_counter() - t0)
+    weights = out_dir / "best" if best is not None else out_dir
+    return TrainResult(out_dir, step, weights / RERANKER_FILE if reranker is not None else None,
+                       weights / ENCODER_FILE if opts.train_encoders else None, losses, images.skipped,
+                       time.perf_counter() - t0, best["step"] if best else None, validation)
+
+
+VAL_FIGURE = "score"  # what picks the best checkpoint: RSUM, plus swap accuracy where the data has negatives
+
+
+def validate(encoder: DualEncoder, reranker: FusionReranker | None, data: list[ImageCaptions],
+             rerank_k: int = 0) -> dict[str, float]:
+    """Recall figures on `data` (two-stage with `rerank_k` when a reranker is given), swap accuracy where
+    the data has false captions, and "score": RSUM + swap accuracy, the figure checkpoints are chosen by."""
+    was_training = encoder.model.training, reranker.training if reranker is not None else False
+    encoder.model.eval()
+    if reranker is not None:
+        reranker.eval()
+    try:
+        feats = embed_dataset(encoder, reranker, data)
+        figures = recall(rank(feats, reranker, rerank_k))
+        negatives = [n for item in data for n in (item.negatives or (None,) * len(item.captions))]
+        if any(negatives):
+            dual, fused = swap_accuracy(encoder, reranker, feats, negatives)
+            ok = fused if fused is not None else dual
+            figures["swap"] = 100 * float(ok.mean())
+    finally:
+        encoder.model.train(was_training[0])
+        if reranker is not None:
+            reranker.train(was_training[1])
+    figures["score"] = figures["rsum"] + figures.get("swap", 0.0)
+    return figures
 
 
 def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resume: bool) -> FusionReranker | None:
@@ -140,10 +211,10 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
 
 
 def _batch(data: list[ImageCaptions], seed: int, epoch: int, index: int, size: int,
-           near: torch.Tensor | None = None) -> list[tuple[Path, str]]:
+           near: list[list[int]] | None = None) -> list[_Row]:
     """The index-th batch of an epoch: a seeded permutation of images, one seeded caption each.
 
-    With a neighbour table, each anchor brings its nearest images along (fewer anchors per batch).
+    With a table of confusable images, each anchor brings them along (fewer anchors per batch).
     """
     order = list(range(len(data)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -151,10 +222,25 @@ def _batch(data: list[ImageCaptions], seed: int, epoch: int, index: int, size: i
     if near is None:
         chosen = order[index * size:(index + 1) * size]
     else:
-        per = size // (1 + near.shape[1])
-        groups = ([a, *near[a].tolist()] for a in order[index * per:(index + 1) * per])
+        per = max(1, size // (1 + max(map(len, near), default=0)))
+        groups = ([a, *near[a]] for a in order[index * per:(index + 1) * per])
         chosen = list(dict.fromkeys(i for g in groups for i in g))[:size]
-    return [(data[i].image, rng.choice(data[i].captions)) for i in chosen]
+    return [_Row(i, rng.randrange(len(data[i].captions))) for i in chosen]
+
+
+def _near_table(encoder: DualEncoder, images: "_ImageCache", data: list[ImageCaptions],
+                opts: TrainOptions) -> list[list[int]] | None:
+    """Per image, the images to batch it with: the data's confusable images and/or its nearest ones."""
+    named = None
+    if opts.hard_images and any(d.hard_images for d in data):
+        where = {d.image: i for i, d in enumerate(data)}
+        named = [[where[p] for p in d.hard_images if p in where] for d in data]
+    if not opts.neighbours:
+        return named
+    nearest = _neighbour_table(encoder, images, data, opts).tolist()
+    if named is None:
+        return nearest
+    return [list(dict.fromkeys(a + b))[:max(1, opts.neighbours)] for a, b in zip(named, nearest)]
 
 
 def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[ImageCaptions],
@@ -179,30 +265,48 @@ def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[Ima
 
 
 def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss, images: "_ImageCache",
-          batch: list[tuple[Path, str]], opts: TrainOptions, step: int) -> dict[str, torch.Tensor] | None:
-    pixels, keep = images.get([p for p, _ in batch])
+          data: list[ImageCaptions], batch: list[_Row], opts: TrainOptions,
+          step: int) -> dict[str, torch.Tensor] | None:
+    pixels, keep = images.get([data[r.item].image for r in batch])
     if not keep:
         return None
-    captions = [batch[i][1] for i in keep]
-    image_ids = torch.tensor([hash(batch[i][0]) for i in keep], device=opts.device)
+    rows = [batch[i] for i in keep]
+    captions = [data[r.item].captions[r.caption] for r in rows]
+    negatives = [data[r.item].negatives[r.caption] if opts.caption_negatives and data[r.item].negatives else None
+                 for r in rows]
+    has_neg = torch.tensor([n is not None for n in negatives], device=opts.device)
+    texts = captions + [n if n is not None else c for n, c in zip(negatives, captions)]  # placeholders masked out
+    image_ids = torch.tensor([r.item for r in rows], device=opts.device)
     grad = opts.train_encoders
     encoder.model.train(grad)
     ilayers = reranker.cfg.image_layers if reranker is not None else ()
     tlayers = reranker.cfg.text_layers if reranker is not None else ()
     img = encoder.encode_images(pixels, ilayers, grad=grad)
-    txt = encoder.encode_texts(captions, tlayers, grad=grad)
+    txt = encoder.encode_texts(texts if has_neg.any() else captions, tlayers, grad=grad)
+    b = len(rows)
+    # outputs of a frozen encoder are inference tensors: clone them so autograd may save them
+    own = (lambda t: t) if grad else (lambda t: t.clone())
+    text_emb = own(txt.embeddings)
+    known = KnownNegatives(text_emb=text_emb[b:], text_valid=has_neg) if has_neg.any() else KnownNegatives()
     if reranker is None:
-        positives = positive_mask(len(keep), image_ids, device=opts.device)
-        c = contrastive_loss(loss_fn.scale * img.embeddings @ txt.embeddings.T, positives)
-        return {"contrastive": c, "total": c}
-    # tokens from a frozen encoder are inference tensors: clone them so autograd may save them
-    itok = img.tokens if grad else [t.clone() for t in img.tokens]
-    ttok = txt.tokens if grad else [t.clone() for t in txt.tokens]
-    image_feats = reranker.encode_image_store(itok, img.grid)  # (B, Lv, Ti, D)
-    text_feats, mask = reranker.encode_text_store(ttok, txt.mask.clone())  # (B, Lt, Tt, D), (B, Tt)
+        return loss_fn(None, None, None, None, own(img.embeddings), text_emb[:b], image_ids=image_ids, known=known)
+    image_feats = reranker.encode_image_store([own(t) for t in img.tokens], img.grid)  # (B, Lv, Ti, D)
+    text_feats, mask = reranker.encode_text_store([own(t) for t in txt.tokens], own(txt.mask))  # (B or 2B, ...)
+    if has_neg.any():
+        known = replace(known, text_feats=text_feats[b:], text_mask=mask[b:])
+    hard = _hard_image_rows(data, rows) if opts.hard_images else None
+    if hard is not None:
+        known = replace(known, images=hard.to(opts.device))
     generator = torch.Generator(device=opts.device).manual_seed(opts.seed * 1_000_003 + step)
-    return loss_fn(reranker, image_feats, text_feats, mask, img.embeddings.clone(), txt.embeddings.clone(),
-                   image_ids=image_ids, generator=generator)
+    return loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
+                   image_ids=image_ids, generator=generator, known=known)
+
+
+def _hard_image_rows(data: list[ImageCaptions], rows: list[_Row]) -> torch.Tensor | None:
+    """(B,) for each row's caption, the batch row of an image the data names as confusable with its own, or -1."""
+    where = {data[r.item].image: i for i, r in enumerate(rows)}
+    out = [next((where[p] for p in data[r.item].hard_images if p in where), -1) for r in rows]
+    return torch.tensor(out) if any(i >= 0 for i in out) else None
 
 
 class _ImageCache:
@@ -241,23 +345,29 @@ def _set_lr(optimizer, groups, opts: TrainOptions, step: int, total: int) -> Non
         g["lr"] = base * warm * decay
 
 
-def _save(out_dir: Path, encoder: DualEncoder, reranker: FusionReranker | None, optimizer, loss_fn: ItmLoss,
-          step: int, opts: TrainOptions, spec: ModelSpec) -> None:
+def _save_weights(folder: Path, encoder: DualEncoder, reranker: FusionReranker | None, opts: TrainOptions,
+                  spec: ModelSpec) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     if reranker is not None:
-        save_reranker(reranker, out_dir / RERANKER_FILE)
+        save_reranker(reranker, folder / RERANKER_FILE)
     if opts.train_encoders:
-        save_encoder(encoder.model, spec.arch, out_dir / ENCODER_FILE)
+        save_encoder(encoder.model, spec.arch, folder / ENCODER_FILE)
+
+
+def _save(out_dir: Path, encoder: DualEncoder, reranker: FusionReranker | None, optimizer, loss_fn: ItmLoss,
+          opts: TrainOptions, spec: ModelSpec, progress: dict) -> None:
+    """The latest weights and everything a resumed run needs: optimizer, temperature, step, best so far."""
+    _save_weights(out_dir, encoder, reranker, opts, spec)
     state = optimizer.state_dict()
     tensors = {f"opt.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     tensors["logit_scale"] = loss_fn.logit_scale.detach()
-    save_checkpoint(tensors, {"kind": STATE_KIND, "step": step, "param_groups": state["param_groups"],
+    save_checkpoint(tensors, {"kind": STATE_KIND, **progress, "param_groups": state["param_groups"],
                               "options": asdict(opts)}, out_dir / STATE_FILE)
 
 
-def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss) -> int:
+def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss) -> dict:
+    """Restore the optimizer and temperature; returns the saved progress (step, best, bad_evals)."""
     path = out_dir / STATE_FILE
-    if not path.exists():
-        return 0
     tensors, meta = load_checkpoint(path, STATE_KIND)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
@@ -267,4 +377,25 @@ def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss) -> int:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     with torch.no_grad():
         loss_fn.logit_scale.copy_(tensors["logit_scale"])
-    return int(meta["step"])
+    return {"step": int(meta["step"]), "best": meta.get("best"), "bad_evals": int(meta.get("bad_evals", 0))}
+
+
+class _Log:
+    """log.jsonl: mean losses every `every` steps, and validation figures, one JSON object per line."""
+
+    def __init__(self, path: Path, every: int, fresh: bool):
+        self.path, self.every = path, max(1, every)
+        self.pending: list[dict[str, float]] = []
+        if fresh:
+            path.unlink(missing_ok=True)
+
+    def losses(self, step: int, parts: dict[str, float]) -> None:
+        self.pending.append(parts)
+        if step % self.every == 0:
+            mean = {k: sum(p[k] for p in self.pending) / len(self.pending) for k in self.pending[0]}
+            self.write({"step": step, "loss": mean})
+            self.pending = []
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
