@@ -1,12 +1,21 @@
-"""Quality report on the synthetic compositional test split: recall-only vs two-stage, and swap accuracy.
+"""Quality report on the synthetic compositional test split, against what the split allows.
 
     python benchmarks/quality_report.py                     # the bundled demo model on data/demo/work/synth
     python benchmarks/quality_report.py --dataset DIR/dataset_karpathy.json --model demo
 
-Prints a table and writes JSON (benchmarks/results/quality_report.json). Recall follows the
-standard protocol (5 captions per image); "held-out" restricts the queries to test images that
-contain a colour-shape combination never seen in training. Swap accuracy is how often an
-image's true caption outscores its hard negative (binding swap or relation flip).
+Prints tables and writes JSON (benchmarks/results/quality_report.json):
+
+- Recall@1/5/10 both ways (standard protocol, 5 captions per image) for recall only and
+  two-stage at each --rerank-k, beside the oracle ceiling: an oracle that knows which images
+  make each caption true and ranks them first, ties broken at random (expected values).
+- Truth-aware figures, whose ceiling is 100: text->image truth@1 and truth@5 (the top image, or
+  one of the top 5, makes the caption true), image->text truth@1 (the top caption is true of
+  the image), by the world's own parser and truth checker.
+- Swap accuracy (true caption outscores its hard negative on its image), by the kind of hard
+  negative, for the dual encoder and for the fused score.
+- Twins: for each caption of an image that has a confusable twin in the split (colours or
+  positions of two objects exchanged), how often each stage ranks the image above its twin.
+- "held-out" rows restrict the queries to images with a colour-shape pair never seen in training.
 """
 from __future__ import annotations
 
@@ -20,42 +29,111 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.synth.captions import truth_table
+from data.synth.prepare import scene_from_dict
 from indexer.encoder import DualEncoder
 from indexer.models import resolve_model
 from retrieval.checkpoint import load_reranker
 from retrieval.data import load_dataset
-from retrieval.evaluate import embed_dataset, rank, recall
+from retrieval.evaluate import embed_dataset, oracle_recall, pair_wins, rank, recall, swap_accuracy, truth_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
 
-def swap_accuracy(encoder, reranker, dataset: Path, data, feats) -> dict[str, float]:
-    """Pairs (image, true caption) against (image, hard negative), scored by each stage."""
-    meta = {Path(dataset.parent, im["filepath"], im["filename"]).resolve(): im
-            for im in json.loads(dataset.read_text())["images"] if im["split"] == "test"}
-    negatives = [s.get("negative") for item in data for s in meta[item.image]["sentences"]]
-    keep = np.array([n is not None for n in negatives])
-    negs = [n for n in negatives if n is not None]
-    owner = torch.from_numpy(feats.caption_image[keep])
-    out = encoder.encode_texts(negs, reranker.cfg.text_layers)
-    img_emb = feats.image_emb[owner]
-    pos_sim = (img_emb * feats.text_emb[torch.from_numpy(keep)]).sum(-1)
-    neg_sim = (img_emb * out.embeddings).sum(-1)
-    with torch.inference_mode():
-        neg_store, neg_mask = reranker.encode_text_store(out.tokens, out.mask)
-        idx = torch.from_numpy(np.flatnonzero(keep))
-        pos_logit = reranker(feats.image_store[owner], feats.text_store[idx], feats.text_mask[idx])
-        neg_logit = reranker(feats.image_store[owner], neg_store.half(), neg_mask)
-    held = np.array([meta[data[i].image].get("held_out", False) for i in feats.caption_image[keep]])
-    res = {}
-    for name, sel in (("all", np.ones_like(held)), ("held_out", held)):
-        sel_t = torch.from_numpy(sel)
-        res[f"dual_{name}"] = 100 * float((pos_sim > neg_sim)[sel_t].float().mean())
-        res[f"fusion_{name}"] = 100 * float((reranker.score(pos_logit, pos_sim) >
-                                              reranker.score(neg_logit, neg_sim))[sel_t].float().mean())
-    res["pairs"] = int(keep.sum())
-    return res
+def split_meta(dataset: Path, data) -> dict:
+    """Scenes, held-out flags, twins, negatives and their kinds of the evaluated images, in data order."""
+    meta = {(dataset.parent / im["filepath"] / im["filename"]).resolve(): im
+            for im in json.loads(dataset.read_text())["images"]}
+    ims = [meta[d.image] for d in data]
+    if any("scene" not in im for im in ims):
+        raise SystemExit(f"{dataset} has no scenes; regenerate it with `python -m data.synth.prepare`")
+    where = {(im["filepath"], im["filename"]): i for i, im in enumerate(ims)}
+    return {
+        "scenes": [scene_from_dict(im["scene"]) for im in ims],
+        "held_out": np.array([bool(im.get("held_out")) for im in ims]),
+        "twin": np.array([where.get((im["filepath"], im["twin"]), -1) if im.get("twin") else -1 for im in ims]),
+        "twin_kind": [im.get("twin_kind") for im in ims],
+        "negatives": [s.get("negative") for im in ims for s in im["sentences"]],
+        "negative_kinds": [s.get("negative_kind") for im in ims for s in im["sentences"]],
+    }
+
+
+def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10, 50)) -> dict:
+    """Every figure of the report for the test split of `dataset`."""
+    data = load_dataset(dataset, split="test")
+    m = split_meta(dataset, data)
+    feats = embed_dataset(encoder, reranker, data)
+    truth = truth_table(feats.texts, m["scenes"])  # (Nt, Ni)
+    held, owner = m["held_out"], feats.caption_image
+    subsets = {"all": (None, None), "held_out": (held[owner], held)}
+    out = {"images": len(data), "held_out_images": int(held.sum()), "captions": len(feats.texts),
+           "oracle": {name: oracle_recall(truth, owner, queries=q, images=i) for name, (q, i) in subsets.items()},
+           "stages": {}, "twins": {}}
+    # twins: every caption of an image whose twin is in the split, against that twin
+    has_twin = m["twin"][owner] >= 0
+    twin_q = np.flatnonzero(has_twin)
+    twin_kind = np.array([m["twin_kind"][owner[q]] for q in twin_q])
+    out["twins"]["captions"] = int(len(twin_q))
+    for name, k in [("recall only", 0)] + [(f"two-stage k={k}", k) for k in rerank_ks]:
+        r = rank(feats, reranker, k) if k else rank(feats)
+        out["stages"][name] = {
+            sub: recall(r, images=i, caption_image=owner) | truth_recall(r, truth, q, i)
+            for sub, (q, i) in subsets.items()}
+        wins = pair_wins(r.t2i_order, twin_q, owner[twin_q], m["twin"][owner[twin_q]])
+        out["twins"][name] = {"all": 100 * float(wins.mean()),
+                              **{kind: 100 * float(wins[twin_kind == kind].mean()) for kind in sorted(set(twin_kind))}}
+    dual, fused = swap_accuracy(encoder, reranker, feats, m["negatives"])
+    with_neg = np.array([n is not None for n in m["negatives"]])
+    kinds = np.array(m["negative_kinds"], dtype=object)[with_neg]
+    held_pairs = held[owner[with_neg]]
+    out["swap"] = {"pairs": int(with_neg.sum())}
+    for stage, ok in (("dual", dual), ("fusion", fused)):
+        if ok is None:
+            continue
+        row = {"all": 100 * float(ok.mean()), "held_out": 100 * float(ok[held_pairs].mean())}
+        row |= {kind: 100 * float(ok[kinds == kind].mean()) for kind in sorted(set(kinds))}
+        out["swap"][stage] = row
+    out["swap"]["count"] = {kind: int((kinds == kind).sum()) for kind in sorted(set(kinds))}
+    return out
+
+
+def print_report(r: dict) -> None:
+    print(f"{r['images']} test images ({r['held_out_images']} with held-out combinations), {r['captions']} captions")
+    head = f"{'':16} {'subset':9} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6}  {'i2t R@1':>8} {'R@5':>6} {'R@10':>6}  " \
+           f"{'RSUM':>6}  {'t2i truth@1':>11} {'truth@5':>7}  {'i2t truth@1':>11}"
+    print(head)
+    rows = [("oracle", sub, {**x, "t2i_truth1": 100.0, "t2i_truth5": 100.0, "i2t_truth1": 100.0})
+            for sub, x in r["oracle"].items()]
+    rows += [(name, sub, x) for name, subs in r["stages"].items() for sub, x in subs.items()]
+    for name, sub, x in rows:
+        print(f"{name:16} {sub:9} {x['t2i_r1']:8.1f} {x['t2i_r5']:6.1f} {x['t2i_r10']:6.1f}  {x['i2t_r1']:8.1f} "
+              f"{x['i2t_r5']:6.1f} {x['i2t_r10']:6.1f}  {x['rsum']:6.1f}  {x['t2i_truth1']:11.1f} "
+              f"{x['t2i_truth5']:7.1f}  {x['i2t_truth1']:11.1f}")
+    s = r["swap"]
+    kinds = list(s["count"])
+    print(f"\nswap accuracy, % of {s['pairs']} caption/negative pairs")
+    print(f"{'':8} {'all':>6} {'held-out':>9} " + " ".join(f"{k:>14}" for k in kinds))
+    print(f"{'(pairs)':8} {s['pairs']:6d} {'':9} " + " ".join(f"{s['count'][k]:14d}" for k in kinds))
+    for stage in ("dual", "fusion"):
+        if stage in s:
+            x = s[stage]
+            print(f"{stage:8} {x['all']:6.1f} {x['held_out']:9.1f} " + " ".join(f"{x[k]:14.1f}" for k in kinds))
+    t = r["twins"]
+    print(f"\ntwins: % of {t['captions']} captions whose image is ranked above its confusable twin")
+    for name, x in t.items():
+        if name != "captions":
+            print(f"{name:16} " + "  ".join(f"{k} {v:.1f}" for k, v in x.items()))
+
+
+def load_models(model: str, checkpoint: Path | None, reranker: Path | None):
+    spec = resolve_model(model, None, checkpoint, reranker)
+    return DualEncoder.load(spec), load_reranker(spec.reranker)
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -70,33 +148,11 @@ def main() -> None:
     if not args.dataset.exists():
         raise SystemExit(f"{args.dataset} not found; make it with `python data/demo/train_demo.py --stage data`")
     t0 = time.time()
-    spec = resolve_model(args.model, None, args.checkpoint, args.reranker)
-    encoder = DualEncoder.load(spec)
-    reranker = load_reranker(spec.reranker)
-    data = load_dataset(args.dataset, split="test")
-    feats = embed_dataset(encoder, reranker, data)
-    meta = {Path(args.dataset.parent, im["filepath"], im["filename"]).resolve(): im.get("held_out", False)
-            for im in json.loads(args.dataset.read_text())["images"]}
-    held = np.array([meta[d.image] for d in data])
-    rows = {}
-    for name, k in [("recall only", 0)] + [(f"two-stage k={k}", k) for k in args.rerank_k]:
-        r = rank(feats, reranker, k) if k else rank(feats)
-        rows[name] = {"all": recall(r), "held_out": recall(r, images=held, caption_image=feats.caption_image)}
-    swaps = swap_accuracy(encoder, reranker, args.dataset, data, feats)
-    print(f"{len(data)} test images ({held.sum()} with held-out combinations), {len(feats.texts)} captions")
-    print(f"{'':16} {'subset':9} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6}  {'i2t R@1':>8} {'R@5':>6} {'R@10':>6}  {'RSUM':>6}")
-    for name, subsets in rows.items():
-        for sub, r in subsets.items():
-            print(f"{name:16} {sub:9} {r['t2i_r1']:8.1f} {r['t2i_r5']:6.1f} {r['t2i_r10']:6.1f}  "
-                  f"{r['i2t_r1']:8.1f} {r['i2t_r5']:6.1f} {r['i2t_r10']:6.1f}  {r['rsum']:6.1f}")
-    print(f"swap accuracy ({swaps['pairs']} caption/negative pairs): dual encoder {swaps['dual_all']:.1f}% "
-          f"(held-out {swaps['dual_held_out']:.1f}%), fusion {swaps['fusion_all']:.1f}% "
-          f"(held-out {swaps['fusion_held_out']:.1f}%)")
-    report = {"dataset": str(args.dataset.relative_to(ROOT) if args.dataset.is_relative_to(ROOT) else args.dataset),
-              "model": args.model, "images": len(data), "held_out_images": int(held.sum()),
-              "captions": len(feats.texts), "recall": rows, "swap_accuracy": swaps,
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads()},
+    encoder, reranker = load_models(args.model, args.checkpoint, args.reranker)
+    r = evaluate_split(encoder, reranker, args.dataset, args.rerank_k)
+    print_report(r)
+    dataset = args.dataset.relative_to(ROOT) if args.dataset.is_relative_to(ROOT) else args.dataset
+    report = {"dataset": str(dataset), "model": args.model, **r, "machine": machine(),
               "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

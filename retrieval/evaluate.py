@@ -6,6 +6,7 @@ RSUM adds the six recalls (R@1/5/10, both directions).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +42,8 @@ class Features:
 class Ranks:
     t2i: np.ndarray  # (Nt,) 0-based rank of each caption's image
     i2t: np.ndarray  # (Ni,) 0-based best rank among each image's captions
+    t2i_order: np.ndarray  # (Nt, Ni) images in ranked order, per caption
+    i2t_order: np.ndarray  # (Ni, Nt) captions in ranked order, per image
 
 
 def embed_dataset(encoder: DualEncoder, reranker: FusionReranker | None, data: Sequence[ImageCaptions],
@@ -94,7 +97,7 @@ def rank(features: Features, reranker: FusionReranker | None = None, rerank_k: i
     t2i = _first_hit(t2i_order, lambda q: np.array([f.caption_image[q]]))
     by_image = [np.flatnonzero(f.caption_image == i) for i in range(len(f.image_emb))]
     i2t = _first_hit(i2t_order, lambda q: by_image[q])
-    return Ranks(t2i, i2t)
+    return Ranks(t2i, i2t, t2i_order, i2t_order)
 
 
 def _reranked(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> np.ndarray:
@@ -114,8 +117,83 @@ def _reranked(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> np.ndar
     return torch.cat([top, order[:, k:]], 1).numpy()
 
 
+@torch.inference_mode()
+def swap_accuracy(encoder: DualEncoder, reranker: FusionReranker | None, features: Features,
+                  negatives: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Does each caption outscore its false twin (`negatives`, aligned with features.texts) on its own image?
+
+    Returns one bool per caption that has a negative: by dual-encoder similarity, and by the
+    fused score (None without a reranker).
+    """
+    f = features
+    which = np.array([n is not None for n in negatives])
+    negs = [n for n in negatives if n is not None]
+    owner = torch.from_numpy(f.caption_image[which])
+    idx = torch.from_numpy(np.flatnonzero(which))
+    image_emb = f.image_emb[owner]
+    pos_sim = (image_emb * f.text_emb[idx]).sum(-1)
+    layers = reranker.cfg.text_layers if reranker is not None else ()
+    out = [encoder.encode_texts(negs[s:s + 256], layers) for s in range(0, len(negs), 256)]
+    neg_sim = (image_emb * torch.cat([o.embeddings for o in out])).sum(-1)
+    dual = (pos_sim > neg_sim).numpy()
+    if reranker is None:
+        return dual, None
+    fused = []
+    for s, o in zip(range(0, len(negs), 256), out):
+        img = f.image_store[owner[s:s + 256]]
+        pos = reranker(img, f.text_store[idx[s:s + 256]], f.text_mask[idx[s:s + 256]])
+        store, mask = reranker.encode_text_store(o.tokens, o.mask)
+        neg = reranker(img, store.half(), mask)
+        fused.append(reranker.score(pos, pos_sim[s:s + 256]) > reranker.score(neg, neg_sim[s:s + 256]))
+    return dual, torch.cat(fused).numpy()
+
+
 def _first_hit(order: np.ndarray, truth) -> np.ndarray:
     return np.array([np.flatnonzero(np.isin(row, truth(q)))[0] for q, row in enumerate(order)])
+
+
+def truth_recall(ranks: Ranks, truth: np.ndarray, queries: np.ndarray | None = None,
+                 images: np.ndarray | None = None) -> dict[str, float]:
+    """Truth-aware figures (percent): is the top image (any of the top 5) one the caption is true of, and is
+    the top caption true of the image? truth (Nt, Ni) bool; `queries` / `images` restrict the captions and
+    images asked (bool masks)."""
+    t_sel = np.ones(len(truth), bool) if queries is None else queries
+    i_sel = np.ones(truth.shape[1], bool) if images is None else images
+    q = np.flatnonzero(t_sel)
+    top5 = ranks.t2i_order[q, :5]
+    t2i = truth[q[:, None], top5]  # (q, 5)
+    i = np.flatnonzero(i_sel)
+    i2t = truth[ranks.i2t_order[i, 0], i]
+    return {"t2i_truth1": 100 * float(t2i[:, 0].mean()), "t2i_truth5": 100 * float(t2i.any(1).mean()),
+            "i2t_truth1": 100 * float(i2t.mean())}
+
+
+def oracle_recall(truth: np.ndarray, caption_image: np.ndarray, ks: Sequence[int] = KS,
+                  queries: np.ndarray | None = None, images: np.ndarray | None = None) -> dict[str, float]:
+    """Expected R@K of an oracle that ranks everything true first, ties broken at random.
+
+    Text -> image: the caption's own image is one of n true images, so R@K = min(1, K/n). Image -> text:
+    the image's c own captions are among n true ones; R@K = 1 - C(n-c, K) / C(n, K).
+    """
+    t_sel = np.ones(len(truth), bool) if queries is None else queries
+    i_sel = np.ones(truth.shape[1], bool) if images is None else images
+    n_t2i = truth[t_sel].sum(1)  # true images per caption
+    n_i2t = truth[:, i_sel].sum(0)  # true captions per image
+    own = np.bincount(caption_image, minlength=truth.shape[1])[i_sel]
+    out = {f"t2i_r{k}": 100 * float(np.mean(np.minimum(1.0, k / n_t2i))) for k in ks}
+    for k in ks:
+        miss = [math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0 for n, c in zip(n_i2t, own)]
+        out[f"i2t_r{k}"] = 100 * (1 - float(np.mean(miss)))
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def pair_wins(order: np.ndarray, queries: np.ndarray, right: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+    """For each query q (a row of `order`), is item right[q] ranked above item wrong[q]?"""
+    rows = order[queries]  # (n, C)
+    pos_right = np.argmax(rows == right[:, None], axis=1)
+    pos_wrong = np.argmax(rows == wrong[:, None], axis=1)
+    return pos_right < pos_wrong
 
 
 def recall(ranks: Ranks, ks: Sequence[int] = KS, images: np.ndarray | None = None,
