@@ -238,3 +238,52 @@ def test_bundled_samples_match_their_recipe():
         assert np.array_equal(committed, np.asarray(s.render()))
     size = sum(p.stat().st_size for p in SAMPLES.rglob("*") if p.is_file())
     assert size < 2_000_000
+
+
+def test_train_twins_are_confusable_and_keep_held_out_pairs_out():
+    samples = generate_split("train", 200, seed=11, twin_fraction=0.5)
+    by_id = {s.image_id: s for s in samples}
+    twins = [s for s in samples if s.twin_id is not None]
+    assert 0.3 < len(twins) / len(samples) < 0.6
+    for s in twins:
+        other = by_id[s.twin_id]
+        assert other.twin_id == s.image_id and other.scene != s.scene
+        assert not any(caption_matches(other.scene, parse_caption(c)) for c in s.captions)
+    for s in samples:
+        assert not s.held_out
+        assert not {(m.colour, m.shape) for t in s.captions + s.hard_negatives
+                    for m in parse_caption(t).mentions} & HELD_OUT
+    assert tuple(generate_split("train", 200, seed=11)) == split("train")  # no twins asked: as it was
+    with pytest.raises(ValueError, match="test split"):
+        generate_split("test", 4, seed=11, twin_fraction=0.5)
+
+
+def test_twins_in_training_leave_the_test_split_unchanged(tmp_path):
+    counts = {"train": 8, "val": 2, "test": 6}
+    prepare(tmp_path / "plain", counts, 4)
+    prepare(tmp_path / "twins", counts, 4, twin_fraction=1.0)
+    images = {name: json.loads((tmp_path / name / "dataset_karpathy.json").read_text())["images"]
+              for name in ("plain", "twins")}
+    test = {name: [im for im in ims if im["split"] == "test"] for name, ims in images.items()}
+    assert test["plain"] == test["twins"]
+    for im in test["plain"]:
+        path = Path("images/test") / im["filename"]
+        assert (tmp_path / "plain" / path).read_bytes() == (tmp_path / "twins" / path).read_bytes()
+    assert any(im["twin"] for im in images["twins"] if im["split"] == "train")
+    assert not any(im["twin"] for im in images["plain"] if im["split"] == "train")
+
+
+def test_karpathy_scenes_round_trip_and_truth_table_matches_the_checker(tmp_path):
+    from data.synth.captions import truth_table
+    from data.synth.prepare import scene_from_dict
+
+    prepare(tmp_path, {"test": 40}, 7)
+    images = json.loads((tmp_path / "dataset_karpathy.json").read_text())["images"]
+    samples = generate_split("test", 40, 7)
+    scenes = [scene_from_dict(im["scene"]) for im in images]
+    assert scenes == [s.scene for s in samples]
+    texts = [c for s in samples for c in s.captions + s.hard_negatives]
+    table = truth_table(texts, scenes)
+    expected = [[caption_matches(sc, parse_caption(t)) for sc in scenes] for t in texts]
+    assert table.tolist() == expected
+    assert table.sum() > len(samples) * 5  # every caption is true of its own image, some of others too
