@@ -78,24 +78,37 @@ class HardNegatives:
 
 
 def mine_hard_negatives(sim: Tensor, positives: Tensor, num: int = 1, mode: str = "sample",
-                        generator: torch.Generator | None = None) -> HardNegatives:
+                        generator: torch.Generator | None = None, num_random: int = 0) -> HardNegatives:
     """Pick `num` negatives per image (a row of sim) and per text (a column) from the batch.
 
     "hardest" takes the most similar non-matching items; "sample" draws without replacement with
-    probability proportional to softmax(sim) (Gumbel top-k), as ALBEF does. An invalid slot points
-    at the anchor's own positive, so every index is usable; the valid masks say which to count.
+    probability proportional to softmax(sim) (Gumbel top-k), as ALBEF does. `num_random` more are
+    drawn uniformly from the rest: with only hard negatives, which differ from the positive in one
+    binding or relation, a fusion model from scratch has no easier signal to start from and
+    collapses to a constant logit. An invalid slot points at the anchor's own positive, so every
+    index is usable; the valid masks say which to count.
     """
     if mode not in MINING_MODES:
         raise ValueError(f"hard_negatives must be one of {', '.join(MINING_MODES)}, not {mode!r}")
     with torch.no_grad():
         own = torch.arange(len(sim), device=sim.device)[:, None]  # (B, 1)
 
-        def pick(s: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:  # rows are the anchors
-            if mode == "sample":
-                s = s - torch.empty_like(s).exponential_(generator=generator).log()  # + Gumbel noise
-            vals, idx = s.masked_fill(pos, float("-inf")).topk(min(num, s.shape[1]), dim=1)  # (B, m)
+        def top(s: Tensor, pos: Tensor, n: int) -> tuple[Tensor, Tensor]:
+            vals, idx = s.masked_fill(pos, float("-inf")).topk(min(n, s.shape[1]), dim=1)  # (B, n)
             valid = torch.isfinite(vals)
             return torch.where(valid, idx, own), valid
+
+        def gumbel(s: Tensor) -> Tensor:
+            return s - torch.empty_like(s).exponential_(generator=generator).log()
+
+        def pick(s: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:  # rows are the anchors
+            idx, valid = top(gumbel(s) if mode == "sample" else s, pos, num)
+            if num_random:
+                taken = pos.clone()
+                taken.scatter_(1, idx, True)
+                more, more_valid = top(gumbel(torch.zeros_like(s)), taken, num_random)
+                idx, valid = torch.cat([idx, more], 1), torch.cat([valid, more_valid], 1)
+            return idx, valid
 
         texts, texts_valid = pick(sim.float(), positives)
         images, images_valid = pick(sim.float().T, positives.T)
@@ -139,6 +152,7 @@ class ItmLoss(nn.Module):
         margin: ranking margin, in match-logit units.
         num_negatives: hard negatives mined per image and per text; the fusion model then runs on
             B * (1 + 2 * num_negatives) pairs.
+        random_negatives: negatives drawn uniformly per image and per text, beside the mined ones.
         hard_negatives: "sample" (proportional to softmax of the dual similarity) or "hardest".
         init_temperature, max_logit_scale: the contrastive temperature starts at init_temperature;
             its inverse (the logit scale) is clamped to at most max_logit_scale.
@@ -146,13 +160,14 @@ class ItmLoss(nn.Module):
 
     def __init__(self, contrastive_weight: float = 1.0, matching_weight: float = 1.0, ranking_weight: float = 1.0,
                  margin: float = 1.0, num_negatives: int = 1, hard_negatives: str = "sample",
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0):
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, random_negatives: int = 0):
         super().__init__()
         if hard_negatives not in MINING_MODES:
             raise ValueError(f"hard_negatives must be one of {', '.join(MINING_MODES)}, not {hard_negatives!r}")
         self.weights = {"contrastive": contrastive_weight, "matching": matching_weight, "ranking": ranking_weight}
         self.margin = margin
         self.num_negatives = num_negatives
+        self.random_negatives = random_negatives
         self.hard_negatives = hard_negatives
         self.max_log_scale = math.log(max_logit_scale)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
@@ -193,7 +208,8 @@ class ItmLoss(nn.Module):
                       sim: Tensor, positives: Tensor, known: KnownNegatives,
                       generator: torch.Generator | None) -> dict[str, Tensor]:
         b = len(sim)
-        neg = mine_hard_negatives(sim.detach(), positives, self.num_negatives, self.hard_negatives, generator)
+        neg = mine_hard_negatives(sim.detach(), positives, self.num_negatives, self.hard_negatives, generator,
+                                  self.random_negatives)
         m = neg.texts.shape[1]  # fewer than asked when B is small
         anchors = torch.arange(b, device=sim.device)
         image_idx = torch.cat([anchors, anchors.repeat_interleave(m), neg.images.flatten()])  # (B + 2Bm,)
