@@ -59,9 +59,9 @@ def split_meta(dataset: Path, data) -> dict:
     }
 
 
-def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10, 50)) -> dict:
+def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10, 50), split: str = "test") -> dict:
     """Every figure of the report for the test split of `dataset`."""
-    data = load_dataset(dataset, split="test")
+    data = load_dataset(dataset, split=split)
     m = split_meta(dataset, data)
     feats = embed_dataset(encoder, reranker, data)
     truth = truth_table(feats.texts, m["scenes"])  # (Nt, Ni)

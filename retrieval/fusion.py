@@ -55,6 +55,8 @@ class FusionConfig:
     self_attention: bool  # add a self-attention layer per stream before each level's cross-attention
     score_weight: float  # final score = recall cosine + score_weight * match logit
     dropout: float  # dropout on attention and feed-forward outputs, in training only
+    region_boxes: bool = False  # add a linear embedding of each region's box (centre, size), as LXMERT does
+    pair_relations: bool = False  # the head also reads a relation network over pairs of image regions
 
     def __post_init__(self) -> None:
         if len(self.image_layers) != len(self.text_layers) or not self.image_layers:
@@ -116,6 +118,16 @@ def bytes_per_image(cfg: FusionConfig) -> int:
 def bytes_per_text(cfg: FusionConfig) -> int:
     """Rerank-store bytes for one text: Lt levels x Tt tokens x D fp16, plus a one-byte mask per token."""
     return cfg.n_levels * cfg.max_text_tokens * cfg.d_model * STORE_BYTES + cfg.max_text_tokens
+
+
+def region_boxes(regions: int) -> Tensor:
+    """(1 + regions**2, 4) boxes (centre x, centre y, width, height) in [-1, 1] image coordinates:
+    the whole image for the CLS token, then the pooled regions row by row."""
+    step = 2 / regions
+    centres = -1 + step * (torch.arange(regions) + 0.5)  # (R,)
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack([x.flatten(), y.flatten(), torch.full((regions**2,), step), torch.full((regions**2,), step)], 1)
+    return torch.cat([torch.tensor([[0.0, 0.0, 2.0, 2.0]]), grid])
 
 
 class Attention(nn.Module):
@@ -195,6 +207,34 @@ class LevelGate(nn.Module):
         return state + g * x
 
 
+class PairRelations(nn.Module):
+    """A relation network over ordered pairs of image regions (Santoro et al., 2017), asked by the text.
+
+    For regions i != j: g(state_i, state_j, box_i - box_j, text) per pair, max-pooled over pairs.
+    After the two-way blocks a region's state says which words it answers to, so "A left of B"
+    becomes: some pair whose first region answers to A and second to B, with box_i left of box_j.
+    """
+
+    def __init__(self, d: int, regions: int):
+        super().__init__()
+        self.norm, self.text_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.first, self.second = nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.geometry, self.text = nn.Linear(4, d, bias=False), nn.Linear(d, d, bias=False)
+        self.out = nn.Linear(d, d)
+        boxes = region_boxes(regions)[1:]  # (R, 4)
+        offsets = boxes[:, None] - boxes[None]  # (R, R, 4) box_i - box_j
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("distinct", ~torch.eye(len(boxes), dtype=torch.bool), persistent=False)
+
+    def forward(self, regions: Tensor, text: Tensor) -> Tensor:
+        # regions (B', R, D) image region states; text (B', D) text summary; B' broadcasts
+        x = self.norm(regions)
+        pair = (self.first(x)[:, :, None] + self.second(x)[:, None]  # (B', R, R, D)
+                + self.geometry(self.offsets.to(x.dtype)) + self.text(self.text_norm(text))[:, None, None])
+        g = self.out(torch.nn.functional.gelu(pair))  # (B, R, R, D)
+        return g.masked_fill(~self.distinct[..., None], torch.finfo(g.dtype).min).amax((1, 2))  # (B, D)
+
+
 class FusionReranker(nn.Module):
     """Scores row-aligned (image, text) pairs from their rerank-store features."""
 
@@ -205,13 +245,19 @@ class FusionReranker(nn.Module):
         # the store encoder lives in indexer, which runs it at build time from this checkpoint's "store." tensors
         self.store = StoreEncoder(n, cfg.image_width, cfg.text_width, d, cfg.regions, cfg.max_text_tokens)
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, d) * 0.02)  # (Ti, D)
+        if cfg.region_boxes:
+            # geometry as coordinates, not only as learned ids: "left of" becomes a comparison of numbers
+            self.box_embed = nn.Linear(4, d)
+            self.register_buffer("boxes", region_boxes(cfg.regions), persistent=False)  # (Ti, 4)
         self.text_pos = nn.Parameter(torch.randn(cfg.max_text_tokens, d) * 0.02)  # (Tt, D)
         deep_first = list(reversed(range(n)))
         self.order = deep_first if cfg.fusion_order == "coarse_to_fine" else deep_first[::-1]
         self.blocks = nn.ModuleList(TwoWayBlock(cfg) for _ in range(n))  # one per step of self.order
         self.text_gates = nn.ModuleList(LevelGate(d) for _ in range(n - 1))  # before steps 1..n-1
         self.image_gates = nn.ModuleList(LevelGate(d) for _ in range(n - 1))
-        self.head = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, d), nn.GELU(), nn.Linear(d, 1))
+        self.relations = PairRelations(d, cfg.regions) if cfg.pair_relations else None
+        width = 5 * d if cfg.pair_relations else 4 * d
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d), nn.GELU(), nn.Linear(d, 1))
 
     def encode_image_store(self, tokens: Sequence[Tensor], grid: tuple[int, int]) -> Tensor:
         """Store features for images: one (B, 1+H*W, Wv) tensor per configured layer -> (B, Lv, Ti, D).
@@ -242,7 +288,8 @@ class FusionReranker(nn.Module):
         tt = int(text_mask.any(0).nonzero().max()) + 1 if text_mask.any() else 1
         text_feats, text_mask = text_feats[:, :, :tt], text_mask[:, :tt]
         first, *rest = self.order
-        v = image_feats[:, first] + self.image_pos  # (B, Ti, D)
+        pos = self.image_pos + self.box_embed(self.boxes.to(dtype)) if self.cfg.region_boxes else self.image_pos
+        v = image_feats[:, first] + pos  # (B, Ti, D)
         t = text_feats[:, first] + self.text_pos[:tt]  # (B, Tt, D)
         t, v = self.blocks[0](t, v, text_mask)
         for step, level in enumerate(rest, 1):
@@ -254,8 +301,10 @@ class FusionReranker(nn.Module):
         v0, tv = torch.broadcast_tensors(v[:, 0], text_vec)  # (B, D) each
         # the product and difference give the head a direct comparison of the two streams, so training
         # does not sit on the constant-logit plateau while cross-attention learns to align them
-        joint = torch.cat([v0, tv, v0 * tv, (v0 - tv).abs()], -1)  # (B, 4D)
-        return self.head(joint).squeeze(-1)  # (B,)
+        joint = [v0, tv, v0 * tv, (v0 - tv).abs()]  # 4 x (B, D)
+        if self.relations is not None:
+            joint.append(self.relations(v[:, 1:], tv))  # (B, D)
+        return self.head(torch.cat(joint, -1)).squeeze(-1)  # (B,)
 
     def score(self, match_logit: Tensor, recall_sim: Tensor, weight: float | None = None) -> Tensor:
         """Final ranking score: recall_sim + weight * match_logit (weight defaults to cfg.score_weight).
