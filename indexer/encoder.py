@@ -47,6 +47,8 @@ class DualEncoder:
         self.identity = identity  # what the index manifest records and checks
         self.device = torch.device(device)
         self.dtype = PRECISIONS[precision]
+        self.eot_id = eot_token_id(tokenizer)
+        self.pad_id = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -> "DualEncoder":
@@ -127,7 +129,7 @@ class DualEncoder:
 
     def _texts(self, texts: Sequence[str], layers: Sequence[int]) -> Encoded:
         ids = self.tokenizer(list(texts)).to(self.device)  # (B, L)
-        eot = ids.argmax(dim=-1)  # EOT has the highest token id
+        eot = end_of_text(ids, self.eot_id, self.pad_id)  # (B,)
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot[:, None]  # (B, L)
         if self._causal_argmax_text:
             # positions after the last EOT cannot change anything before it under a causal mask, and the
@@ -157,6 +159,38 @@ class DualEncoder:
     def save(self, path: Path) -> Path:
         """Write this encoder as an itm checkpoint (safetensors + JSON) that `--checkpoint` loads."""
         return save_encoder(self.model, self.spec.arch, path)
+
+
+def eot_token_id(tokenizer) -> int | None:
+    """The end-of-text id of an open_clip tokenizer.
+
+    SimpleTokenizer names it (and it is its largest id). The Hugging Face wrappers (HFTokenizer,
+    SigLipTokenizer) hold a transformers tokenizer: its eos token, or sep for BERT vocabularies,
+    which have no eos. Neither need be the largest id of the vocabulary.
+    """
+    if getattr(tokenizer, "eot_token_id", None) is not None:
+        return int(tokenizer.eot_token_id)
+    inner = getattr(tokenizer, "tokenizer", None)
+    for name in ("eos_token_id", "sep_token_id"):
+        if getattr(inner, name, None) is not None:
+            return int(getattr(inner, name))
+    return None
+
+
+def end_of_text(ids: torch.Tensor, eot_id: int | None, pad_id: int | None = None) -> torch.Tensor:
+    """(B,) position of each row's end-of-text token in (B, L) ids.
+
+    Its first occurrence: SigLIP's T5 vocabulary pads with its end-of-text id, and HFTokenizer's
+    "clips" mode puts a class token after the padding. A row without one (HFTokenizer with
+    strip_sep_token) ends at its last token that is not padding.
+    """
+    last = ids.shape[1] - 1
+    real = ids != pad_id if pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
+    fallback = last - real.flip(1).int().argmax(1)  # (B,) last non-padding position
+    if eot_id is None:
+        return fallback
+    hit = ids == eot_id  # (B, L)
+    return torch.where(hit.any(1), hit.int().argmax(1), fallback)
 
 
 def save_encoder(model: open_clip.CLIP, arch: str, path: Path) -> Path:

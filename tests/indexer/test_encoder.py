@@ -1,4 +1,5 @@
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,3 +75,52 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(UnknownModelError, match="no pretrained weights tagged"):
         DualEncoder.load(resolve_model("ViT-B-32", "no-such-tag"))
     assert "demo" in list_models() and "itm-tiny" in list_models()
+
+
+class WordTokenizer:
+    """A word-level tokenizer shaped like open_clip's Hugging Face wrappers (HFTokenizer, SigLipTokenizer): a
+    callable giving (B, context) ids, its special ids on `.tokenizer`. Word ids start at 10, so its end-of-text
+    id is far from the largest, unlike SimpleTokenizer's."""
+
+    WORDS = "a red blue green circle square star left of".split()
+
+    def __init__(self, layout: str, context_length: int = 16):
+        self.layout, self.context_length = layout, context_length
+        self.vocab = {w: 10 + i for i, w in enumerate(self.WORDS)}
+        special = {  # (bos, eos, sep, pad, cls) as the transformers tokenizer inside each wrapper has them
+            "bert": (None, None, 2, 0, 1),  # [CLS] words [SEP] pad...; BERT vocabularies have no eos
+            "t5": (None, 1, None, 1, None),  # words </s> then padding with the same id (SigLIP's T5 vocabulary)
+            "clips": (0, 2, None, 1, 3),  # <s> words </s> pad... and a class token in the last position
+        }[layout]
+        names = ("bos_token_id", "eos_token_id", "sep_token_id", "pad_token_id", "cls_token_id")
+        self.tokenizer = SimpleNamespace(**dict(zip(names, special)))
+
+    def real(self, text: str) -> list[int]:
+        """The ids up to and including end-of-text."""
+        t, words = self.tokenizer, [self.vocab[w] for w in text.split()]
+        if self.layout == "bert":
+            return [t.cls_token_id, *words, t.sep_token_id]
+        if self.layout == "t5":
+            return [*words, t.eos_token_id]
+        return [t.bos_token_id, *words, t.eos_token_id]
+
+    def __call__(self, texts, context_length=None):
+        n = context_length or self.context_length
+        out = torch.full((len(texts), n), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.real(text)
+            out[row, :len(ids)] = torch.tensor(ids)
+        if self.layout == "clips":
+            out[:, -1] = self.tokenizer.cls_token_id
+        return out
+
+
+@pytest.mark.parametrize("layout", ["bert", "t5", "clips"])
+def test_end_of_text_is_found_when_its_id_is_not_the_largest(tiny_encoder, layout):
+    tok = WordTokenizer(layout)
+    enc = DualEncoder(tiny_encoder.model, tok, tiny_encoder.preprocess, tiny_encoder.spec, tiny_encoder.identity)
+    texts = ["a red circle", "a blue square left of a green star", "star"]
+    out = enc.encode_texts(texts, layers=[-1])
+    assert out.mask.sum(1).tolist() == [len(tok.real(t)) for t in texts]
+    assert all(row[:n].all() and not row[n:].any() for row, n in zip(out.mask, out.mask.sum(1)))  # a prefix
+
