@@ -1,11 +1,13 @@
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import indexer.encoder
 from indexer.encoder import DualEncoder
-from indexer.errors import CheckpointError, ItmError, UnknownModelError, WeightsUnavailableError
+from indexer.errors import CheckpointError, ItmError, ItmWarning, UnknownModelError, WeightsUnavailableError
 from indexer.models import list_models, resolve_model
 
 
@@ -59,6 +61,17 @@ def test_bf16_is_close_to_fp32(tiny_spec, tiny_encoder):
     assert cos.min() > 0.98
     with pytest.raises(ItmError, match="fp16 needs a GPU"):
         DualEncoder.load(tiny_spec, precision="fp16")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_fp32(tiny_spec, monkeypatch):
+    monkeypatch.setattr(indexer.encoder, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(ItmWarning, match="slower than fp32.*--precision fp32"):
+        DualEncoder.load(tiny_spec, precision="bf16")
+    monkeypatch.setattr(indexer.encoder, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DualEncoder.load(tiny_spec, precision="bf16")
+        DualEncoder.load(tiny_spec, precision="fp32")
 
 
 def test_missing_weights_fail_fast_with_the_remedy(monkeypatch):
