@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from indexer.cliutil import user_errors
+from indexer.cliutil import user_errors, warn
 
 PROG = "itm-eval"
 
@@ -34,7 +34,7 @@ def eval_command(
         from .evaluate import embed_dataset, rank, recall
 
         spec = resolve_model(model, None if checkpoint else pretrained, checkpoint, reranker)
-        data = load_dataset(dataset, image_root, split)
+        data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
         encoder = DualEncoder.load(spec, device)
         fusion = load_reranker(spec.reranker, device) if spec.reranker else None
         feats = embed_dataset(encoder, fusion, data)

@@ -47,7 +47,7 @@ def train_command(
         from .train import TrainOptions, train
 
         spec = resolve_model(model, pretrained, checkpoint)
-        data = load_dataset(dataset, image_root, split)
+        data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
         opts = TrainOptions(fusion=fusion, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
