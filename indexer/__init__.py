@@ -3,7 +3,7 @@
     >>> from indexer import build_index, resolve_model
     >>> build_index("photos/", "idx/", resolve_model("demo")).added
 """
-from importlib import import_module
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "build_index": "build", "BuildOptions": "build", "BuildReport": "build",
@@ -14,9 +14,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    # resolved on first use, so that `itm-index --help` does not wait for torch
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'indexer' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
