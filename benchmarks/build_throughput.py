@@ -50,7 +50,7 @@ from indexer.build import BuildOptions, build_index
 from indexer.encoder import DualEncoder
 from indexer.images import load_image, read_file
 from indexer.models import resolve_model
-from indexer.pipeline import ordered_map
+from indexer.parallel import ordered_map
 
 GENERATOR_VERSION = 1  # bump when benchlib.photo_like changes, so cached corpora are regenerated
 STAGE_SAMPLE = 8  # items timed one stage at a time
@@ -94,10 +94,8 @@ def ensure_corpus(corpus: Corpus, cache: Path) -> Path:
 
 def decode_all(paths: list[Path], encoder: DualEncoder, workers: int, prefetch: int) -> list[torch.Tensor]:
     """What a decoding thread does for each item, less hashing: read, decode, preprocess."""
-    size = encoder.image_size
-
     def work(path: Path) -> torch.Tensor:
-        return encoder.prepare(load_image(read_file(path), min_side=size))
+        return encoder.load_pixels(read_file(path))
 
     return list(ordered_map(work, paths, workers, prefetch))
 

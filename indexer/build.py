@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import time
@@ -19,14 +20,42 @@ from tqdm import tqdm
 from . import store
 from .ann import build_ann, measured_recall
 from .encoder import DualEncoder
-from .errors import CorpusError, ItmError, ModelMismatchError
+from .errors import CorpusError, DecodeError, ItmError, ModelMismatchError
 from .images import DEFAULT_MAX_PIXELS
 from .models import ModelSpec, resolve_model
-from .pipeline import Prepared, content_hash, ordered_map, prepare_image
-from .projector import StoreProjector, load_projector
+from .images import read_file
+from .parallel import ordered_map
+from .store_encoder import LoadedStoreEncoder, load_store_encoder
 from .scan import FileEntry, is_text_corpus, read_texts, scan_images
 
 SkipFn = Callable[[str, str], None]
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Prepared:
+    entry: FileEntry
+    hash: str | None = None
+    pixels: torch.Tensor | None = None  # (3, S, S), None when the embedding is reused or the item skipped
+    error: str | None = None
+
+
+def prepare_image(entry: FileEntry, encoder: DualEncoder, max_pixels: int, known: Callable[[str], bool]) -> Prepared:
+    """Read once, hash, and decode only when no embedding exists for these bytes yet."""
+    try:
+        data = read_file(Path(entry.path))
+    except DecodeError as e:
+        return Prepared(entry, error=str(e))
+    h = content_hash(data)
+    if known(h):
+        return Prepared(entry, h)
+    try:
+        return Prepared(entry, h, encoder.load_pixels(data, max_pixels))
+    except DecodeError as e:
+        return Prepared(entry, h, error=str(e))
 
 
 @dataclass
@@ -77,7 +106,7 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         old = store.read_manifest(index_dir)
         spec = model or spec_from_manifest(old, index_dir) or resolve_model()
         encoder = DualEncoder.load(spec, options.device, options.precision)
-        projector = load_projector(spec.reranker, encoder) if spec.reranker else None
+        projector = load_store_encoder(spec.reranker, encoder) if spec.reranker else None
         info = model_info(spec, encoder)
         reranker = _reranker_info(spec, projector)
         if old is not None:
@@ -133,7 +162,7 @@ def spec_from_manifest(manifest: dict | None, index_dir: Path) -> ModelSpec | No
     return resolve_model(m["arch"], m.get("pretrained"), m.get("checkpoint"), reranker)
 
 
-def _reranker_info(spec: ModelSpec, projector: StoreProjector | None) -> dict | None:
+def _reranker_info(spec: ModelSpec, projector: LoadedStoreEncoder | None) -> dict | None:
     if projector is None:
         return None
     return {"sha256": projector.sha256, "source": str(spec.reranker), "file": f"reranker-{projector.sha256[:16]}.safetensors",
@@ -216,10 +245,9 @@ class _Job:
                 todo.append(entry)
         self.removed += len(set(mine) - seen)
         known = self.known.__contains__
-        size = self.encoder.image_size
 
         def work(entry: FileEntry) -> Prepared:
-            return prepare_image(entry, self.encoder.prepare, size, self.opt.max_pixels, known)
+            return prepare_image(entry, self.encoder, self.opt.max_pixels, known)
 
         pending = _Pending(self, "image", self._encode_images)
         bar = tqdm(total=len(todo), unit="img", disable=not self.opt.progress, desc="embedding", smoothing=0.1)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, ItmError, ItmWarning
+from .errors import CheckpointError, DecodeError, ItmError, ItmWarning
+from .images import DEFAULT_MAX_PIXELS, load_image
 from .models import RANDOM, ModelSpec
 from .weights import pretrained_source
 
@@ -112,6 +113,20 @@ class DualEncoder:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)  # (3, S, S)
+
+    def load_pixels(self, data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """An image file's bytes (or its path) decoded and prepared for encode_images: (3, S, S).
+
+        The one way in for corpus, training, evaluation and query images. Anything unusable,
+        a decoder's or a transform's own bug on one file included, raises DecodeError with a
+        short reason.
+        """
+        try:
+            return self.preprocess(load_image(data, min_side=self.image_size, max_pixels=max_pixels))
+        except DecodeError:
+            raise
+        except Exception as e:  # one odd file must not stop a build, a training run or an evaluation
+            raise DecodeError(f"cannot decode ({type(e).__name__}: {e})") from None
 
     def encode_images(self, pixels: torch.Tensor, layers: Sequence[int] = (), grad: bool = False) -> Encoded:
         """Unit embeddings, plus token features of `layers`; `grad` keeps the graph for training."""

@@ -15,8 +15,7 @@ import torch
 
 from indexer.encoder import DualEncoder
 from indexer.errors import DecodeError, ItmError
-from indexer.images import load_image
-from indexer.pipeline import ordered_map
+from indexer.parallel import ordered_map
 
 from .data import ImageCaptions
 from .fusion import FusionReranker
@@ -50,7 +49,7 @@ def embed_dataset(encoder: DualEncoder, reranker: FusionReranker | None, data: S
                   batch_size: int = 128, workers: int = 2) -> Features:
     def load(item: ImageCaptions) -> torch.Tensor:
         try:
-            return encoder.prepare(load_image(item.image, min_side=encoder.image_size))
+            return encoder.load_pixels(item.image)
         except DecodeError as e:
             raise ItmError(f"evaluation image {item.image}: {e}") from None
 

@@ -14,7 +14,6 @@ from indexer.ann import to_gpu_if_available, tune
 from indexer.build import model_label, same_model, spec_from_manifest
 from indexer.encoder import DualEncoder, Encoded
 from indexer.errors import DecodeError, EmptyIndexError, ModelMismatchError, QueryError
-from indexer.images import load_image
 from indexer.models import ModelSpec
 
 from .checkpoint import load_reranker
@@ -138,11 +137,11 @@ class Searcher:
 
     def _encode_image(self, path: Path) -> Encoded:
         try:
-            image = load_image(path, min_side=self.encoder.image_size)
+            pixels = self.encoder.load_pixels(path)
         except DecodeError as e:
             raise QueryError(f"cannot use query image {path}: {e}") from None
         layers = self.reranker.cfg.image_layers if self.reranker is not None else ()
-        return self.encoder.encode_images(self.encoder.prepare(image)[None], layers)
+        return self.encoder.encode_images(pixels[None], layers)
 
     def _hits(self, rows: np.ndarray, sims: np.ndarray) -> list[Hit]:
         meta = self.snapshot.rows.select(["id", "kind", "path", "text"]).take(rows).to_pylist()
