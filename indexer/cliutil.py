@@ -1,4 +1,4 @@
-"""What the command-line tools share: turning library errors into one line and an exit code."""
+"""What the command-line tools share: library errors and warnings as one line each, a progress bar."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import typer
+from tqdm import tqdm
 
 from .errors import ItmError, ItmWarning
 
@@ -44,3 +45,34 @@ def _errors(prog: str) -> Iterator[None]:
 
 def warn(prog: str, message: str) -> None:
     print(f"{prog}: {message}", file=sys.stderr)
+
+
+class Progress:
+    """A progress bar on stderr for a library call that reports (done, total), and the call's
+    `skipping PATH: reason` lines, each printed on a line of its own above the bar."""
+
+    def __init__(self, prog: str, what: str, enabled: bool = True):
+        self.prog, self.what, self.enabled = prog, what, enabled
+        self.bar = None
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or self.bar.total != total:
+            self.close()
+            self.bar = tqdm(total=total, desc=self.what, unit="item", smoothing=0.1, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def skip(self, path, reason: str) -> None:
+        tqdm.write(f"{self.prog}: skipping {path}: {reason}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

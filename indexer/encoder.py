@@ -19,6 +19,7 @@ from PIL import Image
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, DecodeError, ItmError, ItmWarning
 from .images import DEFAULT_MAX_PIXELS, load_image
+from .manifest import ModelIdentity
 from .models import RANDOM, ModelSpec
 from .weights import pretrained_source
 
@@ -42,7 +43,7 @@ class DualEncoder:
     torch.Size([1, 32])
     """
 
-    def __init__(self, model: open_clip.CLIP, tokenizer, preprocess, spec: ModelSpec, identity: dict,
+    def __init__(self, model: open_clip.CLIP, tokenizer, preprocess, spec: ModelSpec, identity: ModelIdentity,
                  device: str = "cpu", precision: str = "fp32"):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -64,14 +65,10 @@ class DualEncoder:
             warnings.warn("this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 runs 5-12x "
                           "slower than fp32 here; use --precision fp32", ItmWarning, stacklevel=2)
         model, model_cfg, sha = _build_model(spec)
-        identity = {
-            "arch": spec.arch,
-            "pretrained": spec.pretrained,
-            "checkpoint_sha256": sha,
-            "embed_dim": int(model_cfg["embed_dim"]),
-            "image_size": int(model.visual.image_size[0]),
-            "context_length": int(model.context_length),
-        }
+        identity = ModelIdentity(
+            arch=spec.arch, pretrained=spec.pretrained, checkpoint_sha256=sha, embed_dim=int(model_cfg["embed_dim"]),
+            image_size=int(model.visual.image_size[0]), context_length=int(model.context_length), name=spec.name,
+            checkpoint=str(Path(spec.checkpoint).resolve()) if spec.checkpoint and not spec.name else None)
         tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length) \
             if "hf_tokenizer_name" not in model_cfg.get("text_cfg", {}) else open_clip.get_tokenizer(spec.arch)
         pp = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
@@ -89,11 +86,11 @@ class DualEncoder:
 
     @property
     def embed_dim(self) -> int:
-        return self.identity["embed_dim"]
+        return self.identity.embed_dim
 
     @property
     def image_size(self) -> int:
-        return self.identity["image_size"]
+        return self.identity.image_size
 
     @property
     def n_image_layers(self) -> int:

@@ -10,7 +10,6 @@ import codecs
 import csv
 import errno
 import fnmatch
-import io
 import json
 import os
 import stat

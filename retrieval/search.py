@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from indexer import store
-from indexer.ann import to_gpu_if_available, tune
-from indexer.build import model_label, same_model, spec_from_manifest
+from indexer.ann import to_gpu_if_available
 from indexer.encoder import DualEncoder, Encoded
 from indexer.errors import DecodeError, EmptyIndexError, ModelMismatchError, QueryError
-from indexer.models import ModelSpec
+from indexer.manifest import AnnInfo, check_model
+from indexer.models import ModelSpec, spec_for_index
 
 from .checkpoint import load_reranker
 from .fusion import FusionReranker
@@ -56,18 +56,14 @@ class Searcher:
         self.index_dir = Path(index_dir) if index_dir else store.default_index_dir()
         self.snapshot = store.Snapshot.open(self.index_dir)
         manifest = self.snapshot.manifest
-        if not sum(manifest["counts"].values()):
+        if not sum(manifest.counts.values()):
             raise EmptyIndexError(f"index at {self.index_dir} is empty; add images with `itm-index build FOLDER`")
-        self.encoder = DualEncoder.load(model or spec_from_manifest(manifest, self.index_dir), device, precision)
-        info = self.encoder.identity
-        if not same_model(manifest["model"], info):
-            raise ModelMismatchError(
-                f"index at {self.index_dir} was built with {model_label(manifest['model'])}; the query model is "
-                f"{model_label(info)}; pass --index for another index or rebuild this one with that model")
+        self.encoder = DualEncoder.load(model or spec_for_index(manifest, self.index_dir), device, precision)
+        check_model(manifest, self.encoder.identity, self.index_dir)
         self.reranker: FusionReranker | None = None
-        if rerank and manifest.get("reranker"):
-            self.reranker = load_reranker(self.index_dir / manifest["reranker"]["file"]).eval()
-        self.ann = {kind: to_gpu_if_available(self._load_ann(a)) for kind, a in manifest["ann"].items()}
+        if rerank and manifest.reranker:
+            self.reranker = load_reranker(self.index_dir / manifest.reranker.file).eval()
+        self.ann = {kind: to_gpu_if_available(self._load_ann(a)) for kind, a in manifest.ann.items()}
         self.kind_rows = {kind: self.snapshot.kind_rows(kind) for kind in store.KINDS}
         self.timings = Timings()
 
@@ -147,10 +143,9 @@ class Searcher:
         meta = self.snapshot.rows.select(["id", "kind", "path", "text"]).take(rows).to_pylist()
         return [Hit(m["id"], m["kind"], float(s), float(s), None, m["path"], m["text"]) for m, s in zip(meta, sims)]
 
-    def _load_ann(self, meta: dict):
-        index = store.read_ann(self.index_dir / meta["file"])
-        if index.d != meta["dim"] or index.d != self.encoder.embed_dim:
-            raise ModelMismatchError(f"FAISS index {meta['file']} in {self.index_dir} has dimension {index.d}, "
+    def _load_ann(self, meta: AnnInfo):
+        index = store.read_ann(self.index_dir / meta.file)
+        if index.d != meta.dim or index.d != self.encoder.embed_dim:
+            raise ModelMismatchError(f"FAISS index {meta.file} in {self.index_dir} has dimension {index.d}, "
                                      f"expected {self.encoder.embed_dim}; rebuild the index")
-        tune(index)
         return index

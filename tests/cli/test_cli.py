@@ -69,3 +69,14 @@ def test_errors_are_one_line_and_exit_1(corpus):
     assert "Traceback" not in r.stderr
     r = run("itm-search")
     assert r.returncode == 2  # usage error
+
+
+def test_every_skip_gets_a_line_of_its_own_beside_the_progress_bar(corpus):
+    idx = corpus / "idx"
+    r = run("itm-index", "build", corpus / "photos", "--index", idx, "--model", "itm-tiny", "--pretrained", "random")
+    assert r.returncode == 0, r.stderr
+    recorded = json.loads(run("itm-index", "info", "--index", idx, "--json").stdout)["skipped"]
+    assert any("huge_header.png" in s["path"] for s in recorded)  # the decompression bomb
+    shown = [line.rsplit("\r", 1)[-1] for line in r.stderr.split("\n")]  # what a terminal leaves on each line
+    for s in recorded:
+        assert f"itm-index: skipping {s['path']}: {s['reason']}" in shown

@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import indexer.commit
+from indexer import manifest as manifest_module
 from indexer import store
 from indexer.build import BuildOptions, build_index
 from indexer.encoder import DualEncoder
@@ -40,7 +42,7 @@ def test_first_build_embeds_every_image_and_text(tmp_path, image_folder, text_fi
     direct = tiny_encoder.encode_texts([t["text"] for t in texts]).embeddings.numpy()
     np.testing.assert_allclose(emb, direct, atol=1e-5)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    assert snap.manifest["ann"]["image"]["factory"] == "Flat"
+    assert snap.manifest.ann["image"].factory == "Flat"
     assert len({x["id"] for x in rs}) == 16
 
 
@@ -92,15 +94,15 @@ def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, i
     before = json.loads((idx / "manifest.json").read_text())
     write_images(image_folder / "more", 10, seed=3)
 
-    real_write = store.write_manifest
+    real_write = indexer.commit.write_manifest
     def crash_on_final(index_dir, manifest):
-        if not manifest["staging"]:
+        if not manifest.staging:
             raise KeyboardInterrupt  # like Ctrl-C between staging and the final commit
         real_write(index_dir, manifest)
-    monkeypatch.setattr(store, "write_manifest", crash_on_final)
+    monkeypatch.setattr(indexer.commit, "write_manifest", crash_on_final)
     with pytest.raises(KeyboardInterrupt):
         build(image_folder, idx, tiny_spec, commit_every=4)
-    monkeypatch.setattr(store, "write_manifest", real_write)
+    monkeypatch.setattr(indexer.commit, "write_manifest", real_write)
 
     after = json.loads((idx / "manifest.json").read_text())
     assert after["generation"] == before["generation"] and after["rows"] == before["rows"]
@@ -136,7 +138,7 @@ def test_other_model_and_newer_format_are_refused(tmp_path, image_folder, tiny_s
     with pytest.raises(ModelMismatchError, match="was built with itm-tiny/random"):
         build(image_folder, idx, resolve_model("itm-tiny", checkpoint=ckpt))
     m = json.loads((idx / "manifest.json").read_text())
-    (idx / "manifest.json").write_text(json.dumps({**m, "format": store.FORMAT_VERSION + 1}))
+    (idx / "manifest.json").write_text(json.dumps({**m, "format": manifest_module.FORMAT_VERSION + 1}))
     with pytest.raises(IndexFormatError, match="newer than this itm"):
         build(image_folder, idx, tiny_spec)
 

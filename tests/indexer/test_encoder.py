@@ -39,7 +39,7 @@ def test_random_weights_are_reproducible_and_checkpoint_round_trip_is_exact(tmp_
     loaded = DualEncoder.load(resolve_model("itm-tiny", checkpoint=path))
     assert torch.equal(loaded.encode_images(pixels).embeddings, tiny_encoder.encode_images(pixels).embeddings)
     assert torch.equal(loaded.encode_texts(["x y"]).embeddings, tiny_encoder.encode_texts(["x y"]).embeddings)
-    assert loaded.identity["checkpoint_sha256"] and tiny_encoder.identity["checkpoint_sha256"] is None
+    assert loaded.identity.checkpoint_sha256 and tiny_encoder.identity.checkpoint_sha256 is None
 
 
 def test_pickle_and_broken_checkpoints_are_refused(tmp_path):

@@ -32,13 +32,13 @@ def index(tmp_path, image_folder, text_file, reranker_path):
 
 def test_store_holds_projected_tokens_within_budget(index):
     snap = store.Snapshot.open(index)
-    rr = snap.manifest["reranker"]
+    rr = snap.manifest.reranker
     cfg = get_fusion_config("fusion-tiny")
     tok = snap.gather(snap.kind_rows("image"), "tok")
-    assert tok.dtype == np.float16 and tok.shape[1:] == tuple(rr["image_shape"]) == (2, 5, 32)
+    assert tok.dtype == np.float16 and tok.shape[1:] == rr.image_shape == (2, 5, 32)
     assert tok[0].nbytes == bytes_per_image(cfg)
     assert snap.gather(snap.kind_rows("text"), "mask").dtype == bool
-    assert (index / rr["file"]).exists()  # the index carries its reranker
+    assert (index / rr.file).exists()  # the index carries its reranker
 
 
 def test_text_query_is_reranked_and_batched_equals_one_at_a_time(index):
