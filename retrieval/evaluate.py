@@ -19,6 +19,7 @@ from indexer.parallel import ordered_map
 
 from .data import ImageCaptions
 from .fusion import FusionReranker
+from .rerank import rerank_top
 
 KS = (1, 5, 10)
 PAIR_CHUNK = 2048  # fusion pairs per forward pass
@@ -112,8 +113,7 @@ def _reranked(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> np.ndar
         img, txt = pair(q[s:s + PAIR_CHUNK], c[s:s + PAIR_CHUNK])
         logits[s:s + PAIR_CHUNK] = reranker(f.image_store[img], f.text_store[txt], f.text_mask[txt]).float()
     fused = reranker.score(logits, sim[q, c]).view(-1, k)  # (Q, k)
-    top = torch.gather(order[:, :k], 1, torch.argsort(fused, dim=1, descending=True))
-    return torch.cat([top, order[:, k:]], 1).numpy()
+    return rerank_top(order.numpy(), fused.numpy())
 
 
 @torch.inference_mode()

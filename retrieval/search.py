@@ -18,6 +18,7 @@ from indexer.models import ModelSpec, spec_for_index
 
 from .checkpoint import load_reranker
 from .fusion import FusionReranker
+from .rerank import rerank_top
 from .settings import DEFAULT_RERANK_K
 
 KINDS = ("image", "text", "all")
@@ -106,19 +107,20 @@ class Searcher:
             n = min(rerank_k, len(rows))  # only the top rerank_k are rescored; the rest keep recall order
             logits = self._rerank(query, query_kind, rows[:n])
             scores = self.reranker.score(torch.from_numpy(logits), torch.from_numpy(sims[:n])).numpy()
-            top = [dataclasses.replace(hits[i], score=float(scores[i]), match_logit=float(logits[i]))
-                   for i in np.argsort(-scores, kind="stable")]
-            hits = top + hits[n:]
+            hits = [dataclasses.replace(h, score=float(s), match_logit=float(g))
+                    for h, s, g in zip(hits, scores, logits)] + hits[n:]
+            hits = [hits[i] for i in rerank_top(np.arange(len(hits)), scores)]
             self.timings.rerank_ms += 1e3 * (time.perf_counter() - t0)
         return hits[:k]
 
     @torch.inference_mode()
     def _rerank(self, query: Encoded, query_kind: str, rows: np.ndarray) -> np.ndarray:
-        """One batched forward pass over the k candidates; the query's features are shared, not copied."""
+        """One batched forward pass over the k candidates; the query's features are shared, not copied, and
+        rounded to fp16 as stored items are, so that an item scores the same as a query and as a candidate."""
         cand = torch.from_numpy(self.snapshot.gather(rows, "tok"))  # (k, L, T, D) fp16
         if query_kind == "text":
             txt, mask = self.reranker.encode_text_store(query.tokens, query.mask)  # (1, L, Tt, D), (1, Tt)
-            logits = self.reranker(cand, txt, mask)
+            logits = self.reranker(cand, txt.half(), mask)
         else:
             img = self.reranker.encode_image_store(query.tokens, query.grid)  # (1, L, Ti, D)
             mask = torch.from_numpy(self.snapshot.gather(rows, "mask"))  # (k, Tt)
