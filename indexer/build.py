@@ -6,6 +6,7 @@ new generation (indexer/commit.py), compacting when enough stored rows have died
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,9 +135,9 @@ class _Skips:
     rows: list[dict] = field(default_factory=list)
 
     def __call__(self, path: Any, reason: str) -> None:
-        self.rows.append({"source": str(self.source), "path": str(path), "reason": reason})
+        self.rows.append({"source": os.fsencode(self.source), "path": os.fsencode(path), "reason": reason})
         if self.on_skip:
-            self.on_skip(str(path), reason)
+            self.on_skip(os.fsdecode(path), reason)
 
 
 @dataclass(frozen=True)
@@ -198,12 +199,12 @@ class _Embedding:
 
     # ---- images -------------------------------------------------------------------------
     def images(self, root: Path) -> SourceChanges:
-        changes = SourceChanges.of(self.old_rows, str(root), key="path")
+        changes = SourceChanges.of(self.old_rows, os.fsencode(root), key="path")
         todo: list[FileEntry] = []
         for entry in scan_images(root, exclude=self.options.exclude, include_hidden=self.options.include_hidden,
                                  on_skip=self.skips):
-            if changes.same_file(str(entry.path), entry.size, entry.mtime_ns):
-                changes.keep(str(entry.path))
+            if changes.same_file(os.fsencode(entry.path), entry.size, entry.mtime_ns):
+                changes.keep(os.fsencode(entry.path))
             else:
                 todo.append(entry)
         self.on_progress(0, len(todo))
@@ -215,8 +216,8 @@ class _Embedding:
                 self.skips(item.entry.path, item.error)
                 continue
             e = item.entry
-            row = {"kind": "image", "source": str(root), "path": str(e.path), "text": None, "source_id": None,
-                   "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash}
+            row = {"kind": "image", "source": os.fsencode(root), "path": os.fsencode(e.path), "text": None,
+                   "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash}
             if changes.add(row, self.content):
                 batches.add(item)
         batches.close()
@@ -241,14 +242,14 @@ class _Embedding:
         layers = self.store_encoder.image_layers if self.store_encoder else ()
         out = self.encoder.encode_images(pixels, layers)
         tok = self.store_encoder.images(out.tokens, out.grid) if self.store_encoder else None
-        rows = [{"hash": d.hash, "kind": "image", "source": None, "path": str(d.entry.path), "text": None,
+        rows = [{"hash": d.hash, "kind": "image", "source": None, "path": os.fsencode(d.entry.path), "text": None,
                  "source_id": None, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns} for d in batch]
         return rows, out.embeddings.cpu().numpy(), tok, None
 
     # ---- texts --------------------------------------------------------------------------
     def texts(self, path: Path) -> SourceChanges:
         st = path.stat()
-        changes = SourceChanges.of(self.old_rows, str(path), key="source_id")
+        changes = SourceChanges.of(self.old_rows, os.fsencode(path), key="source_id")
         if changes.old and all(changes.same_file(k, st.st_size, st.st_mtime_ns) for k in changes.old):
             for key in changes.old:
                 changes.keep(key)
@@ -269,7 +270,7 @@ class _Embedding:
             if old is not None and old["hash"] == h:
                 changes.keep(item.source_id, size=st.st_size, mtime_ns=st.st_mtime_ns)
                 continue
-            row = {"kind": "text", "source": str(path), "path": str(path), "text": item.text,
+            row = {"kind": "text", "source": os.fsencode(path), "path": os.fsencode(path), "text": item.text,
                    "source_id": item.source_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": h}
             if changes.add(row, self.content):
                 batches.add(row)
@@ -286,8 +287,8 @@ class _Embedding:
     def commit(self, source: Path, changes: SourceChanges):
         """The next generation: the other sources' rows as they were, and this source's rows after the build."""
         mine, next_id = changes.rows(self.content, self.writer.manifest.next_id)
-        others = [r for r in self.old_rows if r["source"] != str(source)]
+        others = [r for r in self.old_rows if r["source"] != os.fsencode(source)]
         rows = pa.Table.from_pylist(others + mine, schema=store.ROW_SCHEMA)
-        skipped = [s for s in self.writer.skipped.to_pylist() if s["source"] != str(source)] + self.skips.rows
+        skipped = [s for s in self.writer.skipped.to_pylist() if s["source"] != os.fsencode(source)] + self.skips.rows
         return self.writer.commit(rows, pa.Table.from_pylist(skipped, schema=store.SKIP_SCHEMA), next_id,
                                   self.options.faiss_factory)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .cliutil import Progress, user_errors
+from .cliutil import Progress, printable, user_errors
 from .options import DEFAULT_MODEL, PRECISIONS, BuildOptions
 
 PROG = "itm-index"
@@ -48,7 +49,7 @@ def build(
                             exclude=tuple(exclude), include_hidden=include_hidden, max_pixels=max_pixels,
                             faiss_factory=faiss_factory, text_column=text_column, id_column=id_column)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
-    typer.echo(f"{r.index_dir}: {r.added} added, {r.updated} updated, {r.removed} removed, "
+    typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
                f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
                f"{r.images} images, {r.texts} texts in {r.seconds:.1f}s")
 
@@ -63,7 +64,8 @@ def info(index: Optional[Path] = IndexOpt,
         snap = store.Snapshot.open(index or store.default_index_dir())
     m = snap.manifest
     disk = sum(p.stat().st_size for p in snap.index_dir.iterdir() if p.is_file())
-    skipped = snap.skipped().to_pylist()
+    skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
+               for s in snap.skipped().to_pylist()]
     if as_json:
         typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m.counts, "model": m.model.__dict__,
                                "reranker": m.reranker and m.reranker.__dict__,
@@ -71,7 +73,7 @@ def info(index: Optional[Path] = IndexOpt,
                                "generation": m.generation, "skipped": skipped}, indent=1))
         return
     rr = m.reranker
-    typer.echo(f"index       {snap.index_dir} (format {m.format}, generation {m.generation})")
+    typer.echo(f"index       {printable(str(snap.index_dir))} (format {m.format}, generation {m.generation})")
     typer.echo(f"items       {m.counts['image']} images, {m.counts['text']} texts")
     typer.echo(f"model       {m.model.label}, {m.model.embed_dim}-d")
     typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} fp16 per image"
@@ -81,7 +83,7 @@ def info(index: Optional[Path] = IndexOpt,
     typer.echo(f"on disk     {disk / 2**20:.1f} MiB")
     typer.echo(f"skipped     {len(skipped)}")
     for s in skipped:
-        typer.echo(f"  {s['path']}: {s['reason']}")
+        typer.echo(printable(f"  {s['path']}: {s['reason']}"))
 
 
 def main() -> None:

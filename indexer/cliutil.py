@@ -1,6 +1,7 @@
 """What the command-line tools share: library errors and warnings as one line each, a progress bar."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ def _errors(prog: str) -> Iterator[None]:
     try:
         yield
     except ItmError as e:
-        typer.echo(f"{prog}: error: {e}", err=True)
+        typer.echo(f"{prog}: error: {printable(str(e))}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"{prog}: interrupted", err=True)
@@ -44,7 +45,18 @@ def _errors(prog: str) -> Iterator[None]:
 
 
 def warn(prog: str, message: str) -> None:
-    print(f"{prog}: {message}", file=sys.stderr)
+    print(f"{prog}: {printable(message)}", file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: a path's bytes that are not UTF-8 (kept as surrogates by os.fsdecode) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def write_raw_path(path: str) -> None:
+    """A path on stdout as its exact bytes and a newline, for programs that open it (`| xargs ...`)."""
+    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+    sys.stdout.buffer.flush()
 
 
 class Progress:
@@ -64,7 +76,7 @@ class Progress:
         self.bar.update(done - self.bar.n)
 
     def skip(self, path, reason: str) -> None:
-        tqdm.write(f"{self.prog}: skipping {path}: {reason}", file=sys.stderr)
+        tqdm.write(printable(f"{self.prog}: skipping {path}: {reason}"), file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

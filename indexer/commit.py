@@ -48,6 +48,7 @@ class Writer:
         self.index_dir = Path(index_dir)
         self.manifest: Manifest | None = read_manifest(self.index_dir)  # None until `start` for a new index
         self.arrays = store.SegmentArrays(self.index_dir)
+        self.sizes = {**self.manifest.segments, **self.manifest.staging} if self.manifest else {}  # rows by segment
         self.rows: pa.Table = store.read_table(self.index_dir / self.manifest.rows, store.ROW_SCHEMA) \
             if self.manifest else store.ROW_SCHEMA.empty_table()
         self.skipped: pa.Table = store.read_table(self.index_dir / self.manifest.skipped, store.SKIP_SCHEMA) \
@@ -76,13 +77,14 @@ class Writer:
         name = store.new_segment_name()
         store.write_segment(self.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
                             emb, tok, mask)
+        self.sizes[name] = len(rows)
         return name
 
     def stage(self, rows: list[dict], emb: np.ndarray, tok: np.ndarray | None = None,
               mask: np.ndarray | None = None) -> str:
         """Write a segment and commit it as staging: invisible to readers, reusable after a crash."""
         name = self.write_segment(rows, emb, tok, mask)
-        self.manifest = replace(self.manifest, staging=(*self.manifest.staging, name))
+        self.manifest = replace(self.manifest, staging={**self.manifest.staging, name: len(rows)})
         write_manifest(self.index_dir, self.manifest)
         return name
 
@@ -101,7 +103,8 @@ class Writer:
         manifest = replace(
             old, generation=gen, rows=f"rows-g{gen}.parquet", skipped=f"skipped-g{gen}.parquet",
             ann=self._build_ann(rows, factory, gen) if ann is None else ann,
-            segments=tuple(sorted(set(rows.column("segment").to_pylist()))), staging=(), next_id=next_id,
+            segments={s: self.sizes[s] for s in sorted(set(rows.column("segment").to_pylist()))}, staging={},
+            next_id=next_id,
             counts={kind: int((kinds == kind).sum()) for kind in KINDS}, faiss_factory=factory,
             updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         store.write_table(self.index_dir / manifest.rows, rows)

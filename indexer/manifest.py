@@ -24,7 +24,12 @@ KINDS = ("image", "text")
 # Format history. Each change says why; MIGRATIONS holds one step up from each older format,
 # and a format newer than FORMAT_VERSION is refused.
 #   1: first format.
-FORMAT_VERSION = 1
+#   2: paths (the source given to `build`, each item's file, each skipped file) are stored as bytes,
+#      exactly as the file system gives them: a name that is not UTF-8 crashed format 1's text
+#      columns. Segments and staging map each segment to its row count, so that compaction can
+#      tell dead rows without opening every segment. Format 1's text columns are read as bytes
+#      (store.read_table casts them); its segment lists get their counts from the .npy headers.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,8 @@ class Manifest:
     rows: str = "rows-g0.parquet"  # the live rows, each pointing at (segment, offset)
     skipped: str = "skipped-g0.parquet"  # corpus items that could not be used, with the reason
     ann: dict[str, AnnInfo] = field(default_factory=dict)  # by kind; a kind without rows has none
-    segments: tuple[str, ...] = ()  # segments the live rows point into
-    staging: tuple[str, ...] = ()  # segments written by a build that has not committed yet: invisible to readers
+    segments: dict[str, int] = field(default_factory=dict)  # segments the live rows point into -> rows each holds
+    staging: dict[str, int] = field(default_factory=dict)  # segments of a build that has not committed: unread
     next_id: int = 0  # the id the next new row gets
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # live rows by kind
     faiss_factory: str | None = None  # forced by the user; None: chosen from the corpus size at each commit
@@ -118,7 +123,7 @@ class Manifest:
                                      "text_shape": tuple(rr["text_shape"])}) if rr else None,
             generation=int(d["generation"]), rows=d["rows"], skipped=d["skipped"],
             ann={kind: AnnInfo(**a) for kind, a in d["ann"].items()},
-            segments=tuple(d["segments"]), staging=tuple(d.get("staging", ())), next_id=int(d["next_id"]),
+            segments=dict(d["segments"]), staging=dict(d.get("staging", {})), next_id=int(d["next_id"]),
             counts={**dict.fromkeys(KINDS, 0), **d["counts"]}, faiss_factory=d.get("faiss_factory"),
             updated_at=d.get("updated_at"), format=int(d["format"]))
 
@@ -128,8 +133,24 @@ def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in names}
 
 
+def _from_format_1(raw: dict[str, Any], index_dir: Path) -> dict[str, Any]:
+    return {**raw, "segments": {s: _segment_rows(index_dir, s) for s in raw["segments"]},
+            "staging": {s: _segment_rows(index_dir, s) for s in raw.get("staging", [])}}
+
+
+def _segment_rows(index_dir: Path, segment: str) -> int:
+    """Rows of a segment, from the header of its embeddings file."""
+    import numpy as np
+
+    with open(index_dir / f"{segment}.emb.npy", "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(f)
+    return int(shape[0])
+
+
 Migration = Callable[[dict[str, Any], Path], dict[str, Any]]
-MIGRATIONS: dict[int, Migration] = {}  # format N -> the step from N to N + 1
+MIGRATIONS: dict[int, Migration] = {1: _from_format_1}  # format N -> the step from N to N + 1
 
 
 def read_manifest(index_dir: Path) -> Manifest | None:

@@ -39,10 +39,12 @@ __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArray
            "default_index_dir", "new_segment_name", "read_ann", "read_table", "write_ann", "write_segment",
            "write_table"]
 
+# Paths are stored as bytes, exactly as the file system gives them (os.fsencode), so that names
+# that are not UTF-8 survive; os.fsdecode turns them back into str paths that open the same file.
 SEGMENT_SCHEMA = pa.schema([
     ("kind", pa.string()),
-    ("source", pa.string()),  # the folder or text file given to `build`
-    ("path", pa.string()),  # image file, or the text file a text came from
+    ("source", pa.binary()),  # the folder or text file given to `build`
+    ("path", pa.binary()),  # image file, or the text file a text came from
     ("text", pa.string()),  # the text itself (null for images)
     ("source_id", pa.string()),  # id column value or line number within a text file
     ("size", pa.int64()),
@@ -50,7 +52,7 @@ SEGMENT_SCHEMA = pa.schema([
     ("hash", pa.string()),  # blake2b of the file bytes or of the text
 ])
 ROW_SCHEMA = pa.schema([("id", pa.int64()), *SEGMENT_SCHEMA, ("segment", pa.string()), ("offset", pa.int64())])
-SKIP_SCHEMA = pa.schema([("source", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reason", pa.string())])
 PARTS = ("emb", "tok", "mask")  # the arrays of a segment, as seg-<id>.<part>.npy
 
 
@@ -83,6 +85,7 @@ def write_table(path: Path, table: pa.Table) -> None:
 
 
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """A table of `schema`; older formats' text path columns come back as the bytes they encode."""
     return pq.read_table(path).cast(schema)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from indexer.cliutil import user_errors, warn
+from indexer.cliutil import printable, user_errors, warn, write_raw_path
 
 from .settings import DEFAULT_RERANK_K
 
@@ -25,8 +25,11 @@ def search(
     index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
     device: str = typer.Option("cpu"),
     precision: str = typer.Option("fp32"),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts."),
-    paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (and texts), one per line."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts "
+                                 "(a path's bytes that are not UTF-8 appear as \\udcXX, as Python's os.fsdecode "
+                                 "gives them)."),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (their exact bytes) and texts, "
+                                    "one per line."),
 ) -> None:
     """Search the index. Example: itm-search "a red circle left of a blue square" -k 5"""
     with user_errors(PROG):
@@ -43,9 +46,9 @@ def search(
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(h)))
         elif paths_only:
-            typer.echo(h.path if h.kind == "image" else h.text)
+            write_raw_path(h.path) if h.kind == "image" else typer.echo(h.text)
         else:
-            what = h.path if h.kind == "image" else f"{h.text!r}"
+            what = printable(h.path) if h.kind == "image" else f"{h.text!r}"
             typer.echo(f"{h.score:8.4f}  {h.kind:5}  {what}")
 
 

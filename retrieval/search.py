@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ class Hit:
     score: float  # what the results are ranked by: fused score when reranked, else recall score
     recall_score: float  # dual-encoder cosine similarity
     match_logit: float | None  # fusion model's match logit, None when not reranked
-    path: str  # image file, or the text file a text came from
+    path: str  # image file, or the text file a text came from; os.fsencode(path) gives its exact bytes
     text: str | None  # the text, for text hits
 
 
@@ -143,7 +144,8 @@ class Searcher:
 
     def _hits(self, rows: np.ndarray, sims: np.ndarray) -> list[Hit]:
         meta = self.snapshot.rows.select(["id", "kind", "path", "text"]).take(rows).to_pylist()
-        return [Hit(m["id"], m["kind"], float(s), float(s), None, m["path"], m["text"]) for m, s in zip(meta, sims)]
+        return [Hit(m["id"], m["kind"], float(s), float(s), None, os.fsdecode(m["path"]), m["text"])
+                for m, s in zip(meta, sims)]
 
     def _load_ann(self, meta: AnnInfo):
         index = store.read_ann(self.index_dir / meta.file)

@@ -3,6 +3,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -61,7 +62,7 @@ def test_rebuild_embeds_only_new_and_changed_and_removes_deleted(tmp_path, image
     assert r.images == 12 - 1 + 2 + 1
     _, rs = rows(idx)
     paths = {x["path"] for x in rs}
-    assert str(files[0]) not in paths and str(image_folder / "renamed.png") in paths
+    assert os.fsencode(files[0]) not in paths and os.fsencode(image_folder / "renamed.png") in paths
     r, _ = build(image_folder, idx, tiny_spec)
     assert (r.added, r.updated, r.removed, r.unchanged) == (0, 0, 0, 14)
 
@@ -84,7 +85,7 @@ def test_broken_files_are_skipped_and_recorded(tmp_path, tiny_spec):
     assert skipped_names == {n for n, o in expected.items() if o == "skip"}
     assert r.images == sum(o == "ok" for o in expected.values())
     recorded = store.Snapshot.open(tmp_path / "idx").skipped().to_pylist()
-    assert {os.path.basename(s["path"]) for s in recorded} == skipped_names
+    assert {os.path.basename(os.fsdecode(s["path"])) for s in recorded} == skipped_names
     assert all(s["reason"] for s in recorded)
 
 
@@ -158,3 +159,56 @@ def test_forced_faiss_factory_is_kept(tmp_path, image_folder, tiny_spec):
     write_images(image_folder / "x", 1, seed=5)
     build(image_folder, idx, tiny_spec)
     assert json.loads((idx / "manifest.json").read_text())["ann"]["image"]["factory"] == "HNSW8"
+
+
+def test_names_that_are_not_utf8_are_indexed_with_their_exact_bytes(tmp_path, tiny_spec):
+    folder = tmp_path / "old disk"
+    write_images(folder, 3)
+    raw_dir = os.fsencode(folder)
+    latin1 = raw_dir + b"/caf\xe9 \xe0 la plage.png"  # Latin-1, as copied from an old system
+    shutil.copy(sorted(folder.rglob("*.png"))[0], latin1)  # same bytes as an indexed file: reused
+    write_images(tmp_path / "x", 1, seed=4)[0].replace(os.fsdecode(raw_dir + b"/\xff\xfe.png"))
+    open(raw_dir + b"/bad \x80.png", "wb").write(b"not an image")
+    texts = os.fsencode(tmp_path) + b"/l\xe9gendes.txt"
+    open(texts, "wb").write(b"a red square\na blue circle\n")
+    idx = tmp_path / "idx"
+    r, skips = build(folder, idx, tiny_spec)
+    assert (r.added, r.images, r.skipped) == (5, 5, 1)
+    assert skips == [(os.fsdecode(raw_dir + b"/bad \x80.png"), "not an image (cannot identify format)")]
+    r, _ = build(os.fsdecode(texts), idx, tiny_spec)
+    assert r.texts == 2
+    snap, rs = rows(idx)
+    assert {latin1, raw_dir + b"/\xff\xfe.png", texts} <= {x["path"] for x in rs}  # paths are stored as bytes
+    assert [s["path"] for s in snap.skipped().to_pylist()] == [raw_dir + b"/bad \x80.png"]
+    r, _ = build(folder, idx, tiny_spec)
+    assert (r.added, r.removed, r.unchanged) == (0, 0, 5)  # the same paths found again, byte for byte
+
+
+def downgrade_to_format_1(idx):
+    """Rewrite an index as format 1 wrote it: text paths in Parquet, segments as a list of names."""
+    m = json.loads((idx / "manifest.json").read_text())
+    def as_text(path):
+        table = pq.read_table(path)
+        for name in ("source", "path"):
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pa.array([None if v is None else os.fsdecode(v)
+                                                        for v in table.column(name).to_pylist()], pa.string()))
+        pq.write_table(table, path)
+    for name in [m["rows"], m["skipped"], *(f"{s}.parquet" for s in m["segments"])]:
+        as_text(idx / name)
+    m.update(format=1, segments=sorted(m["segments"]), staging=[])
+    (idx / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_format_1_index_is_migrated(tmp_path, image_folder, tiny_spec):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    before = rows(idx)[1]
+    downgrade_to_format_1(idx)
+    snap, after = rows(idx)
+    assert snap.manifest.format == manifest_module.FORMAT_VERSION and after == before
+    assert sum(snap.manifest.segments.values()) == 12  # row counts read from the segments
+    write_images(image_folder / "more", 2, seed=8)
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.unchanged, r.images) == (2, 12, 14)
+    assert json.loads((idx / "manifest.json").read_text())["format"] == manifest_module.FORMAT_VERSION
