@@ -65,7 +65,7 @@ def info(index: Optional[Path] = IndexOpt,
     m = snap.manifest
     disk = sum(p.stat().st_size for p in snap.index_dir.iterdir() if p.is_file())
     skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
-               for s in snap.skipped().to_pylist()]
+               for s in snap.skipped.to_pylist()]
     if as_json:
         typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m.counts, "model": m.model.__dict__,
                                "reranker": m.reranker and m.reranker.__dict__,

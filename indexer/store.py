@@ -14,29 +14,32 @@ Layout of an index directory:
     .lock                      held by the one build writing to the index (indexer/commit.py)
 
 A commit writes new files and then replaces manifest.json with os.replace, so a reader
-sees either the old snapshot or the new one. Segments written during a build are listed
-under "staging" until the build finishes: readers ignore them, the next build reuses them.
+sees either the old snapshot or the new one; files that neither the new generation nor the
+one before it names are deleted after the replace, and a reader maps or holds open every
+file of its generation when it opens it (Snapshot). Segments written during a build are
+listed under "staging" until the build finishes: readers ignore them, the next build
+reuses them.
 """
 from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .ann import tune
 from .durable import is_temporary, write_durably
-from .errors import IndexNotFoundError
+from .errors import IndexFormatError, IndexNotFoundError, ItmError
 from .manifest import KINDS, MANIFEST, Manifest, read_manifest
 
 __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
-           "default_index_dir", "new_segment_name", "read_ann", "read_table", "write_ann", "write_segment",
+           "default_index_dir", "new_segment_name", "read_table", "write_ann", "write_segment",
            "write_table"]
 
 # Paths are stored as bytes, exactly as the file system gives them (os.fsencode), so that names
@@ -54,6 +57,7 @@ SEGMENT_SCHEMA = pa.schema([
 ROW_SCHEMA = pa.schema([("id", pa.int64()), *SEGMENT_SCHEMA, ("segment", pa.string()), ("offset", pa.int64())])
 SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reason", pa.string())])
 PARTS = ("emb", "tok", "mask")  # the arrays of a segment, as seg-<id>.<part>.npy
+OPEN_ATTEMPTS = 20  # generations a reader may see committed while it opens one, before it gives up
 
 
 def default_index_dir() -> Path:
@@ -91,13 +95,6 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
 
 def write_ann(path: Path, index: faiss.Index) -> None:
     write_durably(path, lambda f: f.write(faiss.serialize_index(index).tobytes()))
-
-
-def read_ann(path: Path) -> faiss.Index:
-    """A FAISS index written by write_ann, with its search-time parameters set (they are not saved)."""
-    index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
-    tune(index)
-    return index
 
 
 def collect_garbage(index_dir: Path, keep: Iterable[Manifest]) -> None:
@@ -139,27 +136,55 @@ class SegmentArrays:
         return out
 
 
-@dataclass
 class Snapshot:
-    """One committed generation of an index, opened read-only; segment arrays are memory-mapped."""
+    """One committed generation of an index, opened read-only and whole.
 
-    index_dir: Path
-    manifest: Manifest
-    rows: pa.Table
-    arrays: SegmentArrays = field(init=False)
+    Its rows and skipped list are read, every segment array is memory-mapped and its ANN files
+    are held open when it opens, so a later commit, which deletes what no recent generation
+    names, cannot take anything from it. Should a file vanish while it opens (a writer committed
+    twice meanwhile), it opens the newer generation instead.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, index_dir: Path, manifest: Manifest):
+        self.index_dir, self.manifest = Path(index_dir), manifest
+        self.rows = read_table(self.index_dir / manifest.rows, ROW_SCHEMA)
+        self.skipped = read_table(self.index_dir / manifest.skipped, SKIP_SCHEMA)
+        self._ann_files = {kind: open(self.index_dir / a.file, "rb") for kind, a in manifest.ann.items()}
         self.arrays = SegmentArrays(self.index_dir)
+        text_segments = set(self.rows.filter(pc.equal(self.rows.column("kind"), "text")).column("segment").to_pylist())
+        for seg in manifest.segments:
+            self.arrays.array(seg, "emb")
+            if manifest.reranker:
+                self.arrays.array(seg, "tok")
+                if seg in text_segments:
+                    self.arrays.array(seg, "mask")
 
     @classmethod
     def open(cls, index_dir: Path) -> Snapshot:
+        """The index's latest committed generation."""
         index_dir = Path(index_dir)
-        manifest = read_manifest(index_dir)
-        if manifest is None:
-            raise IndexNotFoundError(
-                f"no index at {index_dir}; build one with `itm-index build FOLDER` "
-                "(or pass --index / set ITM_INDEX to use another)")
-        return cls(index_dir, manifest, read_table(index_dir / manifest.rows, ROW_SCHEMA))
+        for _ in range(OPEN_ATTEMPTS):
+            manifest = read_manifest(index_dir)
+            if manifest is None:
+                raise IndexNotFoundError(
+                    f"no index at {index_dir}; build one with `itm-index build FOLDER` "
+                    "(or pass --index / set ITM_INDEX to use another)")
+            try:
+                return cls(index_dir, manifest)
+            except FileNotFoundError as e:
+                newer = read_manifest(index_dir)
+                if newer is None or newer.generation == manifest.generation:
+                    raise IndexFormatError(f"index at {index_dir} is missing {Path(e.filename).name}; rebuild it "
+                                           "into a new --index directory") from None
+        raise ItmError(f"index at {index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again")
+
+    def ann(self, kind: str) -> faiss.Index:
+        """The FAISS index over the rows of `kind` (read from the file held open since the snapshot opened)."""
+        f = self._ann_files[kind]
+        f.seek(0)
+        index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+        tune(index)
+        return index
 
     def gather(self, row_ids: np.ndarray, part: str) -> np.ndarray:
         """Stack one array part ("emb", "tok", "mask") for the given row positions, in order."""
@@ -171,6 +196,3 @@ class Snapshot:
         """Row positions of one kind, in the order the FAISS index of that kind holds them."""
         kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
         return np.flatnonzero(kinds == kind)
-
-    def skipped(self) -> pa.Table:
-        return read_table(self.index_dir / self.manifest.skipped, SKIP_SCHEMA)

@@ -84,7 +84,7 @@ def test_broken_files_are_skipped_and_recorded(tmp_path, tiny_spec):
     skipped_names = {os.path.basename(p) for p, _ in skips}
     assert skipped_names == {n for n, o in expected.items() if o == "skip"}
     assert r.images == sum(o == "ok" for o in expected.values())
-    recorded = store.Snapshot.open(tmp_path / "idx").skipped().to_pylist()
+    recorded = store.Snapshot.open(tmp_path / "idx").skipped.to_pylist()
     assert {os.path.basename(os.fsdecode(s["path"])) for s in recorded} == skipped_names
     assert all(s["reason"] for s in recorded)
 
@@ -179,7 +179,7 @@ def test_names_that_are_not_utf8_are_indexed_with_their_exact_bytes(tmp_path, ti
     assert r.texts == 2
     snap, rs = rows(idx)
     assert {latin1, raw_dir + b"/\xff\xfe.png", texts} <= {x["path"] for x in rs}  # paths are stored as bytes
-    assert [s["path"] for s in snap.skipped().to_pylist()] == [raw_dir + b"/bad \x80.png"]
+    assert [s["path"] for s in snap.skipped.to_pylist()] == [raw_dir + b"/bad \x80.png"]
     r, _ = build(folder, idx, tiny_spec)
     assert (r.added, r.removed, r.unchanged) == (0, 0, 5)  # the same paths found again, byte for byte
 
