@@ -2,7 +2,7 @@
 
 The build loads the index's model, finds what changed (indexer/changes.py), decodes images in
 threads while the model encodes full batches, stages segments as they fill, and commits one
-new generation (indexer/commit.py), compacting when enough stored rows have died.
+new generation (indexer/commit.py), compacting (indexer/compact.py) when enough stored rows have died.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from . import store
 from .changes import ContentIndex, SourceChanges, content_hash
 from .commit import Writer, locked
+from .compact import compact, dead_share
 from .encoder import DualEncoder
 from .errors import CorpusError, DecodeError
 from .images import read_file
@@ -59,6 +60,7 @@ class BuildReport:
     images: int  # totals in the index after the build
     texts: int
     seconds: float
+    compacted: int = 0  # dead rows dropped by the compaction the build ran (0: none)
     timings: BuildTimings = BuildTimings()
 
 
@@ -95,9 +97,12 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
             changes = job.texts(source) if is_text_corpus(source) else job.images(source)
         with clock("commit_s"):
             manifest = job.commit(source, changes)
+        with clock("compact_s"):
+            compacted = compact(writer, options.commit_every) \
+                if dead_share(manifest, writer.rows) >= options.compact_at else 0
     return BuildReport(index_dir, changes.added, changes.updated, changes.removed, changes.unchanged,
                        len(job.skips.rows), changes.reused, manifest.counts["image"], manifest.counts["text"],
-                       time.perf_counter() - t0, clock.timings())
+                       time.perf_counter() - t0, compacted, clock.timings())
 
 
 def _reranker_info(spec: ModelSpec, store_encoder: LoadedStoreEncoder | None) -> RerankerInfo | None:

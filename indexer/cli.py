@@ -55,6 +55,17 @@ def build(
 
 
 @app.command()
+def compact(index: Optional[Path] = IndexOpt) -> None:
+    """Rewrite segments that hold dead rows (deleted or changed items) or few rows; searches are unchanged."""
+    with user_errors(PROG):
+        from .compact import compact_index
+
+        r = compact_index(index)
+    typer.echo(f"{printable(str(r.index_dir))}: {r.dead_rows} dead rows dropped, {r.segments_before} segments -> "
+               f"{r.segments_after} in {r.seconds:.1f}s")
+
+
+@app.command()
 def info(index: Optional[Path] = IndexOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Counts, model, FAISS index types, size on disk, and the files that were skipped."""

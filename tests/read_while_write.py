@@ -87,7 +87,7 @@ class _Writer:
         files = sorted(self.images.rglob("*.png"))
         write_images(self.images / f"new{step}", 1, seed=self.seed + 100 + step)
         write_images(self.images / "tmp", 1, seed=self.seed + 200 + step)[0].replace(files[0])
-        files[-1].unlink()  # one item per segment (see build): its segment dies
+        files[-1].unlink()
         self.lines[step % len(self.lines)] = f"a {WORDS[step % 8]} changed thing {step}"
         self.captions.write_text("\n".join(self.lines) + "\n")
 
@@ -96,7 +96,7 @@ class _Writer:
         indexed = {"images": self.indexed_images, "lines": self.indexed_lines}
         for source in (self.images, self.captions):
             before = self.generation
-            build_index(source, self.index, self.spec, BuildOptions(batch_size=1, commit_every=1, workers=1))
+            build_index(source, self.index, self.spec, BuildOptions(batch_size=2, commit_every=2, workers=1, compact_at=0.1))
             self.generation = read_manifest(self.index).generation
             self.compactions += self.generation - before - 1  # a build commits once, and once more to compact
             if source == self.images:

@@ -61,6 +61,13 @@ def test_build_search_info_round_trip(corpus):
     assert r.returncode == 0, r.stderr
     assert "itm-tiny/random" in r.stdout and "Flat" in r.stdout and "empty.jpg: empty file" in r.stdout
 
+    for p in sorted((corpus / "photos").glob("*.png"))[:2]:
+        p.unlink()
+    r = run("itm-index", "build", corpus / "photos", "--index", idx, "-q")
+    assert r.returncode == 0 and "2 removed" in r.stdout, r.stderr
+    r = run("itm-index", "compact", "--index", idx)
+    assert r.returncode == 0 and "2 dead rows dropped, 2 segments -> 2" in r.stdout  # images and texts, one each, r.stderr
+
 
 def test_errors_are_one_line_and_exit_1(corpus):
     r = run("itm-search", "anything", "--index", corpus / "none")
