@@ -15,7 +15,7 @@ from indexer.encoder import DualEncoder
 from indexer.errors import IndexFormatError, ModelMismatchError
 from indexer.models import resolve_model
 from tests.conftest import write_images
-from tests.fixtures_broken import make_odd_files
+from tests.fixtures_broken import make_hostile_folder, make_odd_files
 
 
 def build(src, idx, spec, **kw):
@@ -87,6 +87,22 @@ def test_broken_files_are_skipped_and_recorded(tmp_path, tiny_spec):
     recorded = store.Snapshot.open(tmp_path / "idx").skipped.to_pylist()
     assert {os.path.basename(os.fsdecode(s["path"])) for s in recorded} == skipped_names
     assert all(s["reason"] for s in recorded)
+
+
+def test_a_hostile_folder_is_indexed_or_skipped_item_by_item(tmp_path, tiny_spec):
+    root = tmp_path / "hostile"
+    expected = make_hostile_folder(root)
+    r, skips = build(root, tmp_path / "idx", tiny_spec)
+    relative = lambda p: os.path.relpath(os.fsdecode(p), root)  # noqa: E731
+    assert {relative(p) for p, _ in skips} == {n for n, o in expected.items() if o == "skip"}
+    snap, rs = rows(tmp_path / "idx")
+    assert sorted(relative(x["path"]) for x in rs) == sorted(n for n, o in expected.items() if o == "ok")
+    assert r.images == len(rs) and r.skipped == len(skips)
+    assert {relative(s["path"]): s["reason"] for s in snap.skipped.to_pylist()} == {relative(p): w for p, w in skips}
+    reasons = dict((relative(p), w) for p, w in skips)
+    assert (reasons["dangling.png"], reasons["loop.png"], reasons["pipe.png"]) == \
+        ("broken symlink", "symlink loop", "not a regular file")
+    assert reasons["bomb.png"].startswith("image is 20000 x 20000, over the pixel cap")
 
 
 def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, image_folder, tiny_spec, monkeypatch):
