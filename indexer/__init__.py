@@ -6,7 +6,9 @@
 from .lazy import lazy_exports
 
 _EXPORTS = {
-    "build_index": "build", "BuildOptions": "build", "BuildReport": "build",
+    "build_index": "build", "BuildOptions": "options", "BuildReport": "build", "BuildTimings": "build",
+    "compact_index": "compact", "CompactReport": "compact",
+    "Manifest": "manifest", "ModelIdentity": "manifest", "read_manifest": "manifest",
     "DualEncoder": "encoder", "Encoded": "encoder",
     "ModelSpec": "models", "resolve_model": "models", "list_models": "models",
     "Snapshot": "store", "default_index_dir": "store",

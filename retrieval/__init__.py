@@ -13,7 +13,7 @@ _EXPORTS = {
     "save_reranker": "checkpoint", "load_reranker": "checkpoint",
     "train": "train", "TrainOptions": "train",
     "load_dataset": "data", "ImageCaptions": "data",
-    "embed_dataset": "evaluate", "rank": "evaluate", "recall": "evaluate",
+    "embed_dataset": "evaluate", "rank": "evaluate", "recall": "evaluate", "rerank_top": "rerank",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from indexer.cliutil import printable, user_errors, warn, write_raw_path
+from indexer.options import DEVICE, PRECISION, PRECISIONS
 
-from .settings import DEFAULT_RERANK_K
+from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 PROG = "itm-search"
 
@@ -18,13 +19,13 @@ PROG = "itm-search"
 def search(
     query: Optional[str] = typer.Argument(None, help="Words to search images for."),
     image: Optional[Path] = typer.Option(None, "--image", help="Reverse lookup: texts (and images) like this image."),
-    k: int = typer.Option(10, "-k", min=1, help="Number of results (per kind)."),
+    k: int = typer.Option(DEFAULT_K, "-k", min=1, help="Number of results (per kind)."),
     kind: Optional[str] = typer.Option(None, help="image, text or all (default: image for text, all for --image)."),
     rerank_k: int = typer.Option(DEFAULT_RERANK_K, min=1, help="Candidates the fusion model rescores."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Recall only: rank by dual-encoder similarity."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
-    device: str = typer.Option("cpu"),
-    precision: str = typer.Option("fp32"),
+    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option(PRECISION, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts "
                                  "(a path's bytes that are not UTF-8 appear as \\udcXX, as Python's os.fsdecode "
                                  "gives them)."),

@@ -22,7 +22,7 @@ from indexer.options import DEVICE, PRECISION
 from .checkpoint import load_reranker
 from .fusion import FusionReranker
 from .rerank import rerank_top
-from .settings import DEFAULT_RERANK_K
+from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 KINDS = ("image", "text", "all")
 
@@ -113,7 +113,7 @@ class Searcher:
         self._gen = _Generation.of(snapshot, self.encoder.embed_dim)
         return True
 
-    def search(self, text: str | None = None, image: Path | str | None = None, k: int = 10,
+    def search(self, text: str | None = None, image: Path | str | None = None, k: int = DEFAULT_K,
                kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K) -> list[Hit]:
         """Text -> images (default kind "image"), or image -> texts and images (default kind "all")."""
         if (text is None) == (image is None):

@@ -11,15 +11,6 @@ from retrieval.loss import PARTS, ItmLoss, mine_hard_negatives, positive_mask
 B, GRID, L = 8, (4, 4), 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread than on two shared ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model() -> FusionReranker:
     torch.manual_seed(0)
