@@ -15,8 +15,8 @@ Layout of an index directory:
 
 A commit writes new files and then replaces manifest.json with os.replace, so a reader
 sees either the old snapshot or the new one; files that neither the new generation nor the
-one before it names are deleted after the replace, and a reader maps or holds open every
-file of its generation when it opens it (Snapshot). Segments written during a build are
+one before it names are deleted after the replace, and a reader maps every file of its
+generation when it opens it (Snapshot). Segments written during a build are
 listed under "staging" until the build finishes: readers ignore them, the next build
 reuses them.
 """
@@ -139,9 +139,9 @@ class SegmentArrays:
 class Snapshot:
     """One committed generation of an index, opened read-only and whole.
 
-    Its rows and skipped list are read, every segment array is memory-mapped and its ANN files
-    are held open when it opens, so a later commit, which deletes what no recent generation
-    names, cannot take anything from it. Should a file vanish while it opens (a writer committed
+    Its rows and skipped list are read and every segment array and ANN file is memory-mapped
+    when it opens, so a later commit, which deletes what no recent generation names, cannot
+    take anything from it. Should a file vanish while it opens (a writer committed
     twice meanwhile), it opens the newer generation instead.
     """
 
@@ -149,7 +149,8 @@ class Snapshot:
         self.index_dir, self.manifest = Path(index_dir), manifest
         self.rows = read_table(self.index_dir / manifest.rows, ROW_SCHEMA)
         self.skipped = read_table(self.index_dir / manifest.skipped, SKIP_SCHEMA)
-        self._ann_files = {kind: open(self.index_dir / a.file, "rb") for kind, a in manifest.ann.items()}
+        self._ann_bytes = {kind: np.memmap(self.index_dir / a.file, dtype=np.uint8, mode="r")
+                           for kind, a in manifest.ann.items()}
         self.arrays = SegmentArrays(self.index_dir)
         text_segments = set(self.rows.filter(pc.equal(self.rows.column("kind"), "text")).column("segment").to_pylist())
         for seg in manifest.segments:
@@ -179,10 +180,8 @@ class Snapshot:
         raise ItmError(f"index at {index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again")
 
     def ann(self, kind: str) -> faiss.Index:
-        """The FAISS index over the rows of `kind` (read from the file held open since the snapshot opened)."""
-        f = self._ann_files[kind]
-        f.seek(0)
-        index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+        """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them)."""
+        index = faiss.deserialize_index(np.asarray(self._ann_bytes[kind]))
         tune(index)
         return index
 
