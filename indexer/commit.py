@@ -9,7 +9,6 @@ the one before it names, so that a reader opening the previous generation still 
 from __future__ import annotations
 
 import fcntl
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -21,6 +20,7 @@ import pyarrow as pa
 
 from . import store
 from .ann import build_ann, measured_recall
+from .durable import write_durably
 from .errors import ItmError
 from .manifest import KINDS, AnnInfo, Manifest, ModelIdentity, RerankerInfo, read_manifest, write_manifest
 
@@ -59,10 +59,11 @@ class Writer:
         manifest = Manifest(model=model, reranker=reranker)
         store.write_table(self.index_dir / manifest.rows, self.rows)
         store.write_table(self.index_dir / manifest.skipped, self.skipped)
-        if reranker is not None:
-            src, dst = Path(reranker.source), self.index_dir / reranker.file
-            shutil.copyfile(src.with_suffix(".json"), self.index_dir / reranker.config_file)
-            shutil.copyfile(src, dst)
+        if reranker is not None:  # the index carries the reranker its rerank store was made by
+            src = Path(reranker.source)
+            for source, name in ((src.with_suffix(".json"), reranker.config_file), (src, reranker.file)):
+                data = source.read_bytes()
+                write_durably(self.index_dir / name, lambda f: f.write(data))
         write_manifest(self.index_dir, manifest)
         self.manifest = manifest
 
