@@ -43,7 +43,7 @@ class BuildTimings:
 
     model_load_s: float = 0.0  # loading the encoders and the reranker's store encoder
     embed_s: float = 0.0  # scanning, reading, decoding, encoding and staging segments
-    forward_s: float = 0.0  # the forward passes alone, within embed_s
+    forward_s: float = 0.0  # the encoders' forward passes (and the rerank store's projection), within embed_s
     commit_s: float = 0.0  # rows, ANN indexes, manifest, garbage collection
     compact_s: float = 0.0  # compaction, when the build ran one
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -78,9 +79,9 @@ def info(index: Optional[Path] = IndexOpt,
     skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
                for s in snap.skipped.to_pylist()]
     if as_json:
-        typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m.counts, "model": m.model.__dict__,
-                               "reranker": m.reranker and m.reranker.__dict__,
-                               "ann": {k: a.__dict__ for k, a in m.ann.items()}, "bytes_on_disk": disk,
+        typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
+                               "reranker": m.reranker and asdict(m.reranker),
+                               "ann": {k: asdict(a) for k, a in m.ann.items()}, "bytes_on_disk": disk,
                                "generation": m.generation, "skipped": skipped}, indent=1))
         return
     rr = m.reranker
