@@ -12,9 +12,9 @@ For each generated corpus, in one run on one machine:
   a warm-up batch, with idle decoding threads alive as in the build (see `model_rate`);
 - build: `build_index` into a fresh temporary folder. `e2e` is BuildReport.seconds (model load,
   scan, decode, encode, segment writes, FAISS, manifest); `embed` is the scan/decode/encode loop
-  alone, timed by wrapping the builder's phases, so a short corpus is not judged by the model load.
-  The forward passes inside the build are timed too: `stall` is the share of the embedding loop
-  spent waiting on decoding, and `fwd-in-build/s` against `model/s` shows how much the decoding
+  alone (BuildReport.timings), so a short corpus is not judged by the model load. The forward
+  passes inside the build are timed too: `stall` is the share of the embedding loop spent
+  waiting on decoding, and `fwd-in-build/s` against `model/s` shows how much the decoding
   threads slow the forward passes down by competing for the cores.
 
 Model-only runs and builds alternate, M B M B M B M, and each build is divided by the mean of
@@ -45,12 +45,11 @@ import torch
 from PIL import Image
 
 import benchlib
-from indexer import build as build_module
 from indexer.build import BuildOptions, build_index
 from indexer.encoder import DualEncoder
 from indexer.images import load_image, read_file
 from indexer.models import resolve_model
-from indexer.pipeline import ordered_map
+from indexer.parallel import ordered_map
 
 GENERATOR_VERSION = 1  # bump when benchlib.photo_like changes, so cached corpora are regenerated
 STAGE_SAMPLE = 8  # items timed one stage at a time
@@ -94,10 +93,8 @@ def ensure_corpus(corpus: Corpus, cache: Path) -> Path:
 
 def decode_all(paths: list[Path], encoder: DualEncoder, workers: int, prefetch: int) -> list[torch.Tensor]:
     """What a decoding thread does for each item, less hashing: read, decode, preprocess."""
-    size = encoder.image_size
-
     def work(path: Path) -> torch.Tensor:
-        return encoder.prepare(load_image(read_file(path), min_side=size))
+        return encoder.load_pixels(read_file(path))
 
     return list(ordered_map(work, paths, workers, prefetch))
 
@@ -174,37 +171,11 @@ def _idle_decoders(encoder: DualEncoder, workers: int) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def phase_times() -> Iterator[dict[str, float]]:
-    """Seconds spent in the builder's model load, embedding loop (and the forward passes within it) and
-    final commit (instrumentation only)."""
-    phases: dict[str, float] = {}
-    targets = (("model_load", DualEncoder, "load"), ("embed", build_module._Job, "run_images"),
-               ("forward", DualEncoder, "encode_images"), ("commit", build_module._Job, "commit_final"))
-    saved = []
-    for phase, owner, attr in targets:
-        raw = owner.__dict__[attr]
-        fn = raw.__func__ if isinstance(raw, classmethod) else raw
-
-        def wrapper(*args, _fn=fn, _phase=phase, **kwargs):
-            start = time.perf_counter()
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                phases[_phase] = phases.get(_phase, 0.0) + time.perf_counter() - start
-
-        setattr(owner, attr, classmethod(wrapper) if isinstance(raw, classmethod) else wrapper)
-        saved.append((owner, attr, raw))
-    try:
-        yield phases
-    finally:
-        for owner, attr, raw in saved:
-            setattr(owner, attr, raw)
-
-
 def build_once(folder: Path, spec, options: BuildOptions, expected: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="itm-bench-index-") as index_dir, phase_times() as phases:
+    with tempfile.TemporaryDirectory(prefix="itm-bench-index-") as index_dir:
         report = build_index(folder, index_dir, spec, options)
+    t = report.timings
+    phases = {"model_load": t.model_load_s, "embed": t.embed_s, "forward": t.forward_s, "commit": t.commit_s}
     if report.added != expected:
         raise RuntimeError(f"build added {report.added} of {expected} items; see skipped files in the index")
     return {"seconds": report.seconds, "phases_s": phases, "e2e_items_per_s": report.added / report.seconds,
@@ -216,7 +187,7 @@ def build_once(folder: Path, spec, options: BuildOptions, expected: int) -> dict
 def run_corpus(corpus: Corpus, folder: Path, encoder: DualEncoder, args: argparse.Namespace) -> dict:
     """Model-only and build runs alternate (M B M B ... M); each build is set against the two beside it."""
     paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    options = BuildOptions(batch_size=args.batch_size, precision=args.precision, progress=False,
+    options = BuildOptions(batch_size=args.batch_size, precision=args.precision,
                            **({"workers": args.workers} if args.workers is not None else {}))
     decode_s, pixels = benchlib.timed(lambda: decode_all(paths, encoder, options.workers, 4 * args.batch_size))
     stages = stage_split(paths[:STAGE_SAMPLE], encoder)

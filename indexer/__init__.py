@@ -3,10 +3,12 @@
     >>> from indexer import build_index, resolve_model
     >>> build_index("photos/", "idx/", resolve_model("demo")).added
 """
-from importlib import import_module
+from .lazy import lazy_exports
 
 _EXPORTS = {
-    "build_index": "build", "BuildOptions": "build", "BuildReport": "build",
+    "build_index": "build", "BuildOptions": "options", "BuildReport": "build", "BuildTimings": "build",
+    "compact_index": "compact", "CompactReport": "compact",
+    "Manifest": "manifest", "ModelIdentity": "manifest", "read_manifest": "manifest",
     "DualEncoder": "encoder", "Encoded": "encoder",
     "ModelSpec": "models", "resolve_model": "models", "list_models": "models",
     "Snapshot": "store", "default_index_dir": "store",
@@ -14,9 +16,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    # resolved on first use, so that `itm-index --help` does not wait for torch
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'indexer' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from . import store
-from .build import BuildOptions, build_index, model_label
-from .cliutil import user_errors, warn
-from .images import DEFAULT_MAX_PIXELS
-from .models import DEFAULT_MODEL, resolve_model
+from .cliutil import Progress, printable, user_errors
+from .options import DEFAULT_MODEL, PRECISIONS, BuildOptions
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
 IndexOpt = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory (default: per-user data dir).")
+D = BuildOptions  # the library's defaults are the commands' defaults
 
 
 @app.command()
@@ -26,57 +26,76 @@ def build(
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or 'random'."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local encoder checkpoint file."),
     reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint whose rerank store to build."),
-    batch_size: int = typer.Option(64, min=1),
-    workers: int = typer.Option(BuildOptions.workers, min=0, help="Decoding threads (0: decode inline)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option("fp32", help="fp32, bf16, or fp16 (GPU only)."),
+    batch_size: int = typer.Option(D.batch_size, min=1),
+    workers: int = typer.Option(D.workers, min=0, help="Decoding threads (0: decode inline)."),
+    device: str = typer.Option(D.device, help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option(D.precision, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
     exclude: List[str] = typer.Option([], help="Glob to leave out, relative to the folder (repeatable)."),
-    include_hidden: bool = typer.Option(False, help="Also index dot-files and dot-folders."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Skip images with more pixels than this."),
-    faiss_factory: Optional[str] = typer.Option(None, help="FAISS factory string (default: by corpus size)."),
-    text_column: Optional[str] = typer.Option(None, help="Text column of a jsonl/csv/parquet file."),
-    id_column: Optional[str] = typer.Option(None, help="Id column of a jsonl/csv/parquet file."),
+    include_hidden: bool = typer.Option(D.include_hidden, help="Also index dot-files and dot-folders."),
+    max_pixels: int = typer.Option(D.max_pixels, help="Skip images with more pixels than this."),
+    faiss_factory: Optional[str] = typer.Option(D.faiss_factory, help="FAISS factory string (default: by corpus size)."),
+    text_column: Optional[str] = typer.Option(D.text_column, help="Text column of a jsonl/csv/parquet file."),
+    id_column: Optional[str] = typer.Option(D.id_column, help="Id column of a jsonl/csv/parquet file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
-    with user_errors(PROG):
+    progress = Progress(PROG, "embedding", enabled=not quiet)
+    with user_errors(PROG), progress:
+        from .build import build_index  # torch and open_clip load only when a build runs
+        from .models import resolve_model
+
         spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
             if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                            exclude=exclude, include_hidden=include_hidden, max_pixels=max_pixels,
-                            faiss_factory=faiss_factory, text_column=text_column, id_column=id_column,
-                            progress=not quiet)
-        r = build_index(source, index, spec, opts, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
-    typer.echo(f"{r.index_dir}: {r.added} added, {r.updated} updated, {r.removed} removed, "
+                            exclude=tuple(exclude), include_hidden=include_hidden, max_pixels=max_pixels,
+                            faiss_factory=faiss_factory, text_column=text_column, id_column=id_column)
+        r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
+    typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
                f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
                f"{r.images} images, {r.texts} texts in {r.seconds:.1f}s")
+
+
+@app.command()
+def compact(index: Optional[Path] = IndexOpt) -> None:
+    """Rewrite segments that hold dead rows (deleted or changed items) or few rows; searches are unchanged."""
+    with user_errors(PROG):
+        from .compact import compact_index
+
+        r = compact_index(index)
+    typer.echo(f"{printable(str(r.index_dir))}: {r.dead_rows} dead rows dropped, {r.segments_before} segments -> "
+               f"{r.segments_after} in {r.seconds:.1f}s")
 
 
 @app.command()
 def info(index: Optional[Path] = IndexOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Counts, model, FAISS index types, size on disk, and the files that were skipped."""
+    from . import store
+
     with user_errors(PROG):
         snap = store.Snapshot.open(index or store.default_index_dir())
     m = snap.manifest
     disk = sum(p.stat().st_size for p in snap.index_dir.iterdir() if p.is_file())
-    skipped = snap.skipped().to_pylist()
+    skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
+               for s in snap.skipped.to_pylist()]
     if as_json:
-        typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m["counts"], "model": m["model"],
-                               "reranker": m.get("reranker"), "ann": m["ann"], "bytes_on_disk": disk,
-                               "generation": m["generation"], "skipped": skipped}, indent=1))
+        typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
+                               "reranker": m.reranker and asdict(m.reranker),
+                               "ann": {k: asdict(a) for k, a in m.ann.items()}, "bytes_on_disk": disk,
+                               "generation": m.generation, "skipped": skipped}, indent=1))
         return
-    typer.echo(f"index       {snap.index_dir} (format {m['format']}, generation {m['generation']})")
-    typer.echo(f"items       {m['counts']['image']} images, {m['counts']['text']} texts")
-    typer.echo(f"model       {model_label(m['model'])}, {m['model']['embed_dim']}-d")
-    rr = m.get("reranker")
-    typer.echo(f"reranker    {rr['sha256'][:12] + ', store ' + 'x'.join(map(str, rr['image_shape'])) + ' fp16 per image' if rr else 'none (recall only)'}")
-    for kind, a in m["ann"].items():
-        typer.echo(f"faiss       {kind}: {a['factory']}, {a['ntotal']} vectors, recall@10 vs exact {a['recall_at_10']:.3f}")
+    rr = m.reranker
+    typer.echo(f"index       {printable(str(snap.index_dir))} (format {m.format}, generation {m.generation})")
+    typer.echo(f"items       {m.counts['image']} images, {m.counts['text']} texts")
+    typer.echo(f"model       {m.model.label}, {m.model.embed_dim}-d")
+    typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} fp16 per image"
+                                 if rr else "none (recall only)"))
+    for kind, a in m.ann.items():
+        typer.echo(f"faiss       {kind}: {a.factory}, {a.ntotal} vectors, recall@10 vs exact {a.recall_at_10:.3f}")
     typer.echo(f"on disk     {disk / 2**20:.1f} MiB")
     typer.echo(f"skipped     {len(skipped)}")
     for s in skipped:
-        typer.echo(f"  {s['path']}: {s['reason']}")
+        typer.echo(printable(f"  {s['path']}: {s['reason']}"))
 
 
 def main() -> None:

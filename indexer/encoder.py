@@ -1,7 +1,10 @@
 """The dual encoder: an open_clip image tower and text tower behind one small interface."""
 from __future__ import annotations
 
+import functools
 import logging
+import platform
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, ItmError
+from .errors import CheckpointError, DecodeError, ItmError, ItmWarning
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .manifest import ModelIdentity
 from .models import RANDOM, ModelSpec
 from .weights import pretrained_source
 
@@ -38,7 +43,7 @@ class DualEncoder:
     torch.Size([1, 32])
     """
 
-    def __init__(self, model: open_clip.CLIP, tokenizer, preprocess, spec: ModelSpec, identity: dict,
+    def __init__(self, model: open_clip.CLIP, tokenizer, preprocess, spec: ModelSpec, identity: ModelIdentity,
                  device: str = "cpu", precision: str = "fp32"):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -47,6 +52,8 @@ class DualEncoder:
         self.identity = identity  # what the index manifest records and checks
         self.device = torch.device(device)
         self.dtype = PRECISIONS[precision]
+        self.eot_id = eot_token_id(tokenizer)
+        self.pad_id = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -> "DualEncoder":
@@ -54,15 +61,14 @@ class DualEncoder:
             raise ItmError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if precision == "fp16" and not str(device).startswith("cuda"):
             raise ItmError("fp16 needs a GPU (--device cuda); on a CPU use --precision bf16 or fp32")
+        if precision == "bf16" and not str(device).startswith("cuda") and not cpu_has_native_bf16():
+            warnings.warn("this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 runs 5-12x "
+                          "slower than fp32 here; use --precision fp32", ItmWarning, stacklevel=2)
         model, model_cfg, sha = _build_model(spec)
-        identity = {
-            "arch": spec.arch,
-            "pretrained": spec.pretrained,
-            "checkpoint_sha256": sha,
-            "embed_dim": int(model_cfg["embed_dim"]),
-            "image_size": int(model.visual.image_size[0]),
-            "context_length": int(model.context_length),
-        }
+        identity = ModelIdentity(
+            arch=spec.arch, pretrained=spec.pretrained, checkpoint_sha256=sha, embed_dim=int(model_cfg["embed_dim"]),
+            image_size=int(model.visual.image_size[0]), context_length=int(model.context_length), name=spec.name,
+            checkpoint=str(Path(spec.checkpoint).resolve()) if spec.checkpoint and not spec.name else None)
         tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length) \
             if "hf_tokenizer_name" not in model_cfg.get("text_cfg", {}) else open_clip.get_tokenizer(spec.arch)
         pp = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
@@ -80,11 +86,11 @@ class DualEncoder:
 
     @property
     def embed_dim(self) -> int:
-        return self.identity["embed_dim"]
+        return self.identity.embed_dim
 
     @property
     def image_size(self) -> int:
-        return self.identity["image_size"]
+        return self.identity.image_size
 
     @property
     def n_image_layers(self) -> int:
@@ -104,6 +110,20 @@ class DualEncoder:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)  # (3, S, S)
+
+    def load_pixels(self, data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """An image file's bytes (or its path) decoded and prepared for encode_images: (3, S, S).
+
+        The one way in for corpus, training, evaluation and query images. Anything unusable,
+        a decoder's or a transform's own bug on one file included, raises DecodeError with a
+        short reason.
+        """
+        try:
+            return self.preprocess(load_image(data, min_side=self.image_size, max_pixels=max_pixels))
+        except DecodeError:
+            raise
+        except Exception as e:  # one odd file must not stop a build, a training run or an evaluation
+            raise DecodeError(f"cannot decode ({type(e).__name__}: {e})") from None
 
     def encode_images(self, pixels: torch.Tensor, layers: Sequence[int] = (), grad: bool = False) -> Encoded:
         """Unit embeddings, plus token features of `layers`; `grad` keeps the graph for training."""
@@ -127,7 +147,7 @@ class DualEncoder:
 
     def _texts(self, texts: Sequence[str], layers: Sequence[int]) -> Encoded:
         ids = self.tokenizer(list(texts)).to(self.device)  # (B, L)
-        eot = ids.argmax(dim=-1)  # EOT has the highest token id
+        eot = end_of_text(ids, self.eot_id, self.pad_id)  # (B,)
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot[:, None]  # (B, L)
         if self._causal_argmax_text:
             # positions after the last EOT cannot change anything before it under a causal mask, and the
@@ -157,6 +177,54 @@ class DualEncoder:
     def save(self, path: Path) -> Path:
         """Write this encoder as an itm checkpoint (safetensors + JSON) that `--checkpoint` loads."""
         return save_encoder(self.model, self.spec.arch, path)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively; without it torch emulates bf16, several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:  # not Linux: ask oneDNN
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in words  # Armv8.6 BF16 extension, in /proc/cpuinfo's Features
+    return bool(words & {"avx512_bf16", "amx_bf16"})
+
+
+def eot_token_id(tokenizer) -> int | None:
+    """The end-of-text id of an open_clip tokenizer.
+
+    SimpleTokenizer names it (and it is its largest id). The Hugging Face wrappers (HFTokenizer,
+    SigLipTokenizer) hold a transformers tokenizer: its eos token, or sep for BERT vocabularies,
+    which have no eos. Neither need be the largest id of the vocabulary.
+    """
+    if getattr(tokenizer, "eot_token_id", None) is not None:
+        return int(tokenizer.eot_token_id)
+    inner = getattr(tokenizer, "tokenizer", None)
+    for name in ("eos_token_id", "sep_token_id"):
+        if getattr(inner, name, None) is not None:
+            return int(getattr(inner, name))
+    return None
+
+
+def end_of_text(ids: torch.Tensor, eot_id: int | None, pad_id: int | None = None) -> torch.Tensor:
+    """(B,) position of each row's end-of-text token in (B, L) ids.
+
+    Its first occurrence: SigLIP's T5 vocabulary pads with its end-of-text id, and HFTokenizer's
+    "clips" mode puts a class token after the padding. A row without one (HFTokenizer with
+    strip_sep_token) ends at its last token that is not padding.
+    """
+    last = ids.shape[1] - 1
+    real = ids != pad_id if pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
+    fallback = last - real.flip(1).int().argmax(1)  # (B,) last non-padding position
+    if eot_id is None:
+        return fallback
+    hit = ids == eot_id  # (B, L)
+    return torch.where(hit.any(1), hit.int().argmax(1), fallback)
 
 
 def save_encoder(model: open_clip.CLIP, arch: str, path: Path) -> Path:

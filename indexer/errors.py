@@ -1,6 +1,7 @@
 """Exceptions whose messages are written for the person at the terminal.
 
 Library code raises these; each CLI turns one into a single stderr line and exit code 1.
+Warnings go through Python's warnings module as ItmWarning; each CLI prints them as one line.
 """
 from __future__ import annotations
 
@@ -47,3 +48,7 @@ class CorpusError(ItmError):
 
 class DecodeError(ItmError):
     """One corpus item cannot be used; the build skips it and records the reason."""
+
+
+class ItmWarning(UserWarning):
+    """Something works, but not as the user would want (e.g. much slower than another choice); says what to do."""

@@ -19,13 +19,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from indexer.errors import DecodeError
+from indexer.options import DEFAULT_MAX_PIXELS
 
 __all__ = ["DEFAULT_MAX_PIXELS", "HEIF_AVAILABLE", "IMAGE_EXTENSIONS", "load_image"]
 
 Image.MAX_IMAGE_PIXELS = None  # replaced by the per-call ``max_pixels`` check below
-
-DEFAULT_MAX_PIXELS = 100_000_000
-"""Default pixel cap (width x height from the header): 100 megapixels."""
 
 HEIF_AVAILABLE = importlib.util.find_spec("pillow_heif") is not None
 """True when the optional ``pillow-heif`` package (``pip install 'itm[heic]'``) is installed."""

@@ -16,8 +16,9 @@ from pathlib import Path
 import open_clip
 
 from .errors import UnknownModelError
+from .manifest import Manifest
+from .options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 RANDOM = "random"  # explicit seeded random weights; never a silent fallback
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -72,6 +73,15 @@ def resolve_model(
             )
         pretrained = DEFAULT_PRETRAINED
     return ModelSpec(model, pretrained, None, reranker)
+
+
+def spec_for_index(manifest: Manifest, index_dir: Path) -> ModelSpec:
+    """The model an index was built with, which its later builds and its queries load by default."""
+    m = manifest.model
+    if m.name:
+        return resolve_model(m.name)
+    reranker = Path(index_dir) / manifest.reranker.file if manifest.reranker else None
+    return resolve_model(m.arch, m.pretrained, m.checkpoint, reranker)
 
 
 def _bundle_spec(model: str, reranker: Path | None) -> ModelSpec:

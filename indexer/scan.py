@@ -10,7 +10,6 @@ import codecs
 import csv
 import errno
 import fnmatch
-import io
 import json
 import os
 import stat
@@ -23,18 +22,24 @@ from indexer.errors import CorpusError
 from indexer.images import IMAGE_EXTENSIONS
 
 __all__ = [
+    "TABLE_EXTENSIONS",
     "TEXT_EXTENSIONS",
     "FileEntry",
     "OnSkip",
+    "Records",
     "TextItem",
     "is_text_corpus",
+    "read_records",
     "read_texts",
     "scan_images",
 ]
 
 OnSkip = Callable[[Path, str], None]
 
-TEXT_EXTENSIONS: frozenset[str] = frozenset({".txt", ".jsonl", ".csv", ".parquet"})
+TABLE_EXTENSIONS: frozenset[str] = frozenset({".jsonl", ".csv", ".parquet"})
+"""Lower-case suffixes, with the dot, of the record tables ``read_records`` reads."""
+
+TEXT_EXTENSIONS: frozenset[str] = TABLE_EXTENSIONS | {".txt"}
 """Lower-case suffixes, with the dot, of the text corpus formats ``read_texts`` reads."""
 
 _DEFAULT_TEXT_COLUMNS = ("text", "caption")
@@ -144,12 +149,17 @@ def _is_image_name(name: str) -> bool:
 def _stat_root(root: Path) -> os.stat_result:
     try:
         return root.stat()
-    except FileNotFoundError:
-        raise CorpusError(f"{root}: no such file or folder") from None
-    except PermissionError:
-        raise CorpusError(f"{root}: permission denied") from None
     except OSError as exc:
-        raise CorpusError(f"{root}: cannot read ({exc.strerror or exc})") from None
+        raise _unreadable(root, exc) from None
+
+
+def _unreadable(path: Path, exc: OSError) -> CorpusError:
+    """The error for a corpus file or folder that cannot be opened at all."""
+    if isinstance(exc, FileNotFoundError):
+        return CorpusError(f"{path}: no such file or folder")
+    if isinstance(exc, PermissionError):
+        return CorpusError(f"{path}: permission denied")
+    return CorpusError(f"{path}: cannot read ({exc.strerror or exc})")
 
 
 def _single_file(path: Path, st: os.stat_result) -> FileEntry:
@@ -236,41 +246,56 @@ def read_texts(
             )
         return _read_txt(path, report)
     text_columns = (text_column,) if text_column else _DEFAULT_TEXT_COLUMNS
-    if suffix == ".jsonl":
-        table = _jsonl_table(path)
-    elif suffix == ".csv":
-        table = _csv_table(path)
-    else:
-        table = _parquet_table(path, [*text_columns, *([id_column] if id_column else [])])
-    return _table_to_items(path, table, text_columns, id_column, report)
+    records = read_records(path, [*text_columns, *([id_column] if id_column else [])])
+    return _records_to_items(path, records, text_columns, id_column, report)
 
 
 @dataclass(frozen=True)
-class _Table:
-    unit: str  # "line" or "row": how skip reasons and default ids count records
-    columns: list[str] | None  # known up front (csv header, parquet schema); None for jsonl
-    records: Iterable[tuple[int, dict[str, Any] | None, str]]  # (number, record or None, why not)
+class Records:
+    """The records of a ``.jsonl``, ``.csv`` or ``.parquet`` table, and the lines that hold none."""
+
+    unit: str  # "line" or "row": what the numbers count (file lines; Parquet rows)
+    columns: list[str] | None  # csv header, Parquet schema, or the keys met in jsonl records; None: nothing read
+    good: list[tuple[int, dict[str, Any]]]  # (1-based number, record)
+    bad: list[tuple[int, str]]  # (1-based number, why it holds no record)
+
+
+def read_records(path: Path, columns: Sequence[str] | None = None) -> Records:
+    """Read a ``.jsonl``, ``.csv`` or ``.parquet`` table (of Parquet, only ``columns`` when given).
+
+    The one reader of record tables, for text corpora and training data alike. A line that
+    holds no record (invalid JSON, not a JSON object, not UTF-8) comes back under ``bad`` with
+    its reason; a file that cannot be opened or parsed at all raises ``CorpusError``.
+
+        >>> [r["caption"] for _, r in read_records(Path("captions.jsonl")).good][:1]
+        ['a dog on a beach']
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_records(path)
+    if suffix == ".csv":
+        return _csv_records(path)
+    if suffix == ".parquet":
+        return _parquet_records(path, columns)
+    supported = ", ".join(sorted(TABLE_EXTENSIONS))
+    raise CorpusError(f"{path}: unsupported table file type {suffix or '(none)'}; use {supported}")
 
 
 def _open_binary(path: Path) -> BinaryIO:
     try:
         return open(path, "rb")
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: no such file") from None
-    except PermissionError:
-        raise CorpusError(f"{path}: permission denied") from None
     except OSError as exc:
-        raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise _unreadable(path, exc) from None
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(1-based line number, text, or None when the line is not valid UTF-8)."""
+def _decoded_lines(path: Path, errors: str = "strict") -> Iterator[tuple[int, str | None]]:
+    """(1-based line number, text, or None when the line is not valid UTF-8 and errors is "strict")."""
     with _open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode("utf-8", errors)
             except UnicodeDecodeError:
                 yield number, None
 
@@ -285,45 +310,65 @@ def _read_txt(path: Path, report: Callable[[str], None]) -> list[TextItem]:
     return items
 
 
-def _jsonl_table(path: Path) -> _Table:
-    def records() -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-        for number, line in _decoded_lines(path):
-            if line is None:
-                yield number, None, "not valid UTF-8"
-            elif line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    yield number, None, "invalid JSON"
-                    continue
-                yield (number, obj, "") if isinstance(obj, dict) else (number, None, "not a JSON object")
-
-    return _Table("line", None, records())
-
-
-def _csv_table(path: Path) -> _Table:
-    """Records keyed by the header row; numbered by the file line where each starts."""
-    with _open_binary(path) as f, io.TextIOWrapper(f, encoding="utf-8-sig", newline="") as text:
-        reader = csv.reader(text)
-        rows: list[tuple[int, dict[str, Any] | None, str]] = []
-        header: list[str] | None = None
-        line_end = 0
-        while True:
+def _jsonl_records(path: Path) -> Records:
+    good: list[tuple[int, dict[str, Any]]] = []
+    bad: list[tuple[int, str]] = []
+    keys: dict[str, None] = {}  # insertion-ordered set of the keys met
+    for number, line in _decoded_lines(path):
+        if line is None:
+            bad.append((number, "not valid UTF-8"))
+        elif line.strip():
             try:
-                row = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise CorpusError(f"{path}: line {line_end + 1}: cannot parse CSV ({exc})") from None
-            if row is None:
-                break
-            start, line_end = line_end + 1, reader.line_num
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append((number, "invalid JSON"))
+                continue
+            if isinstance(obj, dict):
+                good.append((number, obj))
+                keys.update(dict.fromkeys(obj))
+            else:
+                bad.append((number, "not a JSON object"))
+    return Records("line", list(keys) if good else None, good, bad)
+
+
+def _csv_records(path: Path) -> Records:
+    """Records keyed by the header row; numbered by the file line where each starts."""
+    # each line is decoded on its own, undecodable bytes kept as surrogates, so that a record
+    # with bad bytes is skipped with its own line number and the others are read
+    lines = (line for _, line in _decoded_lines(path, errors="surrogateescape"))
+    reader = csv.reader(lines)
+    good: list[tuple[int, dict[str, Any]]] = []
+    bad: list[tuple[int, str]] = []
+    header: list[str] | None = None
+    line_end = 0
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            raise CorpusError(f"{path}: line {line_end + 1}: cannot parse CSV ({exc})") from None
+        if row is None:
+            break
+        start, line_end = line_end + 1, reader.line_num
+        if any(_has_surrogates(cell) for cell in row):
             if header is None:
-                header = row
-            elif row:
-                rows.append((start, dict(zip(header, row)), ""))
-    return _Table("line", header, rows)  # header None: an empty file, no columns to check
+                raise CorpusError(f"{path}: line {start}: the header is not valid UTF-8")
+            bad.append((start, "not valid UTF-8"))
+        elif header is None:
+            header = row
+        elif row:
+            good.append((start, dict(zip(header, row))))
+    return Records("line", header, good, bad)  # header None: an empty file, no columns to check
 
 
-def _parquet_table(path: Path, wanted: Sequence[str]) -> _Table:
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _parquet_records(path: Path, wanted: Sequence[str] | None) -> Records:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -331,11 +376,11 @@ def _parquet_table(path: Path, wanted: Sequence[str]) -> _Table:
     try:
         parquet = pq.ParquetFile(path)
         columns = list(parquet.schema_arrow.names)
-        batches = parquet.iter_batches(columns=[c for c in columns if c in wanted])
-        rows = [(n, row, "") for n, row in enumerate(_pylist(batches), start=1)]
+        batches = parquet.iter_batches(columns=[c for c in columns if wanted is None or c in wanted])
+        good = list(enumerate(_pylist(batches), start=1))
     except (pa.ArrowException, OSError) as exc:
         raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from None
-    return _Table("row", columns, rows)
+    return Records("row", columns, good, [])
 
 
 def _pylist(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -343,32 +388,27 @@ def _pylist(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _table_to_items(
+def _records_to_items(
     path: Path,
-    table: _Table,
+    records: Records,
     text_columns: Sequence[str],
     id_column: str | None,
     report: Callable[[str], None],
 ) -> list[TextItem]:
-    """Validate records into items. Skips are reported only once the columns are known to
-    exist, so a wrong column name gives one error rather than a skip per record."""
-    if table.columns is not None:
-        _require_columns(path, table.columns, text_columns, id_column)
+    """Validate records into items. Columns are checked before any skip is reported, so a
+    wrong column name gives one error rather than a skip per record."""
+    if records.columns is not None:
+        _require_columns(path, records.columns, text_columns, id_column)
     items: list[TextItem] = []
-    skipped: list[str] = []
-    seen: dict[str, None] = {}  # insertion-ordered set of keys met in jsonl records
-    for number, record, problem in table.records:
-        if record is not None:
-            seen.update(dict.fromkeys(record))
-            item, problem = _record_to_item(record, str(number), text_columns, id_column)
-            if item is not None:
-                items.append(item)
-                continue
-        skipped.append(f"{table.unit} {number}: {problem}")
-    if table.columns is None and seen:
-        _require_columns(path, list(seen), text_columns, id_column)
-    for reason in skipped:
-        report(reason)
+    skipped = list(records.bad)
+    for number, record in records.good:
+        item, problem = _record_to_item(record, str(number), text_columns, id_column)
+        if item is not None:
+            items.append(item)
+        else:
+            skipped.append((number, problem))
+    for number, reason in sorted(skipped):
+        report(f"{records.unit} {number}: {reason}")
     return items
 
 

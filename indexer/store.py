@@ -2,7 +2,7 @@
 
 Layout of an index directory:
 
-    manifest.json              format, generation, model, store spec, the files below
+    manifest.json              format, generation, model, store spec, the files below (indexer/manifest.py)
     seg-<id>.parquet           rows of one segment (one kind: image or text), as encoded
     seg-<id>.emb.npy           (n, E) float32 unit embeddings of those rows
     seg-<id>.tok.npy           (n, L, T, D) float16 rerank-store token features (when a reranker is set)
@@ -10,37 +10,44 @@ Layout of an index directory:
     rows-g<N>.parquet          the live rows of generation N, each pointing at (segment, offset)
     ann-<kind>-g<N>.faiss      one FAISS index per kind over the live rows of that kind, in row order
     skipped-g<N>.parquet       corpus items that could not be used, with the reason
+    reranker-<sha>.safetensors the fusion reranker whose store encoder made the rerank store (+ .json)
+    .lock                      held by the one build writing to the index (indexer/commit.py)
 
 A commit writes new files and then replaces manifest.json with os.replace, so a reader
-sees either the old snapshot or the new one. Segments written during a build are listed
-under "staging" until the build finishes: readers ignore them, the next build reuses them.
+sees either the old snapshot or the new one; files that neither the new generation nor the
+one before it names are deleted after the replace, and a reader maps every file of its
+generation when it opens it (Snapshot). Segments written during a build are
+listed under "staging" until the build finishes: readers ignore them, the next build
+reuses them.
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Iterable
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import IndexFormatError, IndexNotFoundError
+from .ann import tune
+from .durable import is_temporary, write_durably
+from .errors import IndexFormatError, IndexNotFoundError, ItmError
+from .manifest import KINDS, MANIFEST, Manifest, read_manifest
 
-# Format history:
-#   1: first format.
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-KINDS = ("image", "text")
+__all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
+           "default_index_dir", "new_segment_name", "read_table", "write_ann", "write_segment",
+           "write_table"]
 
+# Paths are stored as bytes, exactly as the file system gives them (os.fsencode), so that names
+# that are not UTF-8 survive; os.fsdecode turns them back into str paths that open the same file.
 SEGMENT_SCHEMA = pa.schema([
     ("kind", pa.string()),
-    ("source", pa.string()),  # the folder or text file given to `build`
-    ("path", pa.string()),  # image file, or the text file a text came from
+    ("source", pa.binary()),  # the folder or text file given to `build`
+    ("path", pa.binary()),  # image file, or the text file a text came from
     ("text", pa.string()),  # the text itself (null for images)
     ("source_id", pa.string()),  # id column value or line number within a text file
     ("size", pa.int64()),
@@ -48,7 +55,9 @@ SEGMENT_SCHEMA = pa.schema([
     ("hash", pa.string()),  # blake2b of the file bytes or of the text
 ])
 ROW_SCHEMA = pa.schema([("id", pa.int64()), *SEGMENT_SCHEMA, ("segment", pa.string()), ("offset", pa.int64())])
-SKIP_SCHEMA = pa.schema([("source", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reason", pa.string())])
+PARTS = ("emb", "tok", "mask")  # the arrays of a segment, as seg-<id>.<part>.npy
+OPEN_ATTEMPTS = 20  # generations a reader may see committed while it opens one, before it gives up
 
 
 def default_index_dir() -> Path:
@@ -59,32 +68,6 @@ def default_index_dir() -> Path:
     return Path(base) / "itm" / "index"
 
 
-def read_manifest(index_dir: Path) -> dict[str, Any] | None:
-    path = Path(index_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise IndexFormatError(f"{path} is corrupt ({e}); rebuild the index into a new --index directory") from None
-    fmt = manifest.get("format")
-    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
-        raise IndexFormatError(
-            f"index at {index_dir} has format {fmt}, newer than this itm understands ({FORMAT_VERSION}); "
-            "upgrade itm or pass --index for another index")
-    return manifest
-
-
-def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = Path(index_dir) / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(index_dir) / MANIFEST)
-    _fsync_dir(index_dir)
-
-
 def new_segment_name() -> str:
     return f"seg-{uuid.uuid4().hex[:16]}"
 
@@ -93,111 +76,122 @@ def write_segment(index_dir: Path, name: str, rows: pa.Table, emb: np.ndarray,
                   tok: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
     """Write one immutable segment; all its files are durable before any manifest names them."""
     d = Path(index_dir)
-    _durable(d / f"{name}.emb.npy", lambda f: np.save(f, np.ascontiguousarray(emb, np.float32)))
+    write_durably(d / f"{name}.emb.npy", lambda f: np.save(f, np.ascontiguousarray(emb, np.float32)))
     if tok is not None:
-        _durable(d / f"{name}.tok.npy", lambda f: np.save(f, np.ascontiguousarray(tok, np.float16)))
+        write_durably(d / f"{name}.tok.npy", lambda f: np.save(f, np.ascontiguousarray(tok, np.float16)))
     if mask is not None:
-        _durable(d / f"{name}.mask.npy", lambda f: np.save(f, np.ascontiguousarray(mask, bool)))
-    _durable(d / f"{name}.parquet", lambda f: pq.write_table(rows.cast(SEGMENT_SCHEMA), f))
+        write_durably(d / f"{name}.mask.npy", lambda f: np.save(f, np.ascontiguousarray(mask, bool)))
+    write_durably(d / f"{name}.parquet", lambda f: pq.write_table(rows.cast(SEGMENT_SCHEMA), f))
 
 
 def write_table(path: Path, table: pa.Table) -> None:
-    _durable(path, lambda f: pq.write_table(table, f))
+    write_durably(path, lambda f: pq.write_table(table, f))
+
+
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """A table of `schema`; older formats' text path columns come back as the bytes they encode."""
+    return pq.read_table(path).cast(schema)
 
 
 def write_ann(path: Path, index: faiss.Index) -> None:
-    _durable(path, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+    write_durably(path, lambda f: f.write(faiss.serialize_index(index).tobytes()))
 
 
-def read_ann(path: Path) -> faiss.Index:
-    return faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
-
-
-def collect_garbage(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """Delete data files that the current manifest no longer names (best effort)."""
-    keep = referenced_files(manifest)
+def collect_garbage(index_dir: Path, keep: Iterable[Manifest]) -> None:
+    """Delete data files that none of the `keep` manifests names, and leftover temporary files (best effort)."""
+    names: set[str] = set()
+    for manifest in keep:
+        names |= manifest.files()
     for p in Path(index_dir).iterdir():
-        if p.name != MANIFEST and p.name not in keep and (p.name.startswith(("seg-", "rows-", "ann-", "skipped-"))
-                                                          or p.name.endswith(".tmp")):
+        data = p.name.startswith(("seg-", "rows-", "ann-", "skipped-", "reranker-"))
+        if p.name != MANIFEST and p.name not in names and (data or is_temporary(p.name)):
             try:
                 p.unlink()
             except OSError:
                 pass
 
 
-def referenced_files(manifest: dict[str, Any]) -> set[str]:
-    names = {manifest["rows"], manifest["skipped"]}
-    names |= {a["file"] for a in manifest["ann"].values()}
-    for seg in [*manifest["segments"], *manifest.get("staging", [])]:
-        names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy"}
-    if manifest.get("reranker"):
-        names.add(manifest["reranker"]["file"])
-        names.add(Path(manifest["reranker"]["file"]).with_suffix(".json").name)
-    return names
+class SegmentArrays:
+    """The arrays of an index's segments, memory-mapped on first use."""
 
-
-@dataclass
-class Snapshot:
-    """One committed generation of an index, opened read-only; segment arrays are memory-mapped."""
-
-    index_dir: Path
-    manifest: dict[str, Any]
-    rows: pa.Table
-    _arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, index_dir: Path) -> "Snapshot":
-        index_dir = Path(index_dir)
-        manifest = read_manifest(index_dir)
-        if manifest is None:
-            raise IndexNotFoundError(
-                f"no index at {index_dir}; build one with `itm-index build FOLDER` "
-                "(or pass --index / set ITM_INDEX to use another)")
-        return cls(index_dir, manifest, pq.read_table(index_dir / manifest["rows"]))
+    def __init__(self, index_dir: Path):
+        self.index_dir = Path(index_dir)
+        self._maps: dict[str, np.ndarray] = {}
 
     def array(self, segment: str, part: str) -> np.ndarray:
         key = f"{segment}.{part}"
-        if key not in self._arrays:
-            self._arrays[key] = np.load(self.index_dir / f"{key}.npy", mmap_mode="r")
-        return self._arrays[key]
+        if key not in self._maps:
+            self._maps[key] = np.load(self.index_dir / f"{key}.npy", mmap_mode="r")
+        return self._maps[key]
+
+    def gather(self, segments: np.ndarray, offsets: np.ndarray, part: str) -> np.ndarray:
+        """Stack one part ("emb", "tok", "mask") of the rows at (segments[i], offsets[i]), in order."""
+        if len(segments) == 0:
+            return np.zeros((0,), np.float32)
+        first = self.array(segments[0], part)
+        out = np.empty((len(segments), *first.shape[1:]), first.dtype)
+        for seg in np.unique(segments):
+            sel = segments == seg
+            out[sel] = self.array(seg, part)[offsets[sel]]
+        return out
+
+
+class Snapshot:
+    """One committed generation of an index, opened read-only and whole.
+
+    Its rows and skipped list are read and every segment array and ANN file is memory-mapped
+    when it opens, so a later commit, which deletes what no recent generation names, cannot
+    take anything from it. Should a file vanish while it opens (a writer committed
+    twice meanwhile), it opens the newer generation instead.
+    """
+
+    def __init__(self, index_dir: Path, manifest: Manifest):
+        self.index_dir, self.manifest = Path(index_dir), manifest
+        self.rows = read_table(self.index_dir / manifest.rows, ROW_SCHEMA)
+        self.skipped = read_table(self.index_dir / manifest.skipped, SKIP_SCHEMA)
+        self._ann_bytes = {kind: np.memmap(self.index_dir / a.file, dtype=np.uint8, mode="r")
+                           for kind, a in manifest.ann.items()}
+        self.arrays = SegmentArrays(self.index_dir)
+        text_segments = set(self.rows.filter(pc.equal(self.rows.column("kind"), "text")).column("segment").to_pylist())
+        for seg in manifest.segments:
+            self.arrays.array(seg, "emb")
+            if manifest.reranker:
+                self.arrays.array(seg, "tok")
+                if seg in text_segments:
+                    self.arrays.array(seg, "mask")
+
+    @classmethod
+    def open(cls, index_dir: Path) -> Snapshot:
+        """The index's latest committed generation."""
+        index_dir = Path(index_dir)
+        for _ in range(OPEN_ATTEMPTS):
+            manifest = read_manifest(index_dir)
+            if manifest is None:
+                raise IndexNotFoundError(
+                    f"no index at {index_dir}; build one with `itm-index build FOLDER` "
+                    "(or pass --index / set ITM_INDEX to use another)")
+            try:
+                return cls(index_dir, manifest)
+            except FileNotFoundError as e:
+                newer = read_manifest(index_dir)
+                if newer is None or newer.generation == manifest.generation:
+                    raise IndexFormatError(f"index at {index_dir} is missing {Path(e.filename).name}; rebuild it "
+                                           "into a new --index directory") from None
+        raise ItmError(f"index at {index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again")
+
+    def ann(self, kind: str) -> faiss.Index:
+        """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them)."""
+        index = faiss.deserialize_index(np.asarray(self._ann_bytes[kind]))
+        tune(index)
+        return index
 
     def gather(self, row_ids: np.ndarray, part: str) -> np.ndarray:
         """Stack one array part ("emb", "tok", "mask") for the given row positions, in order."""
         segs = self.rows.column("segment").to_numpy(zero_copy_only=False)[row_ids]
         offs = self.rows.column("offset").to_numpy()[row_ids]
-        first = self.array(segs[0], part) if len(segs) else None
-        if first is None:
-            return np.zeros((0,), np.float32)
-        out = np.empty((len(row_ids), *first.shape[1:]), first.dtype)
-        for seg in np.unique(segs):
-            sel = segs == seg
-            out[sel] = self.array(seg, part)[offs[sel]]
-        return out
+        return self.arrays.gather(segs, offs, part)
 
     def kind_rows(self, kind: str) -> np.ndarray:
         """Row positions of one kind, in the order the FAISS index of that kind holds them."""
         kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
         return np.flatnonzero(kinds == kind)
-
-    def skipped(self) -> pa.Table:
-        return pq.read_table(self.index_dir / self.manifest["skipped"])
-
-
-def _durable(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

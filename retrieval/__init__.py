@@ -3,7 +3,7 @@
     >>> from retrieval import Searcher
     >>> Searcher("idx/").search(text="a red circle left of a blue square", k=5)
 """
-from importlib import import_module
+from indexer.lazy import lazy_exports
 
 _EXPORTS = {
     "Searcher": "search", "Hit": "search",
@@ -13,13 +13,8 @@ _EXPORTS = {
     "save_reranker": "checkpoint", "load_reranker": "checkpoint",
     "train": "train", "TrainOptions": "train",
     "load_dataset": "data", "ImageCaptions": "data",
-    "embed_dataset": "evaluate", "rank": "evaluate", "recall": "evaluate",
+    "embed_dataset": "evaluate", "rank": "evaluate", "recall": "evaluate", "rerank_top": "rerank",
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    # resolved on first use, so that `itm-search --help` does not wait for torch
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,7 +2,7 @@
 
 The file format, the pickle refusal and the hashing are indexer.checkpoint's, shared with the
 encoder checkpoints; this module adds what a reranker needs on top. The index builder
-(indexer.projector) reads the same file for the store encoder's "store." tensors alone.
+(indexer.store_encoder) reads the same file for the store encoder's "store." tensors alone.
 
 >>> save_reranker(model, Path("reranker.safetensors"))  # doctest: +SKIP
 >>> load_reranker("reranker.safetensors")  # doctest: +SKIP
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from indexer.checkpoint import file_sha256, load_checkpoint, save_checkpoint, sidecar
 from indexer.errors import CheckpointError
-from indexer.projector import RERANKER_KIND
+from indexer.store_encoder import RERANKER_KIND
 
 from .fusion import FusionConfig, FusionReranker
 

@@ -8,9 +8,10 @@ from typing import Optional
 
 import typer
 
-from indexer.cliutil import user_errors, warn
+from indexer.cliutil import printable, user_errors, warn, write_raw_path
+from indexer.options import DEVICE, PRECISION, PRECISIONS
 
-from .settings import DEFAULT_RERANK_K
+from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 PROG = "itm-search"
 
@@ -18,15 +19,18 @@ PROG = "itm-search"
 def search(
     query: Optional[str] = typer.Argument(None, help="Words to search images for."),
     image: Optional[Path] = typer.Option(None, "--image", help="Reverse lookup: texts (and images) like this image."),
-    k: int = typer.Option(10, "-k", min=1, help="Number of results (per kind)."),
+    k: int = typer.Option(DEFAULT_K, "-k", min=1, help="Number of results (per kind)."),
     kind: Optional[str] = typer.Option(None, help="image, text or all (default: image for text, all for --image)."),
     rerank_k: int = typer.Option(DEFAULT_RERANK_K, min=1, help="Candidates the fusion model rescores."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Recall only: rank by dual-encoder similarity."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
-    device: str = typer.Option("cpu"),
-    precision: str = typer.Option("fp32"),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts."),
-    paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (and texts), one per line."),
+    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option(PRECISION, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts "
+                                 "(a path's bytes that are not UTF-8 appear as \\udcXX, as Python's os.fsdecode "
+                                 "gives them)."),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (their exact bytes) and texts, "
+                                    "one per line."),
 ) -> None:
     """Search the index. Example: itm-search "a red circle left of a blue square" -k 5"""
     with user_errors(PROG):
@@ -43,9 +47,9 @@ def search(
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(h)))
         elif paths_only:
-            typer.echo(h.path if h.kind == "image" else h.text)
+            write_raw_path(h.path) if h.kind == "image" else typer.echo(h.text)
         else:
-            what = h.path if h.kind == "image" else f"{h.text!r}"
+            what = printable(h.path) if h.kind == "image" else f"{h.text!r}"
             typer.echo(f"{h.score:8.4f}  {h.kind:5}  {what}")
 
 

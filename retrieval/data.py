@@ -1,17 +1,18 @@
-"""Image-caption datasets for training and evaluation: caption files and Karpathy-split JSON."""
+"""Image-caption datasets for training and evaluation: caption tables and Karpathy-split JSON."""
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow.parquet as pq
+from typing import Any, Callable
 
 from indexer.errors import CorpusError
+from indexer.scan import TABLE_EXTENSIONS, read_records
 
 IMAGE_KEYS = ("image", "filepath", "file", "path")
 CAPTION_KEYS = ("caption", "text")
+
+OnSkip = Callable[[Path, str], None]
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class ImageCaptions:
     hard_images: tuple[Path, ...] = ()  # images known to be confusable with this one (none of its captions fit)
 
 
-def load_dataset(path: Path | str, image_root: Path | str | None = None, split: str = "train") -> list[ImageCaptions]:
+def load_dataset(path: Path | str, image_root: Path | str | None = None, split: str = "train",
+                 on_skip: OnSkip | None = None) -> list[ImageCaptions]:
     """Images with their captions, from a Karpathy-split JSON (COCO, Flickr30k) or a caption table.
 
     A caption table (.jsonl, .csv, .parquet) has an image path column (image/filepath/file/path)
@@ -30,56 +32,86 @@ def load_dataset(path: Path | str, image_root: Path | str | None = None, split: 
     filtered on. Relative image paths are taken from `image_root` (default: the file's folder).
     Karpathy split "train" includes "restval", as is usual. Karpathy sentences may carry a
     "negative" (a false caption of the image, used as a hard negative in training) and images a
-    "twin" (a confusable image of the same split, used as a hard negative image).
+    "twin" (a confusable image of the same split, used as a hard negative image). A line or
+    entry that cannot be used is reported as on_skip(path, "line N: reason") and left out.
+
+    >>> load_dataset("captions.jsonl", split="test")[0].captions
+    ('a red circle left of a blue square',)
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     if not path.is_file():
         raise CorpusError(f"dataset file {path} not found")
-    if path.suffix == ".json":
-        return _karpathy(path, root, split)
-    rows = _table(path)
-    if not rows:
+
+    def report(reason: str) -> None:
+        if on_skip is not None:
+            on_skip(path, reason)
+
+    if path.suffix.lower() == ".json":
+        return _karpathy(path, root, split, report)
+    if path.suffix.lower() not in TABLE_EXTENSIONS:
+        raise CorpusError(f"{path}: unsupported dataset file; use a Karpathy .json, or .jsonl/.csv/.parquet")
+    return _caption_table(path, root, split, report)
+
+
+def _caption_table(path: Path, root: Path, split: str, report: Callable[[str], None]) -> list[ImageCaptions]:
+    records = read_records(path)
+    if not records.good:
         raise CorpusError(f"{path} holds no rows")
-    ikey = next((k for k in IMAGE_KEYS if k in rows[0]), None)
-    ckey = next((k for k in CAPTION_KEYS if k in rows[0]), None)
+    columns = records.columns or []
+    ikey = next((k for k in IMAGE_KEYS if k in columns), None)
+    ckey = next((k for k in CAPTION_KEYS if k in columns), None)
     if ikey is None or ckey is None:
         raise CorpusError(f"{path} needs an image column ({'/'.join(IMAGE_KEYS)}) and a caption column "
-                          f"({'/'.join(CAPTION_KEYS)}); it has {', '.join(rows[0])}")
+                          f"({'/'.join(CAPTION_KEYS)}); it has {', '.join(columns)}")
     grouped: dict[Path, list[str]] = {}
-    for r in rows:
+    skipped = list(records.bad)
+    for number, r in records.good:
         if "split" in r and split and r["split"] != split:
             continue
-        if r.get(ikey) and isinstance(r.get(ckey), str) and r[ckey].strip():
+        problem = _caption_row_problem(r, ikey, ckey)
+        if problem:
+            skipped.append((number, problem))
+        else:
             grouped.setdefault((root / r[ikey]).resolve(), []).append(r[ckey].strip())
+    for number, reason in sorted(skipped):
+        report(f"{records.unit} {number}: {reason}")
     return [ImageCaptions(p, tuple(c)) for p, c in grouped.items()]
 
 
-def _karpathy(path: Path, root: Path, split: str) -> list[ImageCaptions]:
+def _caption_row_problem(r: dict[str, Any], ikey: str, ckey: str) -> str | None:
+    if ckey not in r:
+        return f"no {' or '.join(repr(k) for k in CAPTION_KEYS)} field"
+    if not isinstance(r.get(ikey), str) or not r[ikey].strip():
+        return f"no {ikey!r} value"
+    if not isinstance(r[ckey], str) or not r[ckey].strip():
+        return f"empty {ckey!r}"
+    return None
+
+
+def _karpathy(path: Path, root: Path, split: str, report: Callable[[str], None]) -> list[ImageCaptions]:
     try:
         images = json.loads(path.read_text())["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CorpusError(f"{path} is not a Karpathy-split JSON file ({e})") from None
     splits = {"train", "restval"} if split == "train" else {split}
     out = []
-    for im in images:
-        if im.get("split") in splits:
-            folder = root / im.get("filepath", "")
-            sentences = im["sentences"]
-            negatives = tuple(s.get("negative") for s in sentences)
-            twin = (folder / im["twin"]).resolve() if im.get("twin") else None
-            out.append(ImageCaptions((folder / im["filename"]).resolve(), tuple(s["raw"].strip() for s in sentences),
-                                     negatives if any(negatives) else (), (twin,) if twin else ()))
+    for number, im in enumerate(images, start=1):
+        if not isinstance(im, dict) or im.get("split") not in splits:
+            continue
+        try:
+            out.append(_karpathy_image(im, root))
+        except KeyError as e:
+            report(f"image {number}: no {e}")
+        except (TypeError, AttributeError) as e:
+            report(f"image {number}: malformed ({e})")
     return out
 
 
-def _table(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    raise CorpusError(f"{path}: unsupported dataset file; use a Karpathy .json, or .jsonl/.csv/.parquet")
+def _karpathy_image(im: dict[str, Any], root: Path) -> ImageCaptions:
+    folder = root / im.get("filepath", "")
+    sentences = im["sentences"]
+    negatives = tuple(s.get("negative") for s in sentences)
+    twin = (folder / im["twin"]).resolve() if im.get("twin") else None
+    return ImageCaptions((folder / im["filename"]).resolve(), tuple(s["raw"].strip() for s in sentences),
+                         negatives if any(negatives) else (), (twin,) if twin else ())

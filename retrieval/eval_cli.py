@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from indexer.cliutil import user_errors
+from indexer.cliutil import user_errors, warn
+from indexer.options import DEVICE
 
 PROG = "itm-eval"
 
@@ -21,7 +22,7 @@ def eval_command(
     checkpoint: Optional[Path] = typer.Option(None),
     reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint (default: the bundle's)."),
     rerank_k: List[int] = typer.Option([10, 50], help="Two-stage depths to evaluate (repeatable)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate retrieval on the DATASET split."""
@@ -34,7 +35,7 @@ def eval_command(
         from .evaluate import embed_dataset, rank, recall
 
         spec = resolve_model(model, None if checkpoint else pretrained, checkpoint, reranker)
-        data = load_dataset(dataset, image_root, split)
+        data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
         encoder = DualEncoder.load(spec, device)
         fusion = load_reranker(spec.reranker, device) if spec.reranker else None
         feats = embed_dataset(encoder, fusion, data)

@@ -15,11 +15,11 @@ import torch
 
 from indexer.encoder import DualEncoder
 from indexer.errors import DecodeError, ItmError
-from indexer.images import load_image
-from indexer.pipeline import ordered_map
+from indexer.parallel import ordered_map
 
 from .data import ImageCaptions
 from .fusion import FusionReranker
+from .rerank import rerank_top
 
 KS = (1, 5, 10)
 PAIR_CHUNK = 2048  # fusion pairs per forward pass
@@ -50,7 +50,7 @@ def embed_dataset(encoder: DualEncoder, reranker: FusionReranker | None, data: S
                   batch_size: int = 128, workers: int = 2) -> Features:
     def load(item: ImageCaptions) -> torch.Tensor:
         try:
-            return encoder.prepare(load_image(item.image, min_side=encoder.image_size))
+            return encoder.load_pixels(item.image)
         except DecodeError as e:
             raise ItmError(f"evaluation image {item.image}: {e}") from None
 
@@ -113,8 +113,7 @@ def _reranked(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> np.ndar
         img, txt = pair(q[s:s + PAIR_CHUNK], c[s:s + PAIR_CHUNK])
         logits[s:s + PAIR_CHUNK] = reranker(f.image_store[img], f.text_store[txt], f.text_mask[txt]).float()
     fused = reranker.score(logits, sim[q, c]).view(-1, k)  # (Q, k)
-    top = torch.gather(order[:, :k], 1, torch.argsort(fused, dim=1, descending=True))
-    return torch.cat([top, order[:, k:]], 1).numpy()
+    return rerank_top(order.numpy(), fused.numpy())
 
 
 @torch.inference_mode()

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from indexer.errors import UnknownModelError
-from indexer.projector import StoreEncoder
+from indexer.store_encoder import StoreEncoder
 
 CONFIG_DIR = Path(__file__).parent / "fusion_configs"
 FUSION_ORDERS = ("coarse_to_fine", "fine_to_coarse")

@@ -2,24 +2,27 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
 from indexer import store
-from indexer.ann import to_gpu_if_available, tune
-from indexer.build import model_label, same_model, spec_from_manifest
+from indexer.ann import to_gpu_if_available
 from indexer.encoder import DualEncoder, Encoded
 from indexer.errors import DecodeError, EmptyIndexError, ModelMismatchError, QueryError
-from indexer.images import load_image
-from indexer.models import ModelSpec
+from indexer.manifest import check_model, check_reranker, read_manifest
+from indexer.models import ModelSpec, spec_for_index
+from indexer.options import DEVICE, PRECISION
 
 from .checkpoint import load_reranker
 from .fusion import FusionReranker
-from .settings import DEFAULT_RERANK_K
+from .rerank import rerank_top
+from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 KINDS = ("image", "text", "all")
 
@@ -31,7 +34,7 @@ class Hit:
     score: float  # what the results are ranked by: fused score when reranked, else recall score
     recall_score: float  # dual-encoder cosine similarity
     match_logit: float | None  # fusion model's match logit, None when not reranked
-    path: str  # image file, or the text file a text came from
+    path: str  # image file, or the text file a text came from; os.fsencode(path) gives its exact bytes
     text: str | None  # the text, for text hits
 
 
@@ -44,8 +47,28 @@ class Timings:
     rerank_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """What queries read of one committed generation, swapped whole by Searcher.refresh."""
+
+    snapshot: store.Snapshot
+    ann: dict[str, faiss.Index]  # by kind, search parameters set, on the GPU where there is one
+    kind_rows: dict[str, np.ndarray]  # row positions of each kind, in the order its ANN index holds them
+
+    @classmethod
+    def of(cls, snapshot: store.Snapshot, embed_dim: int) -> _Generation:
+        ann = {}
+        for kind, meta in snapshot.manifest.ann.items():
+            index = snapshot.ann(kind)
+            if index.d != meta.dim or index.d != embed_dim:
+                raise ModelMismatchError(f"FAISS index {meta.file} in {snapshot.index_dir} has dimension {index.d}, "
+                                         f"expected {embed_dim}; rebuild the index")
+            ann[kind] = to_gpu_if_available(index)
+        return cls(snapshot, ann, {kind: snapshot.kind_rows(kind) for kind in store.KINDS})
+
+
 class Searcher:
-    """Answers queries against one committed snapshot of an index.
+    """Answers queries against one committed generation of an index; `refresh` moves to the latest.
 
     >>> s = Searcher("idx/")
     >>> [h.path for h in s.search(text="a red circle left of a blue square", k=3)]
@@ -53,30 +76,44 @@ class Searcher:
     """
 
     def __init__(self, index_dir: Path | str | None = None, *, model: ModelSpec | None = None,
-                 rerank: bool = True, device: str = "cpu", precision: str = "fp32"):
+                 rerank: bool = True, device: str = DEVICE, precision: str = PRECISION):
         self.index_dir = Path(index_dir) if index_dir else store.default_index_dir()
-        self.snapshot = store.Snapshot.open(self.index_dir)
-        manifest = self.snapshot.manifest
-        if not sum(manifest["counts"].values()):
+        snapshot = store.Snapshot.open(self.index_dir)
+        manifest = snapshot.manifest
+        if not sum(manifest.counts.values()):
             raise EmptyIndexError(f"index at {self.index_dir} is empty; add images with `itm-index build FOLDER`")
-        self.encoder = DualEncoder.load(model or spec_from_manifest(manifest, self.index_dir), device, precision)
-        info = self.encoder.identity
-        if not same_model(manifest["model"], info):
-            raise ModelMismatchError(
-                f"index at {self.index_dir} was built with {model_label(manifest['model'])}; the query model is "
-                f"{model_label(info)}; pass --index for another index or rebuild this one with that model")
+        self.encoder = DualEncoder.load(model or spec_for_index(manifest, self.index_dir), device, precision)
+        check_model(manifest, self.encoder.identity, self.index_dir)
         self.reranker: FusionReranker | None = None
-        if rerank and manifest.get("reranker"):
-            self.reranker = load_reranker(self.index_dir / manifest["reranker"]["file"]).eval()
-        self.ann = {kind: to_gpu_if_available(self._load_ann(a)) for kind, a in manifest["ann"].items()}
-        self.kind_rows = {kind: self.snapshot.kind_rows(kind) for kind in store.KINDS}
+        if rerank and manifest.reranker:
+            self.reranker = load_reranker(self.index_dir / manifest.reranker.file).eval()
+        self._reranker_sha = manifest.reranker.sha256 if manifest.reranker else None
+        self._gen = _Generation.of(snapshot, self.encoder.embed_dim)
         self.timings = Timings()
+
+    @property
+    def snapshot(self) -> store.Snapshot:
+        return self._gen.snapshot
 
     @property
     def has_reranker(self) -> bool:
         return self.reranker is not None
 
-    def search(self, text: str | None = None, image: Path | str | None = None, k: int = 10,
+    def refresh(self) -> bool:
+        """Move to the index's latest committed generation, keeping the loaded models; False when already there.
+
+        Queries already running finish on the generation they started with.
+        """
+        manifest = read_manifest(self.index_dir)
+        if manifest is None or manifest.generation == self.snapshot.manifest.generation:
+            return False
+        snapshot = store.Snapshot.open(self.index_dir)
+        check_model(snapshot.manifest, self.encoder.identity, self.index_dir)
+        check_reranker(snapshot.manifest, self._reranker_sha, self.index_dir)
+        self._gen = _Generation.of(snapshot, self.encoder.embed_dim)
+        return True
+
+    def search(self, text: str | None = None, image: Path | str | None = None, k: int = DEFAULT_K,
                kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K) -> list[Hit]:
         """Text -> images (default kind "image"), or image -> texts and images (default kind "all")."""
         if (text is None) == (image is None):
@@ -90,43 +127,46 @@ class Searcher:
         query = self._encode_text(text) if text is not None else self._encode_image(Path(image))
         self.timings = Timings(encode_ms=1e3 * (time.perf_counter() - t0))
         query_kind = "text" if text is not None else "image"
+        gen = self._gen  # one generation for the whole query, whatever refresh does meanwhile
         hits: list[Hit] = []
         for target in (("text", "image") if kind == "all" else (kind,)):
-            hits += self._search_kind(query, query_kind, target, k, rerank_k)
+            hits += self._search_kind(gen, query, query_kind, target, k, rerank_k)
         return hits
 
-    def _search_kind(self, query: Encoded, query_kind: str, target: str, k: int, rerank_k: int) -> list[Hit]:
-        if target not in self.ann:
+    def _search_kind(self, gen: _Generation, query: Encoded, query_kind: str, target: str, k: int,
+                     rerank_k: int) -> list[Hit]:
+        if target not in gen.ann:
             return []
         cross = query_kind != target
         depth = max(k, rerank_k) if (cross and self.reranker is not None) else k
         t0 = time.perf_counter()
-        sims, pos = self.ann[target].search(query.embeddings.cpu().numpy(), min(depth, self.ann[target].ntotal))
+        sims, pos = gen.ann[target].search(query.embeddings.cpu().numpy(), min(depth, gen.ann[target].ntotal))
         keep = pos[0] >= 0
-        sims, rows = sims[0][keep], self.kind_rows[target][pos[0][keep]]
+        sims, rows = sims[0][keep], gen.kind_rows[target][pos[0][keep]]
         self.timings.recall_ms += 1e3 * (time.perf_counter() - t0)
-        hits = self._hits(rows, sims)
+        hits = self._hits(gen.snapshot, rows, sims)
         if cross and self.reranker is not None and len(rows):
             t0 = time.perf_counter()
             n = min(rerank_k, len(rows))  # only the top rerank_k are rescored; the rest keep recall order
-            logits = self._rerank(query, query_kind, rows[:n])
+            logits = self._rerank(gen.snapshot, query, query_kind, rows[:n])
             scores = self.reranker.score(torch.from_numpy(logits), torch.from_numpy(sims[:n])).numpy()
-            top = [dataclasses.replace(hits[i], score=float(scores[i]), match_logit=float(logits[i]))
-                   for i in np.argsort(-scores, kind="stable")]
-            hits = top + hits[n:]
+            hits = [dataclasses.replace(h, score=float(s), match_logit=float(g))
+                    for h, s, g in zip(hits, scores, logits)] + hits[n:]
+            hits = [hits[i] for i in rerank_top(np.arange(len(hits)), scores)]
             self.timings.rerank_ms += 1e3 * (time.perf_counter() - t0)
         return hits[:k]
 
     @torch.inference_mode()
-    def _rerank(self, query: Encoded, query_kind: str, rows: np.ndarray) -> np.ndarray:
-        """One batched forward pass over the k candidates; the query's features are shared, not copied."""
-        cand = torch.from_numpy(self.snapshot.gather(rows, "tok"))  # (k, L, T, D) fp16
+    def _rerank(self, snapshot: store.Snapshot, query: Encoded, query_kind: str, rows: np.ndarray) -> np.ndarray:
+        """One batched forward pass over the k candidates; the query's features are shared, not copied, and
+        rounded to fp16 as stored items are, so that an item scores the same as a query and as a candidate."""
+        cand = torch.from_numpy(snapshot.gather(rows, "tok"))  # (k, L, T, D) fp16
         if query_kind == "text":
             txt, mask = self.reranker.encode_text_store(query.tokens, query.mask)  # (1, L, Tt, D), (1, Tt)
-            logits = self.reranker(cand, txt, mask)
+            logits = self.reranker(cand, txt.half(), mask)
         else:
             img = self.reranker.encode_image_store(query.tokens, query.grid)  # (1, L, Ti, D)
-            mask = torch.from_numpy(self.snapshot.gather(rows, "mask"))  # (k, Tt)
+            mask = torch.from_numpy(snapshot.gather(rows, "mask"))  # (k, Tt)
             logits = self.reranker(img.half(), cand, mask)
         return logits.float().numpy()
 
@@ -138,20 +178,13 @@ class Searcher:
 
     def _encode_image(self, path: Path) -> Encoded:
         try:
-            image = load_image(path, min_side=self.encoder.image_size)
+            pixels = self.encoder.load_pixels(path)
         except DecodeError as e:
             raise QueryError(f"cannot use query image {path}: {e}") from None
         layers = self.reranker.cfg.image_layers if self.reranker is not None else ()
-        return self.encoder.encode_images(self.encoder.prepare(image)[None], layers)
+        return self.encoder.encode_images(pixels[None], layers)
 
-    def _hits(self, rows: np.ndarray, sims: np.ndarray) -> list[Hit]:
-        meta = self.snapshot.rows.select(["id", "kind", "path", "text"]).take(rows).to_pylist()
-        return [Hit(m["id"], m["kind"], float(s), float(s), None, m["path"], m["text"]) for m, s in zip(meta, sims)]
-
-    def _load_ann(self, meta: dict):
-        index = store.read_ann(self.index_dir / meta["file"])
-        if index.d != meta["dim"] or index.d != self.encoder.embed_dim:
-            raise ModelMismatchError(f"FAISS index {meta['file']} in {self.index_dir} has dimension {index.d}, "
-                                     f"expected {self.encoder.embed_dim}; rebuild the index")
-        tune(index)
-        return index
+    def _hits(self, snapshot: store.Snapshot, rows: np.ndarray, sims: np.ndarray) -> list[Hit]:
+        meta = snapshot.rows.select(["id", "kind", "path", "text"]).take(rows).to_pylist()
+        return [Hit(m["id"], m["kind"], float(s), float(s), None, os.fsdecode(m["path"]), m["text"])
+                for m, s in zip(meta, sims)]

@@ -2,3 +2,4 @@
 
 # Candidates the fusion model rescores per query (see benchmarks/rerank_latency.py for the cost).
 DEFAULT_RERANK_K = 50
+DEFAULT_K = 10  # results per kind

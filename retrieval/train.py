@@ -15,9 +15,8 @@ from tqdm import tqdm
 from indexer.checkpoint import load_checkpoint, save_checkpoint
 from indexer.encoder import DualEncoder, save_encoder
 from indexer.errors import DecodeError, ItmError
-from indexer.images import load_image
 from indexer.models import ModelSpec
-from indexer.pipeline import ordered_map
+from indexer.parallel import ordered_map
 
 from .checkpoint import load_reranker, save_reranker
 from .data import ImageCaptions
@@ -319,7 +318,7 @@ class _ImageCache:
 
     def _load(self, path: Path) -> torch.Tensor | None:
         try:
-            return self.encoder.prepare(load_image(path, min_side=self.encoder.image_size)).half()
+            return self.encoder.load_pixels(path).half()
         except DecodeError as e:
             self.skipped.append(str(path))
             if self.on_skip:

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from indexer.cliutil import user_errors, warn
+from indexer.options import DEVICE
 
 PROG = "itm-train"
 
@@ -34,7 +35,7 @@ def train_command(
     num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
     workers: int = typer.Option(2, min=0),
     save_every: int = typer.Option(200, min=1),
     resume: bool = typer.Option(False, help="Continue from the checkpoints in --out."),
@@ -47,7 +48,7 @@ def train_command(
         from .train import TrainOptions, train
 
         spec = resolve_model(model, pretrained, checkpoint)
-        data = load_dataset(dataset, image_root, split)
+        data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
         opts = TrainOptions(fusion=fusion, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,

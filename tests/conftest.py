@@ -22,6 +22,17 @@ def isolated_user_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("ITM_INDEX", raising=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run faster on one thread than on two shared ones: OpenMP's waiting costs more than it gains."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_spec():
     return resolve_model("itm-tiny", "random")

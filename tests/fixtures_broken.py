@@ -1,8 +1,11 @@
 """A folder of broken and odd image files, generated at test time.
 
-``make_odd_files(dir)`` writes them and returns ``{file name: "ok" | "skip"}``: what an
-index build should do with each one with default settings (decode it, or skip it with
-a reason). Shared by the decoder tests and the build tests.
+``make_odd_files(dir)`` writes files with odd contents and returns ``{file name: "ok" | "skip"}``:
+what an index build should do with each one with default settings (decode it, or skip it with
+a reason). Shared by the decoder tests and the build tests. ``make_hostile_folder(dir)`` adds
+odd names and odd kinds of directory entries around them (names that are not UTF-8, newlines,
+links that loop or dangle, a pipe, a folder named like an image, a complete decompression bomb)
+and returns the same kind of map, keyed by path relative to ``dir``.
 """
 from __future__ import annotations
 
@@ -30,6 +33,42 @@ def make_odd_files(dir: Path) -> dict[str, str]:
         expected[name] = outcome
     expected[UNREADABLE] = _write_unreadable(dir / UNREADABLE)
     return expected
+
+
+def make_hostile_folder(dir: Path) -> dict[str, str]:
+    """The odd files, plus odd names and entries; returns {relative path (os.fsdecode'd): "ok" | "skip"}."""
+    expected = make_odd_files(dir)
+    raw = os.fsencode(dir)
+    for name, (data, outcome) in _odd_names().items():
+        path = raw + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        expected[os.fsdecode(name)] = outcome
+    for name, target, outcome in (("link.png", "plain.jpg", "ok"), ("dangling.png", "missing.png", "skip"),
+                                  ("loop.png", "loop.png", "skip")):
+        os.symlink(target, dir / name)
+        expected[name] = outcome
+    os.symlink(".", dir / "cycle")  # a folder that contains itself: scanned once, no item
+    os.mkfifo(dir / "pipe.png")  # never opened: reading a pipe would wait forever
+    expected["pipe.png"] = "skip"
+    return expected
+
+
+def _odd_names() -> dict[bytes, tuple[bytes, str]]:
+    def image(colour) -> bytes:
+        return _encode(Image.new("RGB", (9, 7), colour), "PNG")
+
+    return {
+        b"latin1-caf\xe9.png": (image((1, 2, 3)), "ok"),  # not UTF-8: copied from an old system or a zip
+        b"broken-\x80\xff.jpg": (b"\xff\xd8\xff\x00 not a jpeg", "skip"),
+        b"two\nlines.png": (image((4, 5, 6)), "ok"),
+        b"quote\"s, \\back\\slashes & 'apostrophes'.png": (image((7, 8, 9)), "ok"),
+        b"l" * 240 + b".png": (image((10, 11, 12)), "ok"),  # near the 255-byte name limit
+        b"SHOUTING.JPG": (_encode(Image.new("RGB", (8, 8), BLUE), "JPEG"), "ok"),
+        b"folder.png/inside.png": (image((13, 14, 15)), "ok"),  # a folder named like an image
+        b"bomb.png": (_bomb_png(), "skip"),
+    }
 
 
 def _files() -> dict[str, tuple[bytes, str]]:
@@ -102,6 +141,19 @@ def _huge_header_png() -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", *HUGE_HEADER_SIZE, 8, 2, 0, 0, 0)  # 8-bit RGB
     idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _bomb_png() -> bytes:
+    """A complete, valid 1-bit PNG of 20000 x 20000 zeros: 48 kB that decode to 400 megapixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    width, height = HUGE_HEADER_SIZE
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the row's bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 

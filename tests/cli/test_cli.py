@@ -11,13 +11,14 @@ from tests.conftest import write_images
 from tests.fixtures_broken import make_odd_files
 
 
-def run(cmd, *args, env=None):
+def run(cmd, *args, env=None, text=True):
+    """The command's result; with text=False its output stays bytes, as a pipe to another program gets it."""
     exe = shutil.which(cmd)
     modules = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli", "itm-train": "retrieval.train_cli",
                "itm-eval": "retrieval.eval_cli"}
     argv = [exe] if exe else [sys.executable, "-c", f"import {modules[cmd]} as m; m.main()"]
-    return subprocess.run(argv + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(argv + [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args],
+                          capture_output=True, text=text, timeout=300, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
@@ -60,6 +61,13 @@ def test_build_search_info_round_trip(corpus):
     assert r.returncode == 0, r.stderr
     assert "itm-tiny/random" in r.stdout and "Flat" in r.stdout and "empty.jpg: empty file" in r.stdout
 
+    for p in sorted((corpus / "photos").glob("*.png"))[:2]:
+        p.unlink()
+    r = run("itm-index", "build", corpus / "photos", "--index", idx, "-q")
+    assert r.returncode == 0 and "2 removed" in r.stdout, r.stderr
+    r = run("itm-index", "compact", "--index", idx)
+    assert r.returncode == 0 and "2 dead rows dropped, 2 segments -> 2" in r.stdout  # images and texts, one each, r.stderr
+
 
 def test_errors_are_one_line_and_exit_1(corpus):
     r = run("itm-search", "anything", "--index", corpus / "none")
@@ -69,3 +77,41 @@ def test_errors_are_one_line_and_exit_1(corpus):
     assert "Traceback" not in r.stderr
     r = run("itm-search")
     assert r.returncode == 2  # usage error
+
+
+def test_every_skip_gets_a_line_of_its_own_beside_the_progress_bar(corpus):
+    idx = corpus / "idx"
+    r = run("itm-index", "build", corpus / "photos", "--index", idx, "--model", "itm-tiny", "--pretrained", "random")
+    assert r.returncode == 0, r.stderr
+    recorded = json.loads(run("itm-index", "info", "--index", idx, "--json").stdout)["skipped"]
+    assert any("huge_header.png" in s["path"] for s in recorded)  # the decompression bomb
+    shown = [line.rsplit("\r", 1)[-1] for line in r.stderr.split("\n")]  # what a terminal leaves on each line
+    for s in recorded:
+        assert f"itm-index: skipping {s['path']}: {s['reason']}" in shown
+
+
+def test_a_name_that_is_not_utf8_survives_every_output(tmp_path):
+    folder = tmp_path / "photos"
+    write_images(folder, 3)
+    raw = os.fsencode(folder) + b"/caf\xe9.png"  # Latin-1
+    write_images(tmp_path / "x", 1, seed=5)[0].replace(os.fsdecode(raw))
+    open(os.fsencode(folder) + b"/bad \x80.png", "wb").write(b"not an image")
+    idx = tmp_path / "idx"
+    r = run("itm-index", "build", folder, "--index", idx, "--model", "itm-tiny", "--pretrained", "random", "-q",
+            text=False)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert b"bad \\x80.png: not an image" in r.stderr  # printed readably: the odd byte as \x80
+
+    r = run("itm-search", "a photo", "-k", "4", "--paths-only", "--index", idx, text=False)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and raw in lines and all(os.path.isfile(p) for p in lines)  # what xargs would open
+    r = run("itm-search", "a photo", "-k", "4", "--json", "--index", idx, text=False)
+    assert raw in {os.fsencode(json.loads(line)["path"]) for line in r.stdout.splitlines()}  # exact, via \udcXX
+    r = run("itm-search", "a photo", "-k", "4", "--index", idx, text=False)
+    assert r.returncode == 0 and b"caf\\xe9.png" in r.stdout
+
+    r = run("itm-index", "info", "--index", idx, text=False)
+    assert r.returncode == 0 and b"bad \\x80.png: not an image" in r.stdout
+    r = run("itm-index", "info", "--json", "--index", idx, text=False)
+    skipped = json.loads(r.stdout)["skipped"]
+    assert [os.fsencode(s["path"]) for s in skipped] == [os.fsencode(folder) + b"/bad \x80.png"]

@@ -6,11 +6,11 @@ from indexer.ann import EXACT_MAX, HNSW_MAX, build_ann, choose_factory, measured
 from indexer.errors import ItmError
 
 
-def clustered(n, dim=64, clusters=500, seed=0):
+def clustered(n, dim=64, clusters=500, seed=0, spread=0.35):
     """Unit vectors in clusters, as real embeddings are, rather than uniform on the sphere."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -49,3 +49,13 @@ def test_bad_factory_and_untrainable_corpus_are_clear_errors():
         build_ann(clustered(100), "NoSuchIndex")
     with pytest.raises(ItmError, match="needs at least 1024 vectors"):
         build_ann(clustered(100), "IVF1024,Flat")
+
+
+def test_measured_recall_reads_like_held_out_queries_not_like_stored_ones():
+    data = clustered(20_500, dim=32, spread=1.5)  # wide clusters: a new item lands far from every stored one
+    base, held_out = data[:20_000], data[20_000:]
+    index, _ = build_ann(base, "HNSW8")
+    faiss.ParameterSpace().set_index_parameter(index, "efSearch", 16)  # a weak index: recall well below 1
+    truth = recall_at_10(index, base, held_out)
+    assert recall_at_10(index, base, base[:256]) > truth + 0.1  # a stored vector as a query reads high
+    assert abs(measured_recall(index, base) - truth) <= 0.05

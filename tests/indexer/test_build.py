@@ -3,16 +3,19 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import indexer.commit
+from indexer import manifest as manifest_module
 from indexer import store
 from indexer.build import BuildOptions, build_index
 from indexer.encoder import DualEncoder
 from indexer.errors import IndexFormatError, ModelMismatchError
 from indexer.models import resolve_model
 from tests.conftest import write_images
-from tests.fixtures_broken import make_odd_files
+from tests.fixtures_broken import make_hostile_folder, make_odd_files
 
 
 def build(src, idx, spec, **kw):
@@ -40,7 +43,7 @@ def test_first_build_embeds_every_image_and_text(tmp_path, image_folder, text_fi
     direct = tiny_encoder.encode_texts([t["text"] for t in texts]).embeddings.numpy()
     np.testing.assert_allclose(emb, direct, atol=1e-5)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    assert snap.manifest["ann"]["image"]["factory"] == "Flat"
+    assert snap.manifest.ann["image"].factory == "Flat"
     assert len({x["id"] for x in rs}) == 16
 
 
@@ -59,7 +62,7 @@ def test_rebuild_embeds_only_new_and_changed_and_removes_deleted(tmp_path, image
     assert r.images == 12 - 1 + 2 + 1
     _, rs = rows(idx)
     paths = {x["path"] for x in rs}
-    assert str(files[0]) not in paths and str(image_folder / "renamed.png") in paths
+    assert os.fsencode(files[0]) not in paths and os.fsencode(image_folder / "renamed.png") in paths
     r, _ = build(image_folder, idx, tiny_spec)
     assert (r.added, r.updated, r.removed, r.unchanged) == (0, 0, 0, 14)
 
@@ -81,9 +84,25 @@ def test_broken_files_are_skipped_and_recorded(tmp_path, tiny_spec):
     skipped_names = {os.path.basename(p) for p, _ in skips}
     assert skipped_names == {n for n, o in expected.items() if o == "skip"}
     assert r.images == sum(o == "ok" for o in expected.values())
-    recorded = store.Snapshot.open(tmp_path / "idx").skipped().to_pylist()
-    assert {os.path.basename(s["path"]) for s in recorded} == skipped_names
+    recorded = store.Snapshot.open(tmp_path / "idx").skipped.to_pylist()
+    assert {os.path.basename(os.fsdecode(s["path"])) for s in recorded} == skipped_names
     assert all(s["reason"] for s in recorded)
+
+
+def test_a_hostile_folder_is_indexed_or_skipped_item_by_item(tmp_path, tiny_spec):
+    root = tmp_path / "hostile"
+    expected = make_hostile_folder(root)
+    r, skips = build(root, tmp_path / "idx", tiny_spec)
+    relative = lambda p: os.path.relpath(os.fsdecode(p), root)  # noqa: E731
+    assert {relative(p) for p, _ in skips} == {n for n, o in expected.items() if o == "skip"}
+    snap, rs = rows(tmp_path / "idx")
+    assert sorted(relative(x["path"]) for x in rs) == sorted(n for n, o in expected.items() if o == "ok")
+    assert r.images == len(rs) and r.skipped == len(skips)
+    assert {relative(s["path"]): s["reason"] for s in snap.skipped.to_pylist()} == {relative(p): w for p, w in skips}
+    reasons = dict((relative(p), w) for p, w in skips)
+    assert (reasons["dangling.png"], reasons["loop.png"], reasons["pipe.png"]) == \
+        ("broken symlink", "symlink loop", "not a regular file")
+    assert reasons["bomb.png"].startswith("image is 20000 x 20000, over the pixel cap")
 
 
 def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, image_folder, tiny_spec, monkeypatch):
@@ -92,15 +111,15 @@ def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, i
     before = json.loads((idx / "manifest.json").read_text())
     write_images(image_folder / "more", 10, seed=3)
 
-    real_write = store.write_manifest
+    real_write = indexer.commit.write_manifest
     def crash_on_final(index_dir, manifest):
-        if not manifest["staging"]:
+        if not manifest.staging:
             raise KeyboardInterrupt  # like Ctrl-C between staging and the final commit
         real_write(index_dir, manifest)
-    monkeypatch.setattr(store, "write_manifest", crash_on_final)
+    monkeypatch.setattr(indexer.commit, "write_manifest", crash_on_final)
     with pytest.raises(KeyboardInterrupt):
         build(image_folder, idx, tiny_spec, commit_every=4)
-    monkeypatch.setattr(store, "write_manifest", real_write)
+    monkeypatch.setattr(indexer.commit, "write_manifest", real_write)
 
     after = json.loads((idx / "manifest.json").read_text())
     assert after["generation"] == before["generation"] and after["rows"] == before["rows"]
@@ -136,7 +155,7 @@ def test_other_model_and_newer_format_are_refused(tmp_path, image_folder, tiny_s
     with pytest.raises(ModelMismatchError, match="was built with itm-tiny/random"):
         build(image_folder, idx, resolve_model("itm-tiny", checkpoint=ckpt))
     m = json.loads((idx / "manifest.json").read_text())
-    (idx / "manifest.json").write_text(json.dumps({**m, "format": store.FORMAT_VERSION + 1}))
+    (idx / "manifest.json").write_text(json.dumps({**m, "format": manifest_module.FORMAT_VERSION + 1}))
     with pytest.raises(IndexFormatError, match="newer than this itm"):
         build(image_folder, idx, tiny_spec)
 
@@ -156,3 +175,56 @@ def test_forced_faiss_factory_is_kept(tmp_path, image_folder, tiny_spec):
     write_images(image_folder / "x", 1, seed=5)
     build(image_folder, idx, tiny_spec)
     assert json.loads((idx / "manifest.json").read_text())["ann"]["image"]["factory"] == "HNSW8"
+
+
+def test_names_that_are_not_utf8_are_indexed_with_their_exact_bytes(tmp_path, tiny_spec):
+    folder = tmp_path / "old disk"
+    write_images(folder, 3)
+    raw_dir = os.fsencode(folder)
+    latin1 = raw_dir + b"/caf\xe9 \xe0 la plage.png"  # Latin-1, as copied from an old system
+    shutil.copy(sorted(folder.rglob("*.png"))[0], latin1)  # same bytes as an indexed file: reused
+    write_images(tmp_path / "x", 1, seed=4)[0].replace(os.fsdecode(raw_dir + b"/\xff\xfe.png"))
+    open(raw_dir + b"/bad \x80.png", "wb").write(b"not an image")
+    texts = os.fsencode(tmp_path) + b"/l\xe9gendes.txt"
+    open(texts, "wb").write(b"a red square\na blue circle\n")
+    idx = tmp_path / "idx"
+    r, skips = build(folder, idx, tiny_spec)
+    assert (r.added, r.images, r.skipped) == (5, 5, 1)
+    assert skips == [(os.fsdecode(raw_dir + b"/bad \x80.png"), "not an image (cannot identify format)")]
+    r, _ = build(os.fsdecode(texts), idx, tiny_spec)
+    assert r.texts == 2
+    snap, rs = rows(idx)
+    assert {latin1, raw_dir + b"/\xff\xfe.png", texts} <= {x["path"] for x in rs}  # paths are stored as bytes
+    assert [s["path"] for s in snap.skipped.to_pylist()] == [raw_dir + b"/bad \x80.png"]
+    r, _ = build(folder, idx, tiny_spec)
+    assert (r.added, r.removed, r.unchanged) == (0, 0, 5)  # the same paths found again, byte for byte
+
+
+def downgrade_to_format_1(idx):
+    """Rewrite an index as format 1 wrote it: text paths in Parquet, segments as a list of names."""
+    m = json.loads((idx / "manifest.json").read_text())
+    def as_text(path):
+        table = pq.read_table(path)
+        for name in ("source", "path"):
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pa.array([None if v is None else os.fsdecode(v)
+                                                        for v in table.column(name).to_pylist()], pa.string()))
+        pq.write_table(table, path)
+    for name in [m["rows"], m["skipped"], *(f"{s}.parquet" for s in m["segments"])]:
+        as_text(idx / name)
+    m.update(format=1, segments=sorted(m["segments"]), staging=[])
+    (idx / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_format_1_index_is_migrated(tmp_path, image_folder, tiny_spec):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    before = rows(idx)[1]
+    downgrade_to_format_1(idx)
+    snap, after = rows(idx)
+    assert snap.manifest.format == manifest_module.FORMAT_VERSION and after == before
+    assert sum(snap.manifest.segments.values()) == 12  # row counts read from the segments
+    write_images(image_folder / "more", 2, seed=8)
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.unchanged, r.images) == (2, 12, 14)
+    assert json.loads((idx / "manifest.json").read_text())["format"] == manifest_module.FORMAT_VERSION

@@ -1,10 +1,13 @@
 import time
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import indexer.encoder
 from indexer.encoder import DualEncoder
-from indexer.errors import CheckpointError, ItmError, UnknownModelError, WeightsUnavailableError
+from indexer.errors import CheckpointError, ItmError, ItmWarning, UnknownModelError, WeightsUnavailableError
 from indexer.models import list_models, resolve_model
 
 
@@ -36,7 +39,7 @@ def test_random_weights_are_reproducible_and_checkpoint_round_trip_is_exact(tmp_
     loaded = DualEncoder.load(resolve_model("itm-tiny", checkpoint=path))
     assert torch.equal(loaded.encode_images(pixels).embeddings, tiny_encoder.encode_images(pixels).embeddings)
     assert torch.equal(loaded.encode_texts(["x y"]).embeddings, tiny_encoder.encode_texts(["x y"]).embeddings)
-    assert loaded.identity["checkpoint_sha256"] and tiny_encoder.identity["checkpoint_sha256"] is None
+    assert loaded.identity.checkpoint_sha256 and tiny_encoder.identity.checkpoint_sha256 is None
 
 
 def test_pickle_and_broken_checkpoints_are_refused(tmp_path):
@@ -60,6 +63,17 @@ def test_bf16_is_close_to_fp32(tiny_spec, tiny_encoder):
         DualEncoder.load(tiny_spec, precision="fp16")
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_fp32(tiny_spec, monkeypatch):
+    monkeypatch.setattr(indexer.encoder, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(ItmWarning, match="slower than fp32.*--precision fp32"):
+        DualEncoder.load(tiny_spec, precision="bf16")
+    monkeypatch.setattr(indexer.encoder, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DualEncoder.load(tiny_spec, precision="bf16")
+        DualEncoder.load(tiny_spec, precision="fp32")
+
+
 def test_missing_weights_fail_fast_with_the_remedy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -74,3 +88,52 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(UnknownModelError, match="no pretrained weights tagged"):
         DualEncoder.load(resolve_model("ViT-B-32", "no-such-tag"))
     assert "demo" in list_models() and "itm-tiny" in list_models()
+
+
+class WordTokenizer:
+    """A word-level tokenizer shaped like open_clip's Hugging Face wrappers (HFTokenizer, SigLipTokenizer): a
+    callable giving (B, context) ids, its special ids on `.tokenizer`. Word ids start at 10, so its end-of-text
+    id is far from the largest, unlike SimpleTokenizer's."""
+
+    WORDS = "a red blue green circle square star left of".split()
+
+    def __init__(self, layout: str, context_length: int = 16):
+        self.layout, self.context_length = layout, context_length
+        self.vocab = {w: 10 + i for i, w in enumerate(self.WORDS)}
+        special = {  # (bos, eos, sep, pad, cls) as the transformers tokenizer inside each wrapper has them
+            "bert": (None, None, 2, 0, 1),  # [CLS] words [SEP] pad...; BERT vocabularies have no eos
+            "t5": (None, 1, None, 1, None),  # words </s> then padding with the same id (SigLIP's T5 vocabulary)
+            "clips": (0, 2, None, 1, 3),  # <s> words </s> pad... and a class token in the last position
+        }[layout]
+        names = ("bos_token_id", "eos_token_id", "sep_token_id", "pad_token_id", "cls_token_id")
+        self.tokenizer = SimpleNamespace(**dict(zip(names, special)))
+
+    def real(self, text: str) -> list[int]:
+        """The ids up to and including end-of-text."""
+        t, words = self.tokenizer, [self.vocab[w] for w in text.split()]
+        if self.layout == "bert":
+            return [t.cls_token_id, *words, t.sep_token_id]
+        if self.layout == "t5":
+            return [*words, t.eos_token_id]
+        return [t.bos_token_id, *words, t.eos_token_id]
+
+    def __call__(self, texts, context_length=None):
+        n = context_length or self.context_length
+        out = torch.full((len(texts), n), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.real(text)
+            out[row, :len(ids)] = torch.tensor(ids)
+        if self.layout == "clips":
+            out[:, -1] = self.tokenizer.cls_token_id
+        return out
+
+
+@pytest.mark.parametrize("layout", ["bert", "t5", "clips"])
+def test_end_of_text_is_found_when_its_id_is_not_the_largest(tiny_encoder, layout):
+    tok = WordTokenizer(layout)
+    enc = DualEncoder(tiny_encoder.model, tok, tiny_encoder.preprocess, tiny_encoder.spec, tiny_encoder.identity)
+    texts = ["a red circle", "a blue square left of a green star", "star"]
+    out = enc.encode_texts(texts, layers=[-1])
+    assert out.mask.sum(1).tolist() == [len(tok.real(t)) for t in texts]
+    assert all(row[:n].all() and not row[n:].any() for row, n in zip(out.mask, out.mask.sum(1)))  # a prefix
+

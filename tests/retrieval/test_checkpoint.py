@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from indexer.errors import CheckpointError
-from indexer.projector import load_projector
+from indexer.store_encoder import load_store_encoder
 from retrieval.checkpoint import checkpoint_sha, load_reranker, save_reranker
 from retrieval.fusion import FusionReranker, get_fusion_config
 
@@ -46,16 +46,16 @@ def test_sidecar_holds_config_and_format(model, saved):
 
 def test_index_builder_reads_the_same_store_encoder(model, saved):
     cfg = model.cfg
-    projector = load_projector(saved, SimpleNamespace(image_width=cfg.image_width, text_width=cfg.text_width))
-    assert projector.sha256.startswith(checkpoint_sha(saved))
+    store_encoder = load_store_encoder(saved, SimpleNamespace(image_width=cfg.image_width, text_width=cfg.text_width))
+    assert store_encoder.sha256.startswith(checkpoint_sha(saved))
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(3, 1 + 16, cfg.image_width, generator=g) for _ in range(cfg.n_levels)]
     texts = [torch.randn(3, 10, cfg.text_width, generator=g) for _ in range(cfg.n_levels)]
     mask = torch.arange(10)[None] < torch.tensor([[2], [10], [6]])
     with torch.no_grad():
-        assert (projector.images(images, (4, 4)) == model.encode_image_store(images, (4, 4)).half().numpy()).all()
+        assert (store_encoder.images(images, (4, 4)) == model.encode_image_store(images, (4, 4)).half().numpy()).all()
         feats, keep = model.encode_text_store(texts, mask)
-    built_feats, built_keep = projector.texts(texts, mask)
+    built_feats, built_keep = store_encoder.texts(texts, mask)
     assert (built_feats == feats.half().numpy()).all() and (built_keep == keep.numpy()).all()
 
 

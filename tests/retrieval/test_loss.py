@@ -11,15 +11,6 @@ from retrieval.loss import PARTS, ItmLoss, mine_hard_negatives, positive_mask
 B, GRID, L = 8, (4, 4), 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread than on two shared ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model() -> FusionReranker:
     torch.manual_seed(0)
@@ -136,3 +127,16 @@ def test_overfits_a_small_batch():
         logits = model(img[rows], txt[cols], txt_mask[cols]).view(B, B)  # every image against every text
     eye = torch.eye(B, dtype=torch.bool)
     assert (logits[eye] > 0).all() and (logits[~eye] < 0).all()
+
+
+def test_contrastive_part_equals_open_clips_clip_loss():
+    """Oracle: open_clip's own symmetric InfoNCE, on a batch without repeated images or known negatives."""
+    from open_clip.loss import ClipLoss
+
+    g = torch.Generator().manual_seed(3)
+    image_emb = F.normalize(torch.randn(B, 32, generator=g), dim=-1)
+    text_emb = F.normalize(torch.randn(B, 32, generator=g), dim=-1)
+    for temperature in (0.07, 0.5):
+        loss_fn = ItmLoss(init_temperature=temperature)
+        ours = loss_fn(None, None, None, None, image_emb, text_emb)["contrastive"]
+        torch.testing.assert_close(ours, ClipLoss()(image_emb, text_emb, loss_fn.scale))

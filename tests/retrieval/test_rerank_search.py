@@ -10,8 +10,11 @@ from indexer.build import BuildOptions, build_index
 from indexer.errors import CheckpointError, ModelMismatchError
 from indexer.models import resolve_model
 from retrieval.checkpoint import save_reranker
+from retrieval.data import ImageCaptions
+from retrieval.evaluate import embed_dataset, rank
 from retrieval.fusion import FusionReranker, bytes_per_image, get_fusion_config
 from retrieval.search import Searcher
+from tests.conftest import write_images
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +35,13 @@ def index(tmp_path, image_folder, text_file, reranker_path):
 
 def test_store_holds_projected_tokens_within_budget(index):
     snap = store.Snapshot.open(index)
-    rr = snap.manifest["reranker"]
+    rr = snap.manifest.reranker
     cfg = get_fusion_config("fusion-tiny")
     tok = snap.gather(snap.kind_rows("image"), "tok")
-    assert tok.dtype == np.float16 and tok.shape[1:] == tuple(rr["image_shape"]) == (2, 5, 32)
+    assert tok.dtype == np.float16 and tok.shape[1:] == rr.image_shape == (2, 5, 32)
     assert tok[0].nbytes == bytes_per_image(cfg)
     assert snap.gather(snap.kind_rows("text"), "mask").dtype == bool
-    assert (index / rr["file"]).exists()  # the index carries its reranker
+    assert (index / rr.file).exists()  # the index carries its reranker
 
 
 def test_text_query_is_reranked_and_batched_equals_one_at_a_time(index):
@@ -92,3 +95,28 @@ def test_index_without_store_says_so(tmp_path, image_folder, tiny_spec):
     assert not s.has_reranker
     assert all(h.match_logit is None for h in s.search(text="x", k=2))
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["reranker"] is None
+
+
+def test_searcher_ranks_as_evaluation_does_both_ways(tmp_path, reranker_path):
+    """Oracle: evaluate.rank's dense, all-pairs two-stage ranking over the same images and captions."""
+    paths = sorted(write_images(tmp_path / "imgs", 10, seed=3))
+    words = ["red", "green", "blue", "yellow", "round", "square", "small", "large", "left", "right"]
+    data = [ImageCaptions(p, (f"a {words[i]} thing {i}", f"{words[(3 * i) % 10]} and {words[(7 * i) % 10]} {i}"))
+            for i, p in enumerate(paths)]
+    (tmp_path / "captions.txt").write_text("".join(f"{c}\n" for d in data for c in d.captions))
+    spec = resolve_model("itm-tiny", "random", reranker=reranker_path)
+    idx = tmp_path / "idx"
+    build_index(tmp_path / "imgs", idx, spec, BuildOptions(batch_size=3))
+    build_index(tmp_path / "captions.txt", idx, spec, BuildOptions(batch_size=3))
+    s = Searcher(idx)
+    feats = embed_dataset(s.encoder, s.reranker, data, batch_size=4)
+    ranks = rank(feats, s.reranker, rerank_k=4)
+    image_of = {str(d.image): i for i, d in enumerate(data)}
+    for q, text in enumerate(feats.texts):  # text -> images, the top 4 reranked
+        hits = s.search(text=text, k=10, rerank_k=4)
+        assert [image_of[h.path] for h in hits] == ranks.t2i_order[q].tolist()
+    caption_of = {t: j for j, t in enumerate(feats.texts)}
+    for i, d in enumerate(data):  # image -> texts, the top 4 reranked
+        hits = s.search(image=d.image, kind="text", k=20, rerank_k=4)
+        assert [caption_of[h.text] for h in hits] == ranks.i2t_order[i].tolist()
+        assert all(h.match_logit is not None for h in hits[:4]) and all(h.match_logit is None for h in hits[4:])

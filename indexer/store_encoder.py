@@ -74,8 +74,8 @@ class StoreEncoder(nn.Module):
         return torch.stack(out, 1), keep  # (B, Lt, Tt, D), (B, Tt)
 
 
-@dataclass
-class StoreProjector:
+@dataclass(frozen=True)
+class LoadedStoreEncoder:
     """A reranker's StoreEncoder loaded on its own, for building the store (numpy in, numpy out)."""
 
     module: StoreEncoder
@@ -100,7 +100,7 @@ def store_encoder_from_config(cfg: dict) -> StoreEncoder:
                         cfg["regions"], cfg["max_text_tokens"])
 
 
-def load_projector(path: Path, encoder) -> StoreProjector:
+def load_store_encoder(path: Path, encoder) -> LoadedStoreEncoder:
     """The store encoder of the reranker checkpoint at `path`, checked against the dual encoder."""
     tensors, meta = load_checkpoint(Path(path), RERANKER_KIND)
     cfg = meta["fusion_config"]
@@ -115,5 +115,5 @@ def load_projector(path: Path, encoder) -> StoreProjector:
     except RuntimeError as e:
         raise CheckpointError(f"reranker {path} has no usable store encoder: {e}") from None
     ti, tt, n = 1 + cfg["regions"] ** 2, cfg["max_text_tokens"], len(cfg["image_layers"])
-    return StoreProjector(module.eval(), tuple(cfg["image_layers"]), tuple(cfg["text_layers"]), file_sha256(path),
+    return LoadedStoreEncoder(module.eval(), tuple(cfg["image_layers"]), tuple(cfg["text_layers"]), file_sha256(path),
                           (n, ti, cfg["d_model"]), (n, tt, cfg["d_model"]))

@@ -1,0 +1,133 @@
+"""Writing an index: one writer at a time, segments staged as they are encoded, each generation committed whole.
+
+A writer holds the index's lock for its whole run. Encoded segments are staged (written, then
+named under "staging" in the manifest) so that a crash loses at most one segment's work and
+the next build reuses the rest. A commit writes the rows, an ANN index per kind and the skipped
+list, replaces the manifest, and only then deletes files that neither the new generation nor
+the one before it names, so that a reader opening the previous generation still finds its files.
+"""
+from __future__ import annotations
+
+import fcntl
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from . import store
+from .ann import build_ann, measured_recall
+from .durable import write_durably
+from .errors import ItmError
+from .manifest import KINDS, AnnInfo, Manifest, ModelIdentity, RerankerInfo, read_manifest, write_manifest
+
+
+@contextmanager
+def locked(index_dir: Path) -> Iterator[None]:
+    """Hold the index's writer lock; a second writer is refused at once rather than made to wait."""
+    with open(Path(index_dir) / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ItmError(f"another build is writing to {index_dir}; wait for it to finish") from None
+        yield
+
+
+class Writer:
+    """The one writer of an index directory; use it inside `locked(index_dir)`.
+
+    >>> with locked(idx):
+    ...     w = Writer(idx)
+    ...     w.commit(rows, w.skipped, next_id=w.manifest.next_id)
+    """
+
+    def __init__(self, index_dir: Path):
+        self.index_dir = Path(index_dir)
+        self.manifest: Manifest | None = read_manifest(self.index_dir)  # None until `start` for a new index
+        self.arrays = store.SegmentArrays(self.index_dir)
+        self.sizes = {**self.manifest.segments, **self.manifest.staging} if self.manifest else {}  # rows by segment
+        self.rows: pa.Table = store.read_table(self.index_dir / self.manifest.rows, store.ROW_SCHEMA) \
+            if self.manifest else store.ROW_SCHEMA.empty_table()
+        self.skipped: pa.Table = store.read_table(self.index_dir / self.manifest.skipped, store.SKIP_SCHEMA) \
+            if self.manifest else store.SKIP_SCHEMA.empty_table()
+
+    def start(self, model: ModelIdentity, reranker: RerankerInfo | None) -> None:
+        """Generation 0 of a new index: no rows yet, so that staged segments have a manifest to live in."""
+        manifest = Manifest(model=model, reranker=reranker)
+        store.write_table(self.index_dir / manifest.rows, self.rows)
+        store.write_table(self.index_dir / manifest.skipped, self.skipped)
+        if reranker is not None:  # the index carries the reranker its rerank store was made by
+            src = Path(reranker.source)
+            for source, name in ((src.with_suffix(".json"), reranker.config_file), (src, reranker.file)):
+                data = source.read_bytes()
+                write_durably(self.index_dir / name, lambda f: f.write(data))
+        write_manifest(self.index_dir, manifest)
+        self.manifest = manifest
+
+    def staged_hashes(self) -> dict[str, list[str]]:
+        """The content hashes of each staged segment, in row order (a crashed build's work, to reuse)."""
+        return {seg: store.read_table(self.index_dir / f"{seg}.parquet", store.SEGMENT_SCHEMA)
+                .column("hash").to_pylist() for seg in self.manifest.staging}
+
+    def write_segment(self, rows: list[dict], emb: np.ndarray, tok: np.ndarray | None = None,
+                      mask: np.ndarray | None = None) -> str:
+        """Write a segment that no manifest names yet; returns its name."""
+        name = store.new_segment_name()
+        store.write_segment(self.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
+                            emb, tok, mask)
+        self.sizes[name] = len(rows)
+        return name
+
+    def stage(self, rows: list[dict], emb: np.ndarray, tok: np.ndarray | None = None,
+              mask: np.ndarray | None = None) -> str:
+        """Write a segment and commit it as staging: invisible to readers, reusable after a crash."""
+        name = self.write_segment(rows, emb, tok, mask)
+        self.manifest = replace(self.manifest, staging={**self.manifest.staging, name: len(rows)})
+        write_manifest(self.index_dir, self.manifest)
+        return name
+
+    def commit(self, rows: pa.Table, skipped: pa.Table, next_id: int, faiss_factory: str | None = None,
+               ann: dict[str, AnnInfo] | None = None) -> Manifest:
+        """Commit the next generation: `rows` (store.ROW_SCHEMA) and `skipped` (store.SKIP_SCHEMA).
+
+        An ANN index per kind is built over the rows (with `faiss_factory`, else the index's own
+        choice), unless `ann` holds indexes that stay valid: the same vectors in the same row
+        order. Returns the new manifest.
+        """
+        old = self.manifest
+        gen = old.generation + 1
+        factory = faiss_factory or old.faiss_factory
+        kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
+        manifest = replace(
+            old, generation=gen, rows=f"rows-g{gen}.parquet", skipped=f"skipped-g{gen}.parquet",
+            ann=self._build_ann(rows, factory, gen) if ann is None else ann,
+            segments={s: self.sizes[s] for s in sorted(set(rows.column("segment").to_pylist()))}, staging={},
+            next_id=next_id,
+            counts={kind: int((kinds == kind).sum()) for kind in KINDS}, faiss_factory=factory,
+            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        store.write_table(self.index_dir / manifest.rows, rows)
+        store.write_table(self.index_dir / manifest.skipped, skipped)
+        write_manifest(self.index_dir, manifest)
+        store.collect_garbage(self.index_dir, keep=(manifest, old))
+        self.manifest, self.rows, self.skipped = manifest, rows, skipped
+        return manifest
+
+    def _build_ann(self, rows: pa.Table, factory: str | None, gen: int) -> dict[str, AnnInfo]:
+        kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
+        segments = np.asarray(rows.column("segment").to_pylist(), dtype=object)
+        offsets = rows.column("offset").to_numpy()
+        ann = {}
+        for kind in KINDS:
+            sel = kinds == kind
+            if not sel.any():
+                continue
+            vectors = self.arrays.gather(segments[sel], offsets[sel], "emb")
+            index, used = build_ann(vectors, factory)
+            recall = 1.0 if used == "Flat" else measured_recall(index, vectors)
+            ann[kind] = AnnInfo(file=f"ann-{kind}-g{gen}.faiss", factory=used, metric="inner_product",
+                                dim=int(vectors.shape[1]), ntotal=int(index.ntotal), recall_at_10=recall)
+            store.write_ann(self.index_dir / ann[kind].file, index)
+        return ann

@@ -1,0 +1,207 @@
+"""The manifest: what one generation of an index holds, which model made it, and the format's history.
+
+`manifest.json` names every data file of the generation (see indexer/store.py for the layout)
+and is replaced atomically by each commit. This module imports neither torch, faiss nor
+open_clip, so that the query path can read an index's model identity before loading anything.
+
+    >>> m = read_manifest(Path("idx"))
+    >>> m.model.label, m.counts
+    ('demo (itm-demo/checkpoint 3f2a9c0d1e4b)', {'image': 300, 'text': 300})
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .durable import fsync_dir, write_durably
+from .errors import IndexFormatError, ModelMismatchError
+
+MANIFEST = "manifest.json"
+KINDS = ("image", "text")
+
+# Format history. Each change says why; MIGRATIONS holds one step up from each older format,
+# and a format newer than FORMAT_VERSION is refused.
+#   1: first format.
+#   2: paths (the source given to `build`, each item's file, each skipped file) are stored as bytes,
+#      exactly as the file system gives them: a name that is not UTF-8 crashed format 1's text
+#      columns. Segments and staging map each segment to its row count, so that compaction can
+#      tell dead rows without opening every segment. Format 1's text columns are read as bytes
+#      (store.read_table casts them); its segment lists get their counts from the .npy headers.
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The dual encoder an index was built with; later builds and every query must use the same weights."""
+
+    arch: str  # open_clip architecture
+    pretrained: str | None  # open_clip pretrained tag or "random"; None when the weights came from a checkpoint
+    checkpoint_sha256: str | None  # sha256 of the checkpoint file the weights came from
+    embed_dim: int
+    image_size: int  # input side of the image tower, pixels
+    context_length: int  # text tokens the tokenizer pads to
+    name: str | None = None  # the bundle name the user gave (e.g. "demo"), which later builds reload by name
+    checkpoint: str | None = None  # a checkpoint path given directly, not through a bundle
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: `demo (itm-demo/checkpoint 3f2a9c0d1e4b)`, `ViT-B-32/laion2b_s34b_b79k`."""
+        weights = f"checkpoint {self.checkpoint_sha256[:12]}" if self.checkpoint_sha256 else self.pretrained
+        return f"{self.name} ({self.arch}/{weights})" if self.name else f"{self.arch}/{weights}"
+
+    def same_weights(self, other: ModelIdentity) -> bool:
+        return (self.arch, self.pretrained, self.checkpoint_sha256, self.embed_dim) == \
+            (other.arch, other.pretrained, other.checkpoint_sha256, other.embed_dim)
+
+
+@dataclass(frozen=True)
+class RerankerInfo:
+    """The fusion reranker whose store encoder made the index's rerank store; a copy lives in the index."""
+
+    sha256: str  # of the reranker checkpoint file
+    file: str  # the copy's name inside the index folder (its JSON config sits beside it)
+    source: str  # where it was copied from
+    image_shape: tuple[int, int, int]  # (levels, tokens, width) stored per image, fp16
+    text_shape: tuple[int, int, int]  # (levels, tokens, width) stored per text, fp16
+
+    @property
+    def config_file(self) -> str:
+        return str(Path(self.file).with_suffix(".json"))
+
+
+@dataclass(frozen=True)
+class AnnInfo:
+    """One FAISS index over the live rows of one kind, in row order."""
+
+    file: str
+    factory: str  # FAISS factory string, e.g. "Flat", "HNSW32"
+    metric: str  # "inner_product" (of unit vectors: cosine)
+    dim: int
+    ntotal: int
+    recall_at_10: float  # against exact search, measured at commit (indexer.ann.measured_recall)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One committed generation of an index (or generation 0, which only holds staged segments)."""
+
+    model: ModelIdentity
+    reranker: RerankerInfo | None = None
+    generation: int = 0
+    rows: str = "rows-g0.parquet"  # the live rows, each pointing at (segment, offset)
+    skipped: str = "skipped-g0.parquet"  # corpus items that could not be used, with the reason
+    ann: dict[str, AnnInfo] = field(default_factory=dict)  # by kind; a kind without rows has none
+    segments: dict[str, int] = field(default_factory=dict)  # segments the live rows point into -> rows each holds
+    staging: dict[str, int] = field(default_factory=dict)  # segments of a build that has not committed: unread
+    next_id: int = 0  # the id the next new row gets
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # live rows by kind
+    faiss_factory: str | None = None  # forced by the user; None: chosen from the corpus size at each commit
+    updated_at: str | None = None  # time of the commit
+    format: int = FORMAT_VERSION
+
+    def files(self) -> set[str]:
+        """Every data file this generation needs (segment parts that were never written included)."""
+        names = {self.rows, self.skipped, *(a.file for a in self.ann.values())}
+        for seg in (*self.segments, *self.staging):
+            names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy"}
+        if self.reranker:
+            names |= {self.reranker.file, self.reranker.config_file}
+        return names
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """A manifest of the current format from its JSON form; KeyError/TypeError when it is malformed."""
+        rr = d.get("reranker")
+        return cls(
+            model=ModelIdentity(**_known(ModelIdentity, d["model"])),
+            reranker=RerankerInfo(**{**_known(RerankerInfo, rr), "image_shape": tuple(rr["image_shape"]),
+                                     "text_shape": tuple(rr["text_shape"])}) if rr else None,
+            generation=int(d["generation"]), rows=d["rows"], skipped=d["skipped"],
+            ann={kind: AnnInfo(**a) for kind, a in d["ann"].items()},
+            segments=dict(d["segments"]), staging=dict(d.get("staging", {})), next_id=int(d["next_id"]),
+            counts={**dict.fromkeys(KINDS, 0), **d["counts"]}, faiss_factory=d.get("faiss_factory"),
+            updated_at=d.get("updated_at"), format=int(d["format"]))
+
+
+def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _from_format_1(raw: dict[str, Any], index_dir: Path) -> dict[str, Any]:
+    return {**raw, "segments": {s: _segment_rows(index_dir, s) for s in raw["segments"]},
+            "staging": {s: _segment_rows(index_dir, s) for s in raw.get("staging", [])}}
+
+
+def _segment_rows(index_dir: Path, segment: str) -> int:
+    """Rows of a segment, from the header of its embeddings file."""
+    import numpy as np
+
+    with open(index_dir / f"{segment}.emb.npy", "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(f)
+    return int(shape[0])
+
+
+Migration = Callable[[dict[str, Any], Path], dict[str, Any]]
+MIGRATIONS: dict[int, Migration] = {1: _from_format_1}  # format N -> the step from N to N + 1
+
+
+def read_manifest(index_dir: Path) -> Manifest | None:
+    """The index's current manifest, migrated to FORMAT_VERSION; None when there is no index there."""
+    path = Path(index_dir) / MANIFEST
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexFormatError(f"{path} is corrupt ({e}); rebuild the index into a new --index directory") from None
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if not isinstance(fmt, int) or fmt < 1:
+        raise IndexFormatError(f"{path} is not an itm manifest; pass --index for an itm index directory")
+    if fmt > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"index at {index_dir} has format {fmt}, newer than this itm understands ({FORMAT_VERSION}); "
+            "upgrade itm or pass --index for another index")
+    while raw["format"] < FORMAT_VERSION:
+        raw = {**MIGRATIONS[raw["format"]](raw, Path(index_dir)), "format": raw["format"] + 1}
+    try:
+        return Manifest.from_json(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(f"{path} is corrupt (bad or missing {e}); rebuild the index into a new --index "
+                               "directory") from None
+
+
+def write_manifest(index_dir: Path, manifest: Manifest) -> None:
+    """Replace the manifest atomically: readers see the old generation or the new one, never a mix."""
+    data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+    write_durably(Path(index_dir) / MANIFEST, lambda f: f.write(data))
+    fsync_dir(Path(index_dir))
+
+
+def check_model(manifest: Manifest, model: ModelIdentity, index_dir: Path) -> None:
+    """Refuse to add to, or query, an index with another model than the one it was built with."""
+    if not manifest.model.same_weights(model):
+        raise ModelMismatchError(
+            f"index at {index_dir} was built with {manifest.model.label}, not {model.label}; "
+            "pass --index for another index, or delete this one and build it again with that model")
+
+
+def check_reranker(manifest: Manifest, sha256: str | None, index_dir: Path) -> None:
+    """Refuse to mix rerank-store features of two rerankers (or none and one) in one index."""
+    old = manifest.reranker.sha256 if manifest.reranker else None
+    if old != sha256:
+        raise ModelMismatchError(
+            f"index at {index_dir} holds a rerank store for reranker {str(old)[:12]}, not {str(sha256)[:12]}; "
+            "pass --index for another index, or delete this one and build it again with that reranker")
+
+
+def next_generation(manifest: Manifest, **changes: Any) -> Manifest:
+    """The manifest of the following generation, with `changes` applied."""
+    return replace(manifest, generation=manifest.generation + 1, **changes)

@@ -1,0 +1,29 @@
+"""Build options and the defaults the commands share, in a module that imports nothing heavy."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "ViT-B-32"  # open_clip architecture used when neither the user nor the index names one
+DEVICE = "cpu"  # cpu, cuda, cuda:1, ...
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16 on a GPU only
+PRECISION = "fp32"
+DEFAULT_MAX_PIXELS = 100_000_000  # pixel cap (width x height from the header) of an image a build decodes
+SEGMENT_ROWS = 2048  # items per segment written by a build or a compaction
+COMPACT_AT = 0.25  # share of stored rows that are dead (deleted or replaced) at which a build compacts
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    batch_size: int = 64  # items per forward pass
+    workers: int = max(1, (os.cpu_count() or 1))  # decoding threads (0: decode inline)
+    device: str = DEVICE
+    precision: str = PRECISION  # fp32 | bf16 | fp16 (GPU)
+    exclude: tuple[str, ...] = ()  # globs relative to the folder
+    include_hidden: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    faiss_factory: str | None = None  # None: chosen from corpus size (or kept from the last build)
+    text_column: str | None = None
+    id_column: str | None = None
+    commit_every: int = SEGMENT_ROWS  # items per staged segment: what an interruption can lose at most
+    compact_at: float = COMPACT_AT  # dead share of stored rows that makes the build compact (above 1: never)
