@@ -47,6 +47,7 @@ class TrainOptions:
     margin: float = 1.0  # ranking margin, in match-logit units
     num_negatives: int = 2  # hard negatives mined per image and per text
     hard_negatives: str = "sample"  # "sample" (softmax of similarity) or "hardest"
+    random_negatives: int = 1  # negatives drawn uniformly per image and per text, beside the mined ones
     neighbours: int = 0  # batch each image with its N nearest images (frozen encoders), so in-batch negatives confuse
     caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
     hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
@@ -109,7 +110,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
                                if resuming and opts.train_encoders else spec, opts.device)
     reranker = _make_reranker(encoder, opts, out_dir, resume)
     loss_fn = ItmLoss(opts.contrastive_weight, opts.matching_weight, opts.ranking_weight, opts.margin,
-                      opts.num_negatives, opts.hard_negatives).to(opts.device)
+                      opts.num_negatives, opts.hard_negatives, random_negatives=opts.random_negatives).to(opts.device)
     groups = [{"params": list(loss_fn.parameters()), "lr": opts.lr}]
     if reranker is not None:
         groups[0]["params"] += list(reranker.parameters())

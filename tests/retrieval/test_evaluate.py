@@ -86,3 +86,102 @@ def test_embed_dataset_equals_encoding_one_item_at_a_time(tmp_path, tiny_encoder
     one = [tiny_encoder.encode_texts([t]).embeddings[0] for t in texts]
     assert f.texts == texts and f.caption_image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     torch.testing.assert_close(f.text_emb, torch.stack(one), rtol=0, atol=1e-5)
+
+
+def test_oracle_recall_equals_enumerating_every_tie_break():
+    """Expected R@K of the truth-knowing oracle, against averaging over all orders of the true items."""
+    import itertools
+
+    from retrieval.evaluate import oracle_recall
+
+    truth = np.array([[1, 1, 0, 1],    # caption 0 (image 0) is true of images 0, 1, 3
+                      [1, 0, 0, 0],    # caption 1 (image 0): only its own
+                      [0, 1, 1, 0],    # caption 2 (image 1)
+                      [1, 1, 0, 1],    # caption 3 (image 2): same words as caption 0, also true of 2
+                      [0, 0, 0, 1]], dtype=bool)
+    truth[3, 2] = True
+    owner = np.array([0, 0, 1, 2, 3])
+    got = oracle_recall(truth, owner, ks=(1, 2))
+
+    def expected_t2i(k):
+        hits = []
+        for q, row in enumerate(truth):
+            true = np.flatnonzero(row)
+            orders = list(itertools.permutations(true))
+            hits.append(np.mean([owner[q] in o[:k] for o in orders]))
+        return 100 * np.mean(hits)
+
+    def expected_i2t(k):
+        hits = []
+        for i in range(truth.shape[1]):
+            true = np.flatnonzero(truth[:, i])
+            orders = list(itertools.permutations(true))
+            hits.append(np.mean([any(owner[c] == i for c in o[:k]) for o in orders]))
+        return 100 * np.mean(hits)
+
+    for k in (1, 2):
+        assert got[f"t2i_r{k}"] == pytest.approx(expected_t2i(k))
+        assert got[f"i2t_r{k}"] == pytest.approx(expected_i2t(k))
+
+
+def test_truth_recall_and_pair_wins_against_loops():
+    from retrieval.evaluate import Ranks, pair_wins, truth_recall
+
+    rng = np.random.default_rng(0)
+    nt, ni = 12, 6
+    truth = rng.random((nt, ni)) < 0.3
+    t2i_order = np.stack([rng.permutation(ni) for _ in range(nt)])
+    i2t_order = np.stack([rng.permutation(nt) for _ in range(ni)])
+    r = Ranks(np.zeros(nt, int), np.zeros(ni, int), t2i_order, i2t_order)
+    got = truth_recall(r, truth)
+    assert got["t2i_truth1"] == pytest.approx(100 * np.mean([truth[q, t2i_order[q, 0]] for q in range(nt)]))
+    assert got["t2i_truth5"] == pytest.approx(
+        100 * np.mean([any(truth[q, i] for i in t2i_order[q, :5]) for q in range(nt)]))
+    assert got["i2t_truth1"] == pytest.approx(100 * np.mean([truth[i2t_order[i, 0], i] for i in range(ni)]))
+    sub = truth_recall(r, truth, queries=np.arange(nt) < 4, images=np.arange(ni) >= 3)
+    assert sub["t2i_truth1"] == pytest.approx(100 * np.mean([truth[q, t2i_order[q, 0]] for q in range(4)]))
+    assert sub["i2t_truth1"] == pytest.approx(100 * np.mean([truth[i2t_order[i, 0], i] for i in range(3, ni)]))
+
+    queries = np.array([0, 3, 5, 7])
+    right, wrong = rng.integers(0, ni, 4), rng.integers(0, ni, 4)
+    wins = pair_wins(t2i_order, queries, right, wrong)
+    loop = [list(t2i_order[q]).index(a) < list(t2i_order[q]).index(b) for q, a, b in zip(queries, right, wrong)]
+    assert wins.tolist() == loop
+
+
+def test_swap_accuracy_equals_scoring_each_pair_alone(tmp_path, tiny_encoder):
+    """Batched swap accuracy against the fused score of (image, caption) and (image, negative) one at a time."""
+    from retrieval.evaluate import swap_accuracy
+    from retrieval.fusion import FusionReranker, get_fusion_config
+    from tests.conftest import write_images
+
+    paths = write_images(tmp_path, 3, size=(32, 32))
+    rows = [{"image": str(p.relative_to(tmp_path)), "caption": c} for p in paths for c in ("a red cat", "a blue dog on a mat")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_dataset(tmp_path / "d.jsonl")
+    torch.manual_seed(0)
+    reranker = FusionReranker(get_fusion_config("fusion-tiny", image_width=tiny_encoder.image_width,
+                                                text_width=tiny_encoder.text_width)).eval()
+    feats = embed_dataset(tiny_encoder, reranker, data)
+    negatives = ["a blue cat", None, "a red dog on a mat", "a green cat", None, "a dog on a red mat"]
+    dual, fused = swap_accuracy(tiny_encoder, reranker, feats, negatives)
+    assert len(dual) == len(fused) == 4
+
+    def fused_score(image: int, text: str) -> tuple[float, float]:
+        img = tiny_encoder.encode_images(feats_pixels[image][None], reranker.cfg.image_layers)
+        txt = tiny_encoder.encode_texts([text], reranker.cfg.text_layers)
+        with torch.no_grad():
+            istore = reranker.encode_image_store(img.tokens, img.grid).half()
+            tstore, mask = reranker.encode_text_store(txt.tokens, txt.mask)
+            sim = (img.embeddings * txt.embeddings).sum()
+            return float(sim), float(reranker.score(reranker(istore, tstore.half(), mask), sim))
+
+    feats_pixels = [tiny_encoder.load_pixels(d.image) for d in data]
+    k = 0
+    for t, neg in enumerate(negatives):
+        if neg is None:
+            continue
+        image = feats.caption_image[t]
+        (pos_sim, pos), (neg_sim, negf) = fused_score(image, feats.texts[t]), fused_score(image, neg)
+        assert dual[k] == (pos_sim > neg_sim) and fused[k] == (pos > negf)
+        k += 1

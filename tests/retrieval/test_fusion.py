@@ -1,6 +1,8 @@
 """The fusion reranker: registry, store encoders, and batched scoring against a one-pair-at-a-time oracle."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,10 +13,11 @@ from retrieval.fusion import (FusionReranker, bytes_per_image, bytes_per_text, g
 B, GRID, L = 5, (4, 4), 12  # batch, tiny encoder's patch grid, raw text length
 
 
-@pytest.fixture(scope="module")
-def model() -> FusionReranker:
+@pytest.fixture(scope="module", params=[{}, {"region_boxes": True, "pair_relations": True}],
+                ids=["plain", "boxes+pairs"])
+def model(request) -> FusionReranker:
     torch.manual_seed(0)
-    return FusionReranker(get_fusion_config("fusion-tiny", self_attention=True)).eval()
+    return FusionReranker(get_fusion_config("fusion-tiny", self_attention=True, **request.param)).eval()
 
 
 def random_tokens(cfg, n=B, lengths=(3, 12, 7, 1, 9), seed=0):
@@ -136,9 +139,44 @@ def test_score_weight_moves_the_ranking_from_recall_to_the_match_logit(model):
 def test_fine_to_coarse_visits_the_levels_in_the_other_order(model, store):
     """Oracle: the same weights in coarse-to-fine order, given the levels reversed."""
     img, txt, mask = store
-    f2c = FusionReranker(get_fusion_config("fusion-tiny", self_attention=True, fusion_order="fine_to_coarse")).eval()
+    f2c = FusionReranker(replace(model.cfg, fusion_order="fine_to_coarse")).eval()
     f2c.load_state_dict(model.state_dict())
     assert f2c.order == [0, 1] and model.order == [1, 0]
     with torch.no_grad():
         torch.testing.assert_close(f2c(img, txt, mask), model(img.flip(1), txt.flip(1), mask))
         assert not torch.allclose(f2c(img, txt, mask), model(img, txt, mask), atol=1e-3)  # the order matters
+
+
+def test_region_boxes_sit_where_the_store_pools_each_region():
+    """Box i must describe the image area the store's region token i averages (row-major, CLS first)."""
+    from indexer.store_encoder import StoreEncoder
+    from retrieval.fusion import region_boxes
+
+    h = w = 6
+    enc = StoreEncoder(1, 2, 2, 2, regions=3, max_text_tokens=4)
+    with torch.no_grad():  # identity projection, no normalisation: the store holds the pooled inputs
+        enc.image_store[0].norm = torch.nn.Identity()
+        enc.image_store[0].proj.weight.copy_(torch.eye(2))
+        enc.image_store[0].proj.bias.zero_()
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.stack([(xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1], -1).view(1, h * w, 2)  # patch centres
+    tokens = torch.cat([torch.zeros(1, 1, 2), centres], 1)  # (1, 1 + H*W, 2): CLS, then the grid row by row
+    pooled = enc.encode_images([tokens], (h, w))[0, 0]  # (1 + 9, 2) mean patch centre of each region
+    torch.testing.assert_close(pooled[1:], region_boxes(3)[1:, :2])
+    torch.testing.assert_close(region_boxes(3)[0], torch.tensor([0.0, 0.0, 2.0, 2.0]))
+
+
+def test_pair_relations_equal_a_loop_over_region_pairs():
+    from retrieval.fusion import PairRelations
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    rel = PairRelations(8, regions=2)
+    regions, text = torch.randn(3, 4, 8), torch.randn(3, 8)
+    got = rel(regions, text)
+    x, q = rel.norm(regions), rel.text(rel.text_norm(text))
+    boxes = rel.offsets.new_tensor([[-0.5, -0.5, 1, 1], [0.5, -0.5, 1, 1], [-0.5, 0.5, 1, 1], [0.5, 0.5, 1, 1]])
+    for b in range(3):
+        pairs = [rel.out(F.gelu(rel.first(x[b, i]) + rel.second(x[b, j]) + rel.geometry(boxes[i] - boxes[j]) + q[b]))
+                 for i in range(4) for j in range(4) if i != j]
+        torch.testing.assert_close(got[b], torch.stack(pairs).amax(0))

@@ -140,3 +140,59 @@ def test_contrastive_part_equals_open_clips_clip_loss():
         loss_fn = ItmLoss(init_temperature=temperature)
         ours = loss_fn(None, None, None, None, image_emb, text_emb)["contrastive"]
         torch.testing.assert_close(ours, ClipLoss()(image_emb, text_emb, loss_fn.scale))
+
+
+def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch):
+    """Oracle: the loss parts recomputed from an explicit list of pairs, each scored on its own."""
+    from retrieval.loss import KnownNegatives
+
+    images, texts, mask, ie, te = batch
+    g = torch.Generator().manual_seed(5)
+    img = model.encode_image_store(images, GRID)
+    txt, txt_mask = model.encode_text_store(texts, mask)
+    false_txt, false_mask = model.encode_text_store([torch.randn(B, L, model.cfg.text_width, generator=g)] * 2, mask)
+    ie, te = F.normalize(ie, dim=-1), F.normalize(te, dim=-1)
+    false_emb = F.normalize(torch.randn(B, 32, generator=g), dim=-1)
+    valid = torch.tensor([True, False, True, True, True, True, False, True])
+    hard = torch.tensor([1, -1, 3, 2, -1, 6, 5, 0])  # each caption's confusable image row, or none
+    known = KnownNegatives(false_txt, false_mask, false_emb, valid, hard)
+    loss_fn = ItmLoss(num_negatives=1, hard_negatives="hardest", margin=0.7)
+    parts = loss_fn(model, img, txt, txt_mask, ie, te, known=known)
+
+    score = lambda i, t, m: model(i[None], t[None], m[None])[0]  # noqa: E731
+    sim = loss_fn.scale * ie @ te.T
+    eye = torch.eye(B, dtype=torch.bool)
+    pos = torch.stack([score(img[i], txt[i], txt_mask[i]) for i in range(B)])
+    image_negs, text_negs = [], []  # per anchor: logits of its negatives
+    for i in range(B):
+        j = int(sim[i].masked_fill(eye[i], -1e9).argmax())
+        negs = [score(img[i], txt[j], txt_mask[j])] + ([score(img[i], false_txt[i], false_mask[i])] if valid[i] else [])
+        image_negs.append(negs)
+    for j in range(B):
+        i = int(sim[:, j].masked_fill(eye[:, j], -1e9).argmax())
+        negs = [score(img[i], txt[j], txt_mask[j])] + ([score(img[hard[j]], txt[j], txt_mask[j])] if hard[j] >= 0 else [])
+        text_negs.append(negs)
+    all_negs = torch.stack([n for negs in image_negs + text_negs for n in negs])
+    logits = torch.cat([pos, all_negs])
+    labels = torch.cat([torch.ones(B), torch.zeros(len(all_negs))])
+    torch.testing.assert_close(parts["matching"], F.binary_cross_entropy_with_logits(logits, labels))
+    violations = [F.relu(0.7 - pos[a] + torch.stack(negs).max()) for negs_list in (image_negs, text_negs)
+                  for a, negs in enumerate(negs_list)]
+    torch.testing.assert_close(parts["ranking"], torch.stack(violations).mean())
+    extra = (loss_fn.scale * ie @ false_emb.T).masked_fill(~valid[None], float("-inf"))
+    target = torch.arange(B)
+    contrastive = (F.cross_entropy(torch.cat([sim, extra], 1), target) + F.cross_entropy(sim.T, target)) / 2
+    torch.testing.assert_close(parts["contrastive"], contrastive)
+
+
+def test_random_negatives_are_drawn_beside_the_hard_ones():
+    g = torch.Generator().manual_seed(0)
+    positives = positive_mask(B, image_ids=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
+    for _ in range(20):
+        sim = torch.randn(B, B, generator=g)
+        neg = mine_hard_negatives(sim, positives, num=2, mode="hardest", generator=g, num_random=3)
+        hardest = mine_hard_negatives(sim, positives, num=2, mode="hardest")
+        assert torch.equal(neg.texts[:, :2], hardest.texts) and neg.texts.shape == (B, 5)
+        for row, (idx, ok) in enumerate(zip(neg.texts, neg.texts_valid)):
+            assert ok.all() and len(set(idx.tolist())) == 5  # distinct, none a positive
+            assert not positives[row, idx].any()

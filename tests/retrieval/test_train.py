@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,3 +147,59 @@ def test_neighbours_need_frozen_encoders(tmp_path, caption_file, tiny_spec):
     with pytest.raises(ItmError, match="frozen encoders"):
         train(tiny_spec, load_dataset(caption_file), tmp_path / "n",
               TrainOptions(**OPTS, neighbours=2, train_encoders=True))
+
+
+@pytest.fixture
+def karpathy_with_negatives(tmp_path):
+    """8 images in twin pairs (image 2k and 2k+1), each caption with a false twin, as data.synth writes them."""
+    paths = write_images(tmp_path / "imgs", 8, size=(32, 32))
+    images = []
+    for i, p in enumerate(paths):
+        rel = p.relative_to(tmp_path)
+        twin = paths[i ^ 1].relative_to(tmp_path)
+        sentences = [{"raw": f"picture {i} with {c}", "negative": f"picture {i} without {c}"} for c in ("red", "blue")]
+        images.append({"filepath": str(rel.parent), "filename": rel.name, "split": "train" if i < 6 else "val",
+                       "sentences": sentences, "twin": str(twin.relative_to(rel.parent)) if twin.parent == rel.parent
+                       else None})
+    (tmp_path / "d.json").write_text(json.dumps({"images": images}))
+    return tmp_path / "d.json"
+
+
+def test_known_negatives_reach_the_loss(tmp_path, karpathy_with_negatives, tiny_spec, monkeypatch):
+    data = load_dataset(karpathy_with_negatives)
+    assert all(d.negatives for d in data) and any(d.hard_images for d in data)
+    seen = []
+    real = train_mod.ItmLoss.forward
+
+    def spy(self, *args, known=None, **kwargs):
+        seen.append(known)
+        return real(self, *args, known=known, **kwargs)
+
+    monkeypatch.setattr(train_mod.ItmLoss, "forward", spy)
+    batches = []
+    real_batch = train_mod._batch
+    monkeypatch.setattr(train_mod, "_batch", lambda *a, **k: batches.append(real_batch(*a, **k)) or batches[-1])
+    train(tiny_spec, data, tmp_path / "r", TrainOptions(**{**OPTS, "max_steps": 2, "batch_size": 6}))
+    for known, rows in zip(seen, batches):
+        assert known.text_valid.all() and known.text_feats.shape[0] == len(rows)
+        twin_of = {d.image: d.hard_images for d in data}
+        for r, h in zip(rows, known.images.tolist()):  # each caption's twin, where it is in the batch
+            twin_rows = [k for k, o in enumerate(rows) if data[o.item].image in twin_of[data[r.item].image]]
+            assert h == (twin_rows[0] if twin_rows else -1)
+    assert any((k.images >= 0).any() for k in seen)  # twins are batched together
+
+
+def test_validation_keeps_the_best_checkpoint_and_patience_stops(tmp_path, karpathy_with_negatives, tiny_spec):
+    data, val = load_dataset(karpathy_with_negatives), load_dataset(karpathy_with_negatives, split="val")
+    opts = TrainOptions(**{**OPTS, "max_steps": 12, "batch_size": 4, "eval_every": 2, "patience": 2, "log_every": 2,
+                           "lr": 0.0, "encoder_lr": 0.0})
+    r = train(tiny_spec, data, tmp_path / "r", opts, val_data=val)
+    # nothing can improve at learning rate 0: the first validation stays best, two more end the run
+    assert r.steps == 6 and r.best_step == 2 and [v["step"] for v in r.validation] == [2, 4, 6]
+    assert r.reranker == tmp_path / "r" / "best" / train_mod.RERANKER_FILE and r.reranker.exists()
+    assert {"rsum", "swap", "score"} <= set(r.validation[0])
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "loss" in x] == [2, 4, 6]
+    assert [x["step"] for x in log if "val" in x] == [2, 4, 6]
+    with pytest.raises(ItmError, match="validation"):
+        train(tiny_spec, data, tmp_path / "x", opts, val_data=[])
