@@ -6,7 +6,7 @@
 from indexer.lazy import lazy_exports
 
 _EXPORTS = {
-    "Searcher": "search", "Hit": "search",
+    "Searcher": "search", "Hit": "hits",
     "FusionReranker": "fusion", "FusionConfig": "fusion", "get_fusion_config": "fusion",
     "list_fusion_models": "fusion",
     "ItmLoss": "loss",
