@@ -14,10 +14,11 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), 
 
 @pytest.fixture(autouse=True)
 def isolated_user_dirs(tmp_path_factory, monkeypatch):
-    """No test reads or writes the real per-user index, caches or hub."""
+    """No test reads or writes the real per-user index, caches, hub or running servers."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home / "run"))  # where a server announces itself
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("ITM_INDEX", raising=False)
 
