@@ -38,7 +38,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from indexer.errors import (DecodeError, EmptyIndexError, ItmError, NotInIndexError, QueryError, ServerError,
                             TooLargeError)
@@ -121,7 +120,7 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
     _errors(app, service)
     body_cap = service.limits.max_upload_bytes * 4 // 3 + 2**20  # base64 and form framing around the image
     app.add_middleware(_BodyLimit, max_bytes=body_cap)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(_HostCheck, allowed=allowed_hosts)
     app.add_middleware(_Headers)
     realpath = os.path.realpath(service.index_dir)
 
@@ -337,6 +336,25 @@ class _BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class _HostCheck:
+    """Answer only requests whose Host header names one of `allowed` ("*": any)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {h.strip("[]").lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        if name not in self.allowed:
+            response = JSON({"error": f"this server answers only requests for {', '.join(sorted(self.allowed))}, "
+                                      f"not for {host or 'no host'}; start it with --host to serve others"},
+                            status_code=421)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class _Headers:
