@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,9 +17,18 @@ def index_info(snap: Snapshot) -> dict[str, Any]:
     Paths that are not UTF-8 appear as os.fsdecode gives them (odd bytes as \\udcXX).
     """
     m = snap.manifest
-    disk = sum(p.stat().st_size for p in snap.index_dir.iterdir() if p.is_file())
+    disk = sum(_size(p) for p in snap.index_dir.iterdir())
     skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
                for s in snap.skipped.to_pylist()]
     return {"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
             "reranker": m.reranker and asdict(m.reranker), "ann": {k: asdict(a) for k, a in m.ann.items()},
             "bytes_on_disk": disk, "generation": m.generation, "skipped": skipped}
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file; 0 for anything else, or for a file a concurrent commit deleted meanwhile."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0

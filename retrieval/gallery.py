@@ -28,6 +28,7 @@ from indexer.store import Snapshot
 
 THUMBNAIL_SIDE = 256  # pixels, the longer side of a thumbnail
 THUMBNAIL_CACHE_BYTES = 64 * 2**20  # thumbnails kept in memory, least recently used dropped first
+THUMBNAIL_MAKERS = 2  # images decoded for thumbnails at once (a large PNG takes 3 bytes a pixel while it is)
 _COLUMNS = ["id", "kind", "path", "size", "hash"]
 
 
@@ -99,13 +100,15 @@ class Thumbnails:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._makers = threading.BoundedSemaphore(THUMBNAIL_MAKERS)
 
     def get(self, image: IndexedImage) -> bytes:
         with self._lock:
             if image.hash in self._cache:
                 self._cache.move_to_end(image.hash)
                 return self._cache[image.hash]
-        thumb = self._make(read_image(image))
+        with self._makers:
+            thumb = self._make(read_image(image))
         with self._lock:
             if image.hash not in self._cache:
                 self._cache[image.hash] = thumb

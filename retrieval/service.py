@@ -212,7 +212,7 @@ class SearchService:
             self.refresh_error = None
         except EmptyIndexError as e:
             self._empty = e
-        except ItmError as e:
+        except (ItmError, OSError) as e:  # the generation queries read stays, whole
             if first:
                 raise
             self.refresh_error = str(e)
