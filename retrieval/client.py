@@ -6,8 +6,7 @@ fraction of a second instead of loading the models. Imports neither torch, open_
 """
 from __future__ import annotations
 
-import base64
-import http.client
+import binascii
 import json
 import os
 from dataclasses import dataclass, fields
@@ -67,7 +66,7 @@ def search(index_dir: Path | str | None, *, server: str | None = None, text: str
             return None
         if max_upload is not None and len(data) > max_upload:
             return None
-        body.update(image_base64=base64.b64encode(data).decode("ascii"), image_name=str(image))
+        body.update(image_base64=binascii.b2a_base64(data, newline=False).decode("ascii"), image_name=str(image))
     try:
         reply = _post(server, "/api/search", body)
     except _Refused as e:
@@ -87,6 +86,8 @@ def search(index_dir: Path | str | None, *, server: str | None = None, text: str
 
 def _post(url: str, path: str, body: dict) -> dict:
     """POST `body` as JSON; the decoded reply. ConnectionError when nothing answers at `url`."""
+    import http.client  # here, not above: without a server, looking for one must cost next to nothing
+
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ServerError(f"--server {url} is not an http:// URL; pass one like http://127.0.0.1:8765")
