@@ -44,7 +44,9 @@ def announcement_path(index_dir: Path | str) -> Path:
 
 
 def announce(index_dir: Path | str, info: ServerInfo) -> Path:
-    """Tell itm-search where the server for `index_dir` listens; returns the file written."""
+    """Tell itm-search where the server for `index_dir` listens; returns the file written.
+    ServerError when another live server is announced for the index."""
+    check_none_running(index_dir, info.pid)
     folder = runtime_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not _private(folder.stat()):
@@ -57,6 +59,14 @@ def announce(index_dir: Path | str, info: ServerInfo) -> Path:
         json.dump(asdict(info), f)
     os.replace(tmp, path)
     return path
+
+
+def check_none_running(index_dir: Path | str, pid: int) -> None:
+    """ServerError when a live server other than process `pid` is announced for `index_dir`."""
+    other = find_server(index_dir)
+    if other is not None and other.pid != pid:
+        raise ServerError(f"a server for the index at {index_dir} already runs at {other.url} (process {other.pid}); "
+                          "use it, or stop it first")
 
 
 def withdraw(index_dir: Path | str, pid: int) -> None:

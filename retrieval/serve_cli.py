@@ -1,6 +1,7 @@
 """itm-serve: load an index's models once and answer over HTTP (JSON API and web page); itm-search uses it."""
 from __future__ import annotations
 
+import os
 from importlib import import_module
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ import typer
 
 from indexer.cliutil import printable, user_errors, warn
 from indexer.errors import ItmError
-from indexer.options import DEVICE, PRECISION, PRECISIONS
+from indexer.options import DEVICE, PRECISION, PRECISIONS, default_index_dir
 
 from .settings import DEFAULT_PORT
 
@@ -33,9 +34,11 @@ def serve(
         missing = [package for module, package in NEEDS if not _importable(module)]
         if missing:
             raise ItmError(f"itm-serve needs {', '.join(missing)}; install them with: pip install 'itm[server]'")
+        from .discovery import check_none_running
         from .server import LOOPBACK, listen, serve as run
         from .service import Limits, SearchService
 
+        check_none_running(index or default_index_dir(), os.getpid())  # before the models load
         if host not in LOOPBACK:
             warn(PROG, f"warning: listening on {host}: anyone who can reach this machine can search the index "
                        "and fetch its images")

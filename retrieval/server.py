@@ -128,7 +128,8 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
                       kind: Optional[str] = Form(None), rerank_k: int = Form(DEFAULT_RERANK_K),
                       rerank: bool = Form(True)):
         data = image.file.read(service.limits.max_upload_bytes + 1)
-        return answer(Query(image=data, k=k, kind=kind, rerank_k=rerank_k, rerank=rerank))
+        return answer(Query(image=data, image_name=image.filename or Query.image_name, k=k, kind=kind,
+                            rerank_k=rerank_k, rerank=rerank))
 
     @app.get("/api/images/{row_id}", responses={200: {"content": {"image/*": {}}}, **ERRORS},
              summary="An indexed image's file")

@@ -155,8 +155,10 @@ def test_user_errors_are_one_line(corpus, tmp_path):
         url = find_server(corpus / "idx").url
         r = run("itm-search", "a red square", "--server", url, "--index", corpus / "plain")
         assert r.returncode == 1 and f"serves the index at {corpus / 'idx'}, not {corpus / 'plain'}" in r.stderr
-        taken = run("itm-serve", "--index", corpus / "idx", "--port", url.rsplit(":", 1)[1])
+        taken = run("itm-serve", "--index", corpus / "plain", "--port", url.rsplit(":", 1)[1])
         assert taken.returncode == 1 and "is another server running there? Pass --port" in taken.stderr
+        twice = run("itm-serve", "--index", corpus / "idx", "--port", "0")
+        assert twice.returncode == 1 and f"already runs at {url} (process {proc.pid}); use it" in twice.stderr
     finally:
         stop(proc)
     r = run("itm-serve", "--index", tmp_path / "none", "--port", "0")

@@ -35,6 +35,20 @@ def test_announced_found_by_any_path_to_the_index_and_withdrawn(runtime, tmp_pat
     assert not path.exists() and find_server(tmp_path / "idx") is None
 
 
+def test_a_second_live_server_for_one_index_is_refused(runtime, tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        announce(tmp_path / "idx", info(tmp_path / "idx", pid=alive.pid))
+        with pytest.raises(ServerError, match=f"already runs at http://127.0.0.1:1234 \\(process {alive.pid}\\)"):
+            announce(tmp_path / "idx", info(tmp_path / "idx"))
+        announce(tmp_path / "other", info(tmp_path / "other"))  # another index: fine
+    finally:
+        alive.kill()
+        alive.wait()
+    announce(tmp_path / "idx", info(tmp_path / "idx"))  # the first one has gone
+    assert find_server(tmp_path / "idx").pid == os.getpid()
+
+
 def test_a_dead_servers_announcement_is_ignored_and_removed(runtime, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     path = announce(tmp_path / "idx", info(tmp_path / "idx", pid=int(dead.stdout)))
