@@ -102,7 +102,6 @@ class SearchService:
             s = self._current()
             image = upload or self._indexed(s, query)
             with _reranking(s, query.rerank):
-                reranked = s.has_reranker
                 try:
                     hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind,
                                     rerank_k=query.rerank_k)
@@ -113,6 +112,7 @@ class SearchService:
             t = s.timings
             timings = {"encode_ms": t.encode_ms, "recall_ms": t.recall_ms, "rerank_ms": t.rerank_ms,
                        "total_ms": 1e3 * (time.perf_counter() - start)}
+            reranked = any(h.match_logit is not None for h in hits)
             return Answer(hits, s.snapshot.manifest.generation, reranked, timings)
 
     def info(self) -> dict[str, Any]:

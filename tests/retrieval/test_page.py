@@ -146,6 +146,8 @@ def test_a_dropped_image_is_searched_like_an_upload(browser, url):
         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
         """, photo.name, base64.b64encode(photo.read_bytes()).decode())
     wait(browser, lambda d: showing(d, {**want, "images": []}))
+    assert len(shown(browser)["texts"]) == 3 and "Texts and images like test_000007.png" in \
+        browser.find_element(By.ID, "query").text
 
 
 def test_clicking_a_result_searches_with_it(browser, url):
