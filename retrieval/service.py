@@ -1,7 +1,9 @@
 """A search engine held open for many queries: what itm-serve answers with, apart from HTTP.
 
 One Searcher, its models called by one query at a time (a torch module is not safe for
-concurrent forward passes in every case, and the Searcher keeps the last query's timings).
+concurrent forward passes in every case, and the Searcher keeps the last query's timings); a
+second one without the reranker, made on the first query that asks for recall only, so that such
+a query is answered exactly as `itm-search --no-rerank` answers it in-process.
 Before each query the service looks at the index's manifest (one stat) and, when a build has
 committed since, moves the Searcher to the newest generation; a query holds one generation from
 start to end, whose files its snapshot mapped when it opened. A newer generation that cannot be
@@ -84,6 +86,7 @@ class SearchService:
         self._counting = threading.Lock()
         self._lock = threading.Lock()  # one query at a time through the Searcher and its models
         self._searcher: Searcher | None = None  # None while the index is empty
+        self._recall_only: Searcher | None = None  # for queries without reranking, as `--no-rerank` searches
         self._empty: EmptyIndexError | None = None
         self._stamp: tuple[int, int, int] | None = None
         with self._lock:
@@ -99,16 +102,14 @@ class SearchService:
             self.queries += 1
         self._check(query)
         with self._query_image(query) as upload, self._lock:
-            s = self._current()
+            s = self._current(query.rerank)
             image = upload or self._indexed(s, query)
-            with _reranking(s, query.rerank):
-                try:
-                    hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind,
-                                    rerank_k=query.rerank_k)
-                except QueryError as e:
-                    if upload is None:
-                        raise
-                    raise QueryError(str(e).replace(str(upload), query.image_name)) from None
+            try:
+                hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind, rerank_k=query.rerank_k)
+            except QueryError as e:
+                if upload is None:
+                    raise
+                raise QueryError(str(e).replace(str(upload), query.image_name)) from None
             t = s.timings
             timings = {"encode_ms": t.encode_ms, "recall_ms": t.recall_ms, "rerank_ms": t.rerank_ms,
                        "total_ms": 1e3 * (time.perf_counter() - start)}
@@ -186,11 +187,18 @@ class SearchService:
             return Path(find_image_by_path(s.snapshot, query.image_path).path)
         return None
 
-    def _current(self) -> Searcher:
+    def _current(self, rerank: bool) -> Searcher:
+        """The Searcher for a query, on the newest generation it can take (hold the lock)."""
         self._update()
         if self._searcher is None:
             raise EmptyIndexError(str(self._empty))
-        return self._searcher
+        if rerank or not self._searcher.has_reranker:
+            return self._searcher
+        if self._recall_only is None:  # made on the first such query: its models are loaded a second time
+            self._recall_only = Searcher(self.index_dir, rerank=False, device=self.device, precision=self.precision)
+        else:
+            self._refresh(self._recall_only)
+        return self._recall_only
 
     def _snapshot(self) -> Snapshot:
         searcher = self._searcher
@@ -204,31 +212,24 @@ class SearchService:
         if stamp == self._stamp and not first:
             return
         self._stamp = stamp
+        if self._searcher is not None:
+            self._refresh(self._searcher)
+            return
         try:
-            if self._searcher is None:
-                self._searcher = Searcher(self.index_dir, device=self.device, precision=self.precision)
-            else:
-                self._searcher.refresh()
-            self.refresh_error = None
+            self._searcher = Searcher(self.index_dir, device=self.device, precision=self.precision)
         except EmptyIndexError as e:
             self._empty = e
-        except (ItmError, OSError) as e:  # the generation queries read stays, whole
+        except (ItmError, OSError) as e:
             if first:
                 raise
             self.refresh_error = str(e)
 
-
-@contextmanager
-def _reranking(s: Searcher, rerank: bool) -> Iterator[None]:
-    """A Searcher reranks when it holds a reranker: for a recall-only query it is set aside meanwhile
-    (the caller holds the service's lock, so no other query sees it)."""
-    reranker = s.reranker
-    if not rerank:
-        s.reranker = None
-    try:
-        yield
-    finally:
-        s.reranker = reranker
+    def _refresh(self, searcher: Searcher) -> None:
+        try:
+            searcher.refresh()
+            self.refresh_error = None
+        except (ItmError, OSError) as e:  # the generation it reads stays, whole
+            self.refresh_error = str(e)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -89,10 +89,13 @@ def write_png(width: int, height: int) -> bytes:
 def test_takes_each_newer_generation_and_keeps_the_last_good_one(index, image_folder, spec, tiny_encoder, tmp_path):
     service = SearchService(index)
     first = service.search(Query(text="x", k=100))
+    assert service.search(Query(text="x", k=100, rerank=False)).generation == first.generation
     new = write_images(image_folder / "new", 2, seed=7)
     build_index(image_folder, index, spec, BuildOptions(workers=1))
     later = service.search(Query(text="x", k=100))
     assert later.generation == first.generation + 1 and len(later.hits) == len(first.hits) + 2
+    recall_only = service.search(Query(text="x", k=100, rerank=False))  # the second Searcher moves too
+    assert recall_only.generation == later.generation and {h.id for h in recall_only.hits} == {h.id for h in later.hits}
     assert {str(p) for p in new} <= {h.path for h in later.hits}
     assert service.search(Query(image_path=str(new[0]), k=1, kind="image")).hits[0].path == str(new[0])
 
