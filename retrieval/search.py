@@ -21,8 +21,8 @@ from indexer.options import DEVICE, PRECISION
 
 from .checkpoint import load_reranker
 from .fusion import FusionReranker
-from .hits import Hit
 from .rerank import rerank_top
+from .hits import Hit  # the result type, torch-free for retrieval/client.py
 from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 KINDS = ("image", "text", "all")

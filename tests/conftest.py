@@ -14,11 +14,10 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), 
 
 @pytest.fixture(autouse=True)
 def isolated_user_dirs(tmp_path_factory, monkeypatch):
-    """No test reads or writes the real per-user index, caches, hub or running servers."""
+    """No test reads or writes the real per-user index, caches or hub."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home / "run"))  # where a server announces itself
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("ITM_INDEX", raising=False)
 
@@ -69,3 +68,9 @@ def text_file(tmp_path) -> Path:
     path = tmp_path / "captions.txt"
     path.write_text("\n".join(f"a {c} square number {i}" for i, c in enumerate(COLOURS)) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_runtime_dir(tmp_path_factory, monkeypatch):
+    """No test finds a server the user runs, or announces one where the user's commands would find it."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
