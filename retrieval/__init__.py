@@ -6,7 +6,7 @@
 from indexer.lazy import lazy_exports
 
 _EXPORTS = {
-    "Searcher": "search", "Hit": "hits",
+    "Searcher": "search", "Hit": "search",
     "FusionReranker": "fusion", "FusionConfig": "fusion", "get_fusion_config": "fusion",
     "list_fusion_models": "fusion",
     "ItmLoss": "loss",
