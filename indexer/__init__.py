@@ -11,7 +11,7 @@ _EXPORTS = {
     "Manifest": "manifest", "ModelIdentity": "manifest", "read_manifest": "manifest",
     "DualEncoder": "encoder", "Encoded": "encoder",
     "ModelSpec": "models", "resolve_model": "models", "list_models": "models",
-    "Snapshot": "store", "default_index_dir": "store",
+    "Snapshot": "store", "default_index_dir": "options",
     "load_image": "images", "scan_images": "scan", "read_texts": "scan",
 }
 __all__ = sorted(_EXPORTS)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -71,18 +69,15 @@ def info(index: Optional[Path] = IndexOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Counts, model, FAISS index types, size on disk, and the files that were skipped."""
     from . import store
+    from .info import index_info
 
     with user_errors(PROG):
         snap = store.Snapshot.open(index or store.default_index_dir())
     m = snap.manifest
-    disk = sum(p.stat().st_size for p in snap.index_dir.iterdir() if p.is_file())
-    skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
-               for s in snap.skipped.to_pylist()]
+    described = index_info(snap)
+    disk, skipped = described["bytes_on_disk"], described["skipped"]
     if as_json:
-        typer.echo(json.dumps({"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
-                               "reranker": m.reranker and asdict(m.reranker),
-                               "ann": {k: asdict(a) for k, a in m.ann.items()}, "bytes_on_disk": disk,
-                               "generation": m.generation, "skipped": skipped}, indent=1))
+        typer.echo(json.dumps(described, indent=1))
         return
     rr = m.reranker
     typer.echo(f"index       {printable(str(snap.index_dir))} (format {m.format}, generation {m.generation})")

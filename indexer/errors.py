@@ -46,6 +46,18 @@ class CorpusError(ItmError):
     pass
 
 
+class NotInIndexError(ItmError):
+    """A row id or path that the index does not hold (a server serves only what is in its index)."""
+
+
+class TooLargeError(QueryError):
+    """A query image over the server's size or pixel cap."""
+
+
+class ServerError(ItmError):
+    """A running itm-serve could not be reached, or did not answer as one does."""
+
+
 class DecodeError(ItmError):
     """One corpus item cannot be used; the build skips it and records the reason."""
 

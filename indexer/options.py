@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"  # open_clip architecture used when neither the user nor the index names one
 DEVICE = "cpu"  # cpu, cuda, cuda:1, ...
@@ -11,6 +12,14 @@ PRECISION = "fp32"
 DEFAULT_MAX_PIXELS = 100_000_000  # pixel cap (width x height from the header) of an image a build decodes
 SEGMENT_ROWS = 2048  # items per segment written by a build or a compaction
 COMPACT_AT = 0.25  # share of stored rows that are dead (deleted or replaced) at which a build compacts
+
+
+def default_index_dir() -> Path:
+    """ITM_INDEX, else the per-user data directory ($XDG_DATA_HOME/itm/index)."""
+    if os.environ.get("ITM_INDEX"):
+        return Path(os.environ["ITM_INDEX"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "itm" / "index"
 
 
 @dataclass(frozen=True)

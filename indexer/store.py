@@ -22,7 +22,6 @@ reuses them.
 """
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -37,6 +36,7 @@ from .ann import tune
 from .durable import is_temporary, write_durably
 from .errors import IndexFormatError, IndexNotFoundError, ItmError
 from .manifest import KINDS, MANIFEST, Manifest, read_manifest
+from .options import default_index_dir
 
 __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
            "default_index_dir", "new_segment_name", "read_table", "write_ann", "write_segment",
@@ -58,14 +58,6 @@ ROW_SCHEMA = pa.schema([("id", pa.int64()), *SEGMENT_SCHEMA, ("segment", pa.stri
 SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reason", pa.string())])
 PARTS = ("emb", "tok", "mask")  # the arrays of a segment, as seg-<id>.<part>.npy
 OPEN_ATTEMPTS = 20  # generations a reader may see committed while it opens one, before it gives up
-
-
-def default_index_dir() -> Path:
-    """ITM_INDEX, else the per-user data directory ($XDG_DATA_HOME/itm/index)."""
-    if os.environ.get("ITM_INDEX"):
-        return Path(os.environ["ITM_INDEX"]).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "itm" / "index"
 
 
 def new_segment_name() -> str:

@@ -11,9 +11,11 @@ import typer
 from indexer.cliutil import printable, user_errors, warn, write_raw_path
 from indexer.options import DEVICE, PRECISION, PRECISIONS
 
+from .hits import Hit
 from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 PROG = "itm-search"
+NO_RERANKER = "this index has no reranker; results are recall-only (build with a model that has one, e.g. --model demo)"
 
 
 def search(
@@ -31,18 +33,34 @@ def search(
                                  "gives them)."),
     paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (their exact bytes) and texts, "
                                     "one per line."),
+    server: Optional[str] = typer.Option(None, "--server", help="URL of a running itm-serve to ask (default: the "
+                                         "one serving this index, when one runs; else the search runs here)."),
+    no_server: bool = typer.Option(False, "--no-server", help="Search in this process even when a server runs."),
 ) -> None:
     """Search the index. Example: itm-search "a red circle left of a blue square" -k 5"""
     with user_errors(PROG):
         if query is None and image is None:
             raise typer.BadParameter("give a QUERY or --image PATH")
+        from .client import search as ask_server  # neither torch nor faiss: a warm server answers in milliseconds
+
+        reply = None if no_server else ask_server(index, server=server, text=query, image=image, k=k, kind=kind,
+                                                  rerank_k=rerank_k, rerank=not no_rerank, device=device,
+                                                  precision=precision)
+        if reply is not None:
+            if not no_rerank and not reply.has_reranker:
+                warn(PROG, NO_RERANKER)
+            reply.check()
+            return _print(reply.hits, as_json, paths_only)
         from .search import Searcher  # torch and open_clip load only when a search runs
 
         searcher = Searcher(index, rerank=not no_rerank, device=device, precision=precision)
         if not no_rerank and not searcher.has_reranker:
-            warn(PROG, "this index has no reranker; results are recall-only (build with a model that has one, "
-                       "e.g. --model demo)")
+            warn(PROG, NO_RERANKER)
         hits = searcher.search(text=query, image=image, k=k, kind=kind, rerank_k=rerank_k)
+    _print(hits, as_json, paths_only)
+
+
+def _print(hits: list[Hit], as_json: bool, paths_only: bool) -> None:
     for h in hits:
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(h)))

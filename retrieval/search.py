@@ -22,20 +22,10 @@ from indexer.options import DEVICE, PRECISION
 from .checkpoint import load_reranker
 from .fusion import FusionReranker
 from .rerank import rerank_top
+from .hits import Hit  # the result type, torch-free for retrieval/client.py
 from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 KINDS = ("image", "text", "all")
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int  # stable row id in the index
-    kind: str  # "image" or "text"
-    score: float  # what the results are ranked by: fused score when reranked, else recall score
-    recall_score: float  # dual-encoder cosine similarity
-    match_logit: float | None  # fusion model's match logit, None when not reranked
-    path: str  # image file, or the text file a text came from; os.fsencode(path) gives its exact bytes
-    text: str | None  # the text, for text hits
 
 
 @dataclass

@@ -68,3 +68,9 @@ def text_file(tmp_path) -> Path:
     path = tmp_path / "captions.txt"
     path.write_text("\n".join(f"a {c} square number {i}" for i, c in enumerate(COLOURS)) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_runtime_dir(tmp_path_factory, monkeypatch):
+    """No test finds a server the user runs, or announces one where the user's commands would find it."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))

@@ -15,7 +15,7 @@ def run(cmd, *args, env=None, text=True):
     """The command's result; with text=False its output stays bytes, as a pipe to another program gets it."""
     exe = shutil.which(cmd)
     modules = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli", "itm-train": "retrieval.train_cli",
-               "itm-eval": "retrieval.eval_cli"}
+               "itm-eval": "retrieval.eval_cli", "itm-serve": "retrieval.serve_cli"}
     argv = [exe] if exe else [sys.executable, "-c", f"import {modules[cmd]} as m; m.main()"]
     return subprocess.run(argv + [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args],
                           capture_output=True, text=text, timeout=300, env={**os.environ, **(env or {})})

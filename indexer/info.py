@@ -1,0 +1,34 @@
+"""What `itm-index info` shows about an index, as one JSON-ready dict; the server's /api/info answers the same."""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store import Snapshot
+
+
+def index_info(snap: Snapshot) -> dict[str, Any]:
+    """Counts, model, reranker, FAISS indexes, size on disk, generation and skipped files of a snapshot.
+
+    Paths that are not UTF-8 appear as os.fsdecode gives them (odd bytes as \\udcXX).
+    """
+    m = snap.manifest
+    disk = sum(_size(p) for p in snap.index_dir.iterdir())
+    skipped = [{**s, "source": os.fsdecode(s["source"]), "path": os.fsdecode(s["path"])}
+               for s in snap.skipped.to_pylist()]
+    return {"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
+            "reranker": m.reranker and asdict(m.reranker), "ann": {k: asdict(a) for k, a in m.ann.items()},
+            "bytes_on_disk": disk, "generation": m.generation, "skipped": skipped}
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file; 0 for anything else, or for a file a concurrent commit deleted meanwhile."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0

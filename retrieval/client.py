@@ -1,0 +1,126 @@
+"""Queries a running itm-serve: what itm-search does first, so that a query from the shell returns in a
+fraction of a second instead of loading the models. Imports neither torch, open_clip nor faiss.
+
+    >>> reply = search(None, text="a red circle", k=3)   # None: no server runs for the default index
+    >>> reply.hits[0].path if reply else "answer in-process"
+"""
+from __future__ import annotations
+
+import binascii
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from indexer.errors import QueryError, ServerError
+from indexer.options import DEVICE, PRECISION, default_index_dir
+
+from .discovery import find_server
+from .hits import Hit
+from .settings import DEFAULT_K, DEFAULT_RERANK_K, SERVER_MAX_K
+
+TIMEOUT_S = 120  # a first query after a large commit may wait for the server to open the new generation
+HIT_FIELDS = tuple(f.name for f in fields(Hit))
+
+
+@dataclass(frozen=True)
+class Reply:
+    hits: list[Hit]
+    has_reranker: bool  # whether the index has a fusion reranker
+    index: str  # real path of the index the server answered from
+    generation: int | None  # index generation the query read
+    error: str | None = None  # why the index refused the query (the in-process search raises QueryError there)
+
+    def check(self) -> None:
+        """Raise the refusal as the in-process search would; itm-search warns about a missing reranker first."""
+        if self.error is not None:
+            raise QueryError(self.error)
+
+
+def search(index_dir: Path | str | None, *, server: str | None = None, text: str | None = None,
+           image: Path | None = None, k: int = DEFAULT_K, kind: str | None = None,
+           rerank_k: int = DEFAULT_RERANK_K, rerank: bool = True, device: str = DEVICE,
+           precision: str = PRECISION) -> Reply | None:
+    """Ask the server at `server` (a URL), or else the one running for `index_dir` (default: the per-user
+    index) if it runs its models as `device` and `precision` ask. None when the query is for in-process
+    search: no server runs for the index, or it stopped, or the query is one a server does not take
+    (k over its cap, an image file this process cannot read or that is over the server's size cap:
+    the in-process search reports that with its usual message). A query the index refuses comes back as
+    a Reply with `error` set (see Reply.check); other errors from the server raise QueryError or ServerError."""
+    index = os.path.realpath(index_dir or default_index_dir())
+    announced = server is None
+    max_upload = None
+    if announced:
+        found = find_server(index)
+        if found is None or found.index != index or (found.device, found.precision) != (device, precision):
+            return None
+        server, max_upload = found.url, found.max_upload_bytes
+    if max(k, rerank_k) > SERVER_MAX_K:
+        return None
+    body = {"text": text, "k": k, "kind": kind, "rerank_k": rerank_k, "rerank": rerank}
+    if image is not None:
+        try:
+            data = Path(image).read_bytes()
+        except OSError:
+            return None
+        if max_upload is not None and len(data) > max_upload:
+            return None
+        body.update(image_base64=binascii.b2a_base64(data, newline=False).decode("ascii"), image_name=str(image))
+    try:
+        reply = _post(server, "/api/search", body)
+    except _Refused as e:
+        return Reply([], e.has_reranker, index, None, str(e))
+    except ConnectionError as e:
+        if announced:  # the server has stopped since it was announced
+            return None
+        raise ServerError(f"{e}; start one with `itm-serve`, or leave out --server") from None
+    if reply["index"] != index and (announced or index_dir is not None):
+        if announced:
+            return None
+        raise ServerError(f"the itm server at {server} serves the index at {reply['index']}, not {index}; "
+                          "pass that --index, or leave out --server")
+    return Reply([Hit(**{f: h[f] for f in HIT_FIELDS}) for h in reply["hits"]], bool(reply["has_reranker"]),
+                 reply["index"], int(reply["generation"]))
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    """POST `body` as JSON; the decoded reply. ConnectionError when nothing answers at `url`."""
+    import http.client  # here, not above: without a server, looking for one must cost next to nothing
+
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ServerError(f"--server {url} is not an http:// URL; pass one like http://127.0.0.1:8765")
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=TIMEOUT_S)
+    prefix = parts.path.rstrip("/")
+    try:
+        conn.request("POST", prefix + path, body=json.dumps(body).encode(),
+                     headers={"content-type": "application/json", "accept": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+    except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as e:
+        raise ConnectionError(f"no itm server answers at {url} ({e.__class__.__name__})") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise ServerError(f"the itm server at {url} did not answer ({e}); stop it, or pass --no-server") from None
+    finally:
+        conn.close()
+    try:
+        reply = json.loads(raw)
+        if not isinstance(reply, dict) or (response.status == 200 and not {"index", "hits"} <= reply.keys()):
+            raise ValueError
+    except ValueError:
+        raise ServerError(f"{url} answered with something that is not itm's JSON (HTTP {response.status}); "
+                          "is it an itm server?") from None
+    if response.status >= 500:
+        raise ServerError(f"the itm server at {url} failed: {reply.get('error', response.status)}")
+    if response.status != 200:
+        message = str(reply.get("error", f"HTTP {response.status}"))
+        raise _Refused(message, bool(reply["has_reranker"])) if "has_reranker" in reply else QueryError(message)
+    return reply
+
+
+class _Refused(QueryError):
+    def __init__(self, message: str, has_reranker: bool):
+        super().__init__(message)
+        self.has_reranker = has_reranker

@@ -1,0 +1,251 @@
+"""itm's HTTP server: a JSON search API, the index's description, indexed images and their thumbnails,
+and the web page (static files in retrieval/static), over one SearchService. FastAPI + uvicorn.
+
+    GET  /                          the web page
+    GET  /api/search?q=...          text query; or image_id=N / image_path=P (an indexed image);
+                                    k, kind, rerank_k, rerank=false
+    POST /api/search                the same as JSON, or an image as base64 (image_base64)
+    POST /api/search/upload         an image file as multipart form data, with the same fields
+    GET  /api/images/{id}           an indexed image's file, exactly as indexed
+    GET  /api/images/{id}/thumbnail a JPEG thumbnail of it
+    GET  /api/info                  what `itm-index info --json` shows
+    GET  /api/health                generation served, queries answered, why a newer generation was not taken
+    GET  /api/openapi.json          the OpenAPI description
+
+Every error is a JSON object {"error": "one line"} with a 4xx status when the request is at
+fault; no traceback ever leaves the server. Hits carry the fields of `itm-search --json`; a path
+whose bytes are not UTF-8 is written as os.fsdecode gives it (odd bytes as \\udcXX), so images
+are fetched by row id, never by path.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import signal
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import uvicorn
+from fastapi import FastAPI, File, Form, Query as Param, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from indexer.errors import QueryError, ServerError
+
+from .discovery import ServerInfo, announce, withdraw
+from .gallery import media_type
+from .http_guards import JSON, BodyLimit, HostCheck, SecurityHeaders, add_error_handlers
+from .service import Answer, Query, SearchService
+from .settings import DEFAULT_K, DEFAULT_RERANK_K
+
+STATIC = Path(__file__).parent / "static"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class SearchRequest(BaseModel):
+    """One query: exactly one of text, image_base64, image_id, image_path."""
+
+    text: Optional[str] = Field(None, description="Words to search for.")
+    image_base64: Optional[str] = Field(None, description="A query image file, base64-encoded.")
+    image_name: Optional[str] = Field(None, description="How messages name the uploaded image.")
+    image_id: Optional[int] = Field(None, description="An indexed image, by row id.")
+    image_path: Optional[str] = Field(None, description="An indexed image, by path (as itm-search --json gives it).")
+    k: int = Field(DEFAULT_K, description="Results per kind.")
+    kind: Optional[str] = Field(None, description="image, text or all (default: image for text, all for an image).")
+    rerank_k: int = Field(DEFAULT_RERANK_K, description="Candidates the fusion model rescores.")
+    rerank: bool = Field(True, description="False: rank by dual-encoder similarity alone.")
+
+
+class HitOut(BaseModel):
+    id: int
+    kind: str
+    score: float
+    recall_score: float
+    match_logit: Optional[float]
+    path: str
+    text: Optional[str]
+    thumbnail: Optional[str] = Field(description="URL of the image's thumbnail (image hits)")
+    image: Optional[str] = Field(description="URL of the image file (image hits)")
+
+
+class SearchResponse(BaseModel):
+    index: str = Field(description="Real path of the index answered from")
+    generation: int = Field(description="Index generation the whole query read")
+    has_reranker: bool = Field(description="Whether the index has a fusion reranker")
+    reranked: bool = Field(description="Whether this query used it")
+    hits: list[HitOut]
+    timings: dict[str, float] = Field(description="encode_ms, recall_ms, rerank_ms, total_ms")
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="What went wrong and what to do, in one line")
+    has_reranker: Optional[bool] = Field(None, description="With a refused query: whether the index has a reranker")
+
+
+ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut},
+          413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+
+
+def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPBACK) -> FastAPI:
+    """The ASGI app over `service`. Requests whose Host header is not in `allowed_hosts` are refused
+    (a web page elsewhere cannot reach a loopback server by rebinding a name to 127.0.0.1)."""
+    app = FastAPI(title="itm", summary="image<->text search over one itm index", version="1",
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", default_response_class=JSON)
+    add_error_handlers(app, service)
+    body_cap = service.limits.max_upload_bytes * 4 // 3 + 2**20  # base64 and form framing around the image
+    app.add_middleware(BodyLimit, max_bytes=body_cap)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)
+    app.add_middleware(SecurityHeaders)
+    realpath = os.path.realpath(service.index_dir)
+
+    def answer(query: Query) -> JSON:
+        return JSON(_answer(service, query, realpath))
+
+    @app.get("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search (text or indexed image)")
+    def search_get(q: Optional[str] = Param(None, description="Words to search for."),
+                   image_id: Optional[int] = Param(None, description="An indexed image, by row id."),
+                   image_path: Optional[str] = Param(None, description="An indexed image, by path."),
+                   k: int = DEFAULT_K, kind: Optional[str] = None, rerank_k: int = DEFAULT_RERANK_K,
+                   rerank: bool = True):
+        return answer(Query(text=q, image_id=image_id, image_path=image_path, k=k, kind=kind, rerank_k=rerank_k,
+                            rerank=rerank))
+
+    @app.post("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search (JSON body)")
+    def search_post(req: SearchRequest):
+        image = _base64(req.image_base64) if req.image_base64 is not None else None
+        return answer(Query(text=req.text, image=image, image_name=req.image_name or Query.image_name,
+                            image_id=req.image_id, image_path=req.image_path, k=req.k, kind=req.kind,
+                            rerank_k=req.rerank_k, rerank=req.rerank))
+
+    @app.post("/api/search/upload", response_model=SearchResponse, responses=ERRORS,
+              summary="Search with an uploaded image (multipart form)")
+    def search_upload(image: UploadFile = File(..., description="The query image file."), k: int = Form(DEFAULT_K),
+                      kind: Optional[str] = Form(None), rerank_k: int = Form(DEFAULT_RERANK_K),
+                      rerank: bool = Form(True)):
+        data = image.file.read(service.limits.max_upload_bytes + 1)
+        return answer(Query(image=data, image_name=image.filename or Query.image_name, k=k, kind=kind,
+                            rerank_k=rerank_k, rerank=rerank))
+
+    @app.get("/api/images/{row_id}", responses={200: {"content": {"image/*": {}}}, **ERRORS},
+             summary="An indexed image's file")
+    def image(row_id: int):
+        found, data = service.image(row_id)
+        name = os.path.basename(found.path).encode("ascii", "backslashreplace").decode().replace('"', "")
+        return Response(data, media_type=media_type(data),
+                        headers={"content-disposition": f'inline; filename="{name}"',
+                                 "etag": f'"{found.hash}"', "cache-control": "private, max-age=60"})
+
+    @app.get("/api/images/{row_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+             summary="A JPEG thumbnail of an indexed image")
+    def thumbnail(row_id: int, request: Request):
+        found, data = service.thumbnail(row_id)
+        etag = f'"t-{found.hash}"'
+        headers = {"etag": etag, "cache-control": "private, max-age=60"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    @app.get("/api/info", summary="What `itm-index info --json` shows")
+    def info():
+        return JSON(service.info())
+
+    @app.get("/api/health", summary="Whether the server answers, and from which generation")
+    def health():
+        return JSON({"status": "ok", "index": realpath, "generation": service.generation(),
+                     "queries": service.queries, "has_reranker": service.has_reranker,
+                     "refresh_error": service.refresh_error, "device": service.device,
+                     "precision": service.precision, "pid": os.getpid()})
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve(service: SearchService, sock: socket.socket, on_listening: Callable[[str], None] | None = None) -> None:
+    """Answer on `sock` (see `listen`) until Ctrl-C or SIGTERM; meanwhile itm-search finds this server for its index.
+
+    >>> sock = listen("127.0.0.1", 8765)  # first, so that a port in use is found before the models load
+    >>> serve(SearchService("idx/"), sock)
+    """
+    host = sock.getsockname()[0]
+    url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+    hosts = LOOPBACK if host in LOOPBACK else ("*",)
+    config = uvicorn.Config(create_app(service, allowed_hosts=hosts), log_level="warning", access_log=False,
+                            lifespan="off", timeout_keep_alive=5)
+    info = ServerInfo(url, os.getpid(), os.path.realpath(service.index_dir), service.device, service.precision,
+                      service.limits.max_upload_bytes)
+    # uvicorn stops gracefully on SIGINT/SIGTERM and then raises the signal again for the handler it found:
+    # this one, so that the announcement is withdrawn and serve() returns instead of the process dying
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        announce(service.index_dir, info)
+        if on_listening:
+            on_listening(url)
+        uvicorn.Server(config).run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        withdraw(service.index_dir, os.getpid())
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM, after uvicorn has shut down."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free one)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ServerError(f"cannot listen on {host}: {e}; pass --host 127.0.0.1") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ServerError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another server running there? "
+                          "Pass --port for another port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _answer(service: SearchService, query: Query, realpath: str) -> dict[str, Any]:
+    a: Answer = service.search(query)
+    hits = []
+    for h in a.hits:
+        urls = {"thumbnail": f"/api/images/{h.id}/thumbnail", "image": f"/api/images/{h.id}"} \
+            if h.kind == "image" else {"thumbnail": None, "image": None}
+        hits.append({**asdict(h), **urls})
+    return {"index": realpath, "generation": a.generation, "has_reranker": service.has_reranker,
+            "reranked": a.reranked, "hits": hits, "timings": a.timings}
+
+
+def _base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise QueryError("image_base64 is not valid base64") from None
+
+
+def _url_host(host: str) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
