@@ -186,11 +186,13 @@ def serve(service: SearchService, sock: socket.socket, on_listening: Callable[[s
     # this one, so that the announcement is withdrawn and serve() returns instead of the process dying
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
+    def announce_started() -> None:
         announce(service.index_dir, info)
         if on_listening:
             on_listening(url)
-        uvicorn.Server(config).run(sockets=[sock])
+
+    try:
+        _Server(config, announce_started).run(sockets=[sock])
     except _Stopped:
         pass
     finally:
@@ -198,6 +200,20 @@ def serve(service: SearchService, sock: socket.socket, on_listening: Callable[[s
         sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that calls `on_started` once it listens with its own signal handlers in place, so that a
+    client that finds the announcement can stop it at once without the signal landing in the middle of start-up."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]):
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
 
 
 class _Stopped(Exception):
