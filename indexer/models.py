@@ -5,15 +5,19 @@ pretrained tag (downloaded and cached the usual open_clip / Hugging Face way), a
 checkpoint file, or `random` (seeded random weights, for tests). A *bundle* is a folder
 with `bundle.json` naming an encoder checkpoint and optionally a fusion reranker; the
 demo model shipped in `data/demo` is one.
+
+open_clip is imported only to check a name the user gave; the model an index names is trusted
+as the index recorded it, so that a rebuild with nothing to encode, or a query through exported
+graphs, never imports it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import open_clip
+from types import ModuleType
 
 from .errors import UnknownModelError
 from .manifest import Manifest
@@ -25,7 +29,14 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_DIR = Path(os.environ.get("ITM_DEMO_DIR", Path(__file__).resolve().parents[1] / "data" / "demo"))
 BUNDLES = {"demo": DEMO_DIR}
 
-open_clip.add_model_config(CONFIG_DIR)
+
+@functools.cache
+def open_clip_registry() -> ModuleType:
+    """open_clip, with itm's own architectures (indexer/model_configs) registered."""
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class ModelSpec:
 
 def list_models() -> list[str]:
     """Every name `--model` accepts: bundles first, then open_clip architectures."""
-    return sorted(BUNDLES) + open_clip.list_models()
+    return sorted(BUNDLES) + open_clip_registry().list_models()
 
 
 def resolve_model(
@@ -56,6 +67,7 @@ def resolve_model(
     reranker = Path(reranker) if reranker else None
     if model in BUNDLES or Path(model, "bundle.json").is_file():
         return _bundle_spec(model, reranker)
+    open_clip = open_clip_registry()
     if model not in open_clip.list_models():
         raise UnknownModelError(
             f"unknown model {model!r}; choose one of: {', '.join(sorted(BUNDLES))}, "
@@ -81,7 +93,7 @@ def spec_for_index(manifest: Manifest, index_dir: Path) -> ModelSpec:
     if m.name:
         return resolve_model(m.name)
     reranker = Path(index_dir) / manifest.reranker.file if manifest.reranker else None
-    return resolve_model(m.arch, m.pretrained, m.checkpoint, reranker)
+    return ModelSpec(m.arch, m.pretrained, Path(m.checkpoint) if m.checkpoint else None, reranker)
 
 
 def _bundle_spec(model: str, reranker: Path | None) -> ModelSpec:
