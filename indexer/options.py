@@ -19,6 +19,8 @@ class BuildOptions:
     workers: int = max(1, (os.cpu_count() or 1))  # decoding threads (0: decode inline)
     device: str = DEVICE
     precision: str = PRECISION  # fp32 | bf16 | fp16 (GPU)
+    backend: str = "auto"  # auto | onnx | torch: how the model runs (indexer/item_encoder.py)
+    threads: int | None = None  # threads of the model's forward pass; None: the cores this process may use
     exclude: tuple[str, ...] = ()  # globs relative to the folder
     include_hidden: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard

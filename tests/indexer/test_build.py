@@ -11,9 +11,9 @@ import indexer.commit
 from indexer import manifest as manifest_module
 from indexer import store
 from indexer.build import BuildOptions, build_index
-from indexer.encoder import DualEncoder
 from indexer.errors import IndexFormatError, ModelMismatchError
 from indexer.models import resolve_model
+from indexer.onnx_items import OnnxItemEncoder
 from tests.conftest import write_images
 from tests.fixtures_broken import make_hostile_folder, make_odd_files
 
@@ -129,11 +129,14 @@ def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, i
     snap.gather(snap.kind_rows("image"), "emb")
 
     calls = []
-    real_encode = DualEncoder.encode_images
-    monkeypatch.setattr(DualEncoder, "encode_images", lambda self, *a, **k: calls.append(1) or real_encode(self, *a, **k))
+    real_encode = OnnxItemEncoder.encode_images
+    monkeypatch.setattr(OnnxItemEncoder, "encode_images", lambda self, *a: calls.append(1) or real_encode(self, *a))
     r, _ = build(image_folder, idx, tiny_spec)
     assert (r.added, r.reused, r.images) == (10, 10, 22)
     assert calls == []  # nothing re-embedded
+    write_images(image_folder / "newer", 1, seed=4)
+    build(image_folder, idx, tiny_spec)
+    assert calls == [1]  # the encoder that builds run by default is the one watched
     assert not json.loads((idx / "manifest.json").read_text())["staging"]
 
 
@@ -144,7 +147,8 @@ def test_half_written_files_are_invisible_and_collected(tmp_path, image_folder, 
     (idx / "seg-0000.emb.npy").write_bytes(b"partial")
     _, rs = rows(idx)
     assert len(rs) == 12
-    build(image_folder, idx, tiny_spec)
+    write_images(image_folder / "new", 1, seed=5)
+    build(image_folder, idx, tiny_spec)  # the next commit collects them
     assert not (idx / "seg-0000.emb.npy").exists() and not (idx / ".manifest.json.deadbeef.tmp").exists()
 
 
