@@ -27,9 +27,7 @@ import numpy as np
 from .errors import ExportError, ItmError
 from .manifest import ModelIdentity
 from .models import ModelSpec
-from .options import DEFAULT_MAX_PIXELS, DEVICE, PRECISION
-
-BACKENDS = ("auto", "onnx", "torch")
+from .options import BACKEND, BACKENDS, DEFAULT_MAX_PIXELS, DEVICE, PRECISION
 
 
 def default_threads() -> int:
@@ -76,7 +74,7 @@ class ItemEncoder(Protocol):
 class Runtime:
     """How an item encoder runs."""
 
-    backend: str = "auto"  # auto | onnx | torch
+    backend: str = BACKEND  # auto | onnx | torch
     device: str = DEVICE  # cpu, cuda, ... (a GPU runs the torch backend)
     precision: str = PRECISION  # fp32 | bf16 | fp16 (not fp32: the torch backend)
     threads: int | None = None  # threads of the forward pass; None: default_threads()
