@@ -67,8 +67,7 @@ def resolve_model(
     reranker = Path(reranker) if reranker else None
     if model in BUNDLES or Path(model, "bundle.json").is_file():
         return _bundle_spec(model, reranker)
-    open_clip = open_clip_registry()
-    if model not in open_clip.list_models():
+    if not _is_architecture(model):
         raise UnknownModelError(
             f"unknown model {model!r}; choose one of: {', '.join(sorted(BUNDLES))}, "
             "or an open_clip architecture such as ViT-B-32 (see open_clip.list_models())"
@@ -77,7 +76,7 @@ def resolve_model(
         return ModelSpec(model, None, Path(checkpoint), reranker)
     if pretrained is None:
         if model != DEFAULT_MODEL:
-            tags = open_clip.list_pretrained_tags_by_model(model)
+            tags = open_clip_registry().list_pretrained_tags_by_model(model)
             raise UnknownModelError(
                 f"model {model} needs weights: pass --pretrained TAG"
                 + (f" (one of {', '.join(tags)})" if tags else "")
@@ -85,6 +84,18 @@ def resolve_model(
             )
         pretrained = DEFAULT_PRETRAINED
     return ModelSpec(model, pretrained, None, reranker)
+
+
+def _is_architecture(name: str) -> bool:
+    """Whether open_clip (with itm's configs) knows the architecture; its config files answer without importing it."""
+    import importlib.util
+
+    found = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR] + [Path(p) / "model_configs" for p in (found.submodule_search_locations or [])] \
+        if found else [CONFIG_DIR]
+    if any((folder / f"{name}.json").is_file() for folder in folders):
+        return True
+    return name in open_clip_registry().list_models()  # registered some other way
 
 
 def spec_for_index(manifest: Manifest, index_dir: Path) -> ModelSpec:
