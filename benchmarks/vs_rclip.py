@@ -118,19 +118,24 @@ def export_rclip_model(data: Path) -> None:
     shutil.copy2(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz", data / "tokenizer")
 
 
+# Each command is started by a small launcher, not by this process: a child forked from a large process
+# counts that process's pages in its own peak resident set until it runs the command.
+LAUNCHER = ("import os, sys, time\n"
+            "t = time.perf_counter(); pid = os.fork()\n"
+            "if pid == 0: os.execvp(sys.argv[1], sys.argv[1:])\n"
+            "_, status, usage = os.wait4(pid, 0)\n"
+            "print(f'\\n{time.perf_counter() - t} {usage.ru_maxrss}', file=sys.stderr)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
     """(wall seconds, peak resident MB) of one command, which must succeed."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *map(str, argv)], env={**os.environ, **(env or {})},
+                          cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     if proc.returncode:
-        raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{err}")
-    return wall, usage.ru_maxrss / 1024
+        raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{proc.stderr}")
+    wall, kb = proc.stderr.rsplit("\n", 2)[-2].split()
+    return float(wall), int(kb) / 1024
 
 
 def paired(name: str, itm, rclip, runs: int, items: int | None = None) -> dict:
@@ -222,6 +227,16 @@ def forward_ratio(folder: Path, builds: int) -> dict:
             "forward_rate": statistics.median(fwd), "ratio": statistics.median(ratios), "ratios": ratios}
 
 
+def compile_itm() -> None:
+    """Bytecode for itm's modules, as an install writes it (an editable checkout may have none, and a
+    process that finds none compiles every module it imports, each run)."""
+    import compileall
+    import importlib.util
+
+    for package in ("indexer", "retrieval"):
+        compileall.compile_dir(Path(importlib.util.find_spec(package).origin).parent, quiet=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rclip-python", type=Path, required=True, help="python of a virtual environment with rclip")
@@ -236,6 +251,7 @@ def main() -> None:
               flush=True)
     os.environ.setdefault("ITM_CACHE_DIR", str(args.cache / "itm-cache"))  # itm's exported model, for this run
     small, big = make_corpora(args.cache / "corpora")
+    compile_itm()
     tools = Tools(args.rclip_python, args.cache)
     export_rclip_model(tools.rclip_data)
     idx = args.cache / "itm-small"
