@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import indexer.build
 import indexer.commit
 from indexer import manifest as manifest_module
 from indexer import store
@@ -232,3 +233,25 @@ def test_a_format_1_index_is_migrated(tmp_path, image_folder, tiny_spec):
     r, _ = build(image_folder, idx, tiny_spec)
     assert (r.added, r.unchanged, r.images) == (2, 12, 14)
     assert json.loads((idx / "manifest.json").read_text())["format"] == manifest_module.FORMAT_VERSION
+
+
+def test_a_rebuild_with_nothing_to_do_loads_no_model_and_commits_nothing(tmp_path, image_folder, text_file, tiny_spec,
+                                                                         monkeypatch):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    build(text_file, idx, tiny_spec)
+    before = (idx / "manifest.json").read_bytes()
+    files = sorted(p.name for p in idx.iterdir())
+    monkeypatch.setattr(indexer.build, "load_item_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    for source in (image_folder, text_file):
+        r = build_index(source, idx)  # no model named: the index's own
+        assert (r.added, r.updated, r.removed, r.unchanged) == (0, 0, 0, 12 if source == image_folder else 4)
+        assert (r.images, r.texts) == (12, 4)
+    assert (idx / "manifest.json").read_bytes() == before and sorted(p.name for p in idx.iterdir()) == files
+    text_file.write_text(text_file.read_text())  # saved again as it was: new mtime, same lines
+    os.utime(text_file, ns=(1, 1))
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
+        build_index(image_folder / "sub", idx, tiny_spec)  # a model the user names is loaded and checked
+    r = build_index(text_file, idx)
+    assert (r.added, r.updated, r.unchanged) == (0, 0, 4)
+    assert json.loads((idx / "manifest.json").read_text())["generation"] == json.loads(before)["generation"] + 1
