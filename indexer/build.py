@@ -248,7 +248,8 @@ class _Embedding:
                 todo.append(entry)
         self.on_progress(0, len(todo))
         batches = _Batches(self._encode_images, self)
-        items = ordered_map(self._decode, todo, self.options.workers, prefetch=4 * self.options.batch_size)
+        # decoded images waiting for the model: the next batch, decoded while this one is encoded, and no more
+        items = ordered_map(self._decode, todo, self.options.workers, prefetch=self.options.batch_size)
         for done, item in enumerate(items, 1):
             self.on_progress(done, len(todo))
             if item.error is not None:
