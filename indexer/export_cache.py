@@ -20,9 +20,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ExportError
+
 # Bump when an export's graphs or files change, so that caches made by an older itm are not read.
 #   1: first format.
 EXPORT_FORMAT = 1
+REFUSED = ".refused"  # suffix of a file beside a folder's name saying why that model could not be exported
 
 
 def cache_root() -> Path:
@@ -67,3 +70,23 @@ def publish(kind: str, key: str, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def exported(kind: str, key: str, write: Callable[[Path], None]) -> Path:
+    """The folder of an export, made by write(folder) when the cache does not hold it yet.
+
+    An ExportError from `write` is remembered beside the cache and raised again by later calls,
+    so that a model that does not export is not exported again by every command.
+    """
+    folder = cached(kind, key)
+    if folder is not None:
+        return folder
+    refused = export_dir(kind, key).with_name(export_dir(kind, key).name + REFUSED)
+    if refused.is_file():
+        raise ExportError(refused.read_text())
+    try:
+        return publish(kind, key, write)
+    except ExportError as e:
+        refused.parent.mkdir(parents=True, exist_ok=True)
+        refused.write_text(str(e))
+        raise

@@ -105,8 +105,12 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], path: Path,
     batch = Dim("batch", min=1, max=MAX_BATCH)
     axes = {0: batch, 1: Dim("length", min=2, max=length)} if length else {0: batch}
     dynamic = {name: axes for name in inspect.signature(module.forward).parameters}
-    torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-                      dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False)
+    try:
+        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False)
+    except Exception as e:  # an architecture or a torch the exporter cannot handle: the torch backend runs it
+        raise ExportError(f"cannot export {path.stem} graph ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "it runs on the torch backend") from None
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import export_cache
 from .checkpoint import file_sha256
-from .errors import DecodeError, ExportError
+from .errors import DecodeError
 from .images import load_image
 from .item_encoder import ItemFeatures, StoreLayout, with_spec_names
 from .manifest import ModelIdentity
@@ -32,7 +32,6 @@ from .tokenizer import ClipTokenizer
 
 KIND = "encoder"
 META = "encoder.json"
-UNSUPPORTED = ".unsupported"  # suffix of a file beside an export's folder saying why the model does not export
 
 
 def load(spec: ModelSpec, threads: int, known: ModelIdentity | None = None,
@@ -41,20 +40,12 @@ def load(spec: ModelSpec, threads: int, known: ModelIdentity | None = None,
 
     Raises ExportError when the model cannot be exported (that is remembered beside the cache).
     """
-    key = encoder_key(spec, known, reranker_sha256)
-    folder = export_cache.cached(KIND, key)
-    marker = export_cache.export_dir(KIND, key).with_name(export_cache.export_dir(KIND, key).name + UNSUPPORTED)
-    if folder is None:
-        if marker.is_file():
-            raise ExportError(marker.read_text())
-        from .onnx_export import export_encoder
+    def export(folder: Path) -> None:
+        from .onnx_export import export_encoder  # torch and open_clip, once per model
 
-        try:
-            folder = export_cache.publish(KIND, key, lambda d: export_encoder(spec, d))
-        except ExportError as e:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(e))
-            raise
+        export_encoder(spec, folder)
+
+    folder = export_cache.exported(KIND, encoder_key(spec, known, reranker_sha256), export)
     return OnnxItemEncoder(folder, spec, threads)
 
 

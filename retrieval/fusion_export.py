@@ -35,10 +35,14 @@ def export_fusion(reranker: Path, sha256: str, folder: Path) -> None:
     image, text, mask = _example(model, 3, 1)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
-        torch.onnx.export(model, (image, text, mask), str(folder / "fusion.onnx"),
-                          input_names=["image", "text", "mask"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "images"}, "text": {0: "texts"}, "mask": {0: "texts"},
-                                        "logits": {0: "pairs"}}, opset_version=OPSET, dynamo=False)
+        try:
+            torch.onnx.export(model, (image, text, mask), str(folder / "fusion.onnx"),
+                              input_names=["image", "text", "mask"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "images"}, "text": {0: "texts"}, "mask": {0: "texts"},
+                                            "logits": {0: "pairs"}}, opset_version=OPSET, dynamo=False)
+        except Exception as e:  # a configuration the exporter cannot handle: the torch backend runs it
+            raise ExportError(f"reranker {model.cfg.name}: cannot export ({type(e).__name__}); "
+                              "it runs on the torch backend") from None
     cfg = model.cfg
     (folder / META).write_text(json.dumps({"sha256": sha256, "score_weight": cfg.score_weight,
                                            "image_shape": [cfg.n_levels, cfg.image_tokens, cfg.d_model],

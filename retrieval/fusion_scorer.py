@@ -60,7 +60,7 @@ def load_fusion(reranker: Path, sha256: str, runtime: Runtime = Runtime()) -> Fu
     if runtime.wants_onnx:
         key = export_cache.export_key(reranker_sha256=sha256)
         try:
-            folder = export_cache.cached(KIND, key) or _export(reranker, sha256, key)
+            folder = export_cache.exported(KIND, key, lambda folder: _export(reranker, sha256, folder))
             return OnnxFusion(folder, runtime.threads or default_threads())
         except ExportError:
             if runtime.backend == "onnx":
@@ -70,7 +70,7 @@ def load_fusion(reranker: Path, sha256: str, runtime: Runtime = Runtime()) -> Fu
     return TorchFusion(load_reranker(reranker, runtime.device).eval())
 
 
-def _export(reranker: Path, sha256: str, key: str) -> Path:
-    from .fusion_export import export_fusion
+def _export(reranker: Path, sha256: str, folder: Path) -> None:
+    from .fusion_export import export_fusion  # torch, once per reranker
 
-    return export_cache.publish(KIND, key, lambda folder: export_fusion(reranker, sha256, folder))
+    export_fusion(reranker, sha256, folder)

@@ -71,3 +71,28 @@ def test_indexes_built_on_both_backends_hold_the_same_features(indexes):
         np.testing.assert_allclose(a.gather(ra, "tok").astype(np.float32), b.gather(rb, "tok").astype(np.float32),
                                    rtol=2**-10, atol=1e-5)
     assert np.array_equal(a.gather(a.kind_rows("text"), "mask"), b.gather(b.kind_rows("text"), "mask"))
+
+
+def test_a_reranker_that_does_not_export_runs_on_torch(tmp_path, monkeypatch):
+    from indexer.checkpoint import file_sha256
+    from indexer.errors import ExportError
+    from indexer.item_encoder import Runtime
+    from retrieval import fusion_export
+    from retrieval.fusion_scorer import load_fusion
+
+    monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(3)
+    path = save_reranker(FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval(),
+                         tmp_path / "reranker.safetensors")
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise ExportError("fusion-tiny: not this one")
+
+    monkeypatch.setattr(fusion_export, "export_fusion", refuse)
+    for _ in range(2):
+        assert isinstance(load_fusion(path, file_sha256(path)), TorchFusion)
+    assert len(calls) == 1  # the refusal is remembered
+    with pytest.raises(ExportError, match="not this one"):
+        load_fusion(path, file_sha256(path), Runtime("onnx"))
