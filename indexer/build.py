@@ -22,13 +22,14 @@ import pyarrow as pa
 
 from . import store
 from .changes import ContentIndex, SourceChanges, content_hash
+from .checkpoint import file_sha256
 from .commit import Writer, locked
 from .compact import compact, dead_share
 from .errors import CorpusError, DecodeError
 from .images import read_file
 from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
 from .manifest import Manifest, RerankerInfo, check_model, check_reranker
-from .models import ModelSpec, resolve_model, spec_for_index
+from .models import ModelSpec, claimed_identity, resolve_model, spec_for_index
 from .options import BuildOptions
 from .parallel import ordered_map
 from .scan import FileEntry, is_text_corpus, read_texts, scan_images
@@ -123,6 +124,11 @@ class _Encoder:
         # the index's own model is known by its manifest: its export is found without hashing checkpoints
         self.known = manifest.model if manifest and model is None else None
         self.reranker_sha = manifest.reranker.sha256 if self.known and manifest.reranker else None
+        if manifest is not None and model is not None:  # another model is refused before it is loaded or exported
+            self.known = claimed_identity(model, manifest.model)
+            self.reranker_sha = file_sha256(model.reranker) if model.reranker else None
+            check_model(manifest, self.known, index_dir)
+            check_reranker(manifest, self.reranker_sha, index_dir)
         self._encoder: ItemEncoder | None = None
         self._lock = threading.Lock()
 

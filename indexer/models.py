@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
+from .checkpoint import file_sha256
 from .errors import UnknownModelError
-from .manifest import Manifest
+from .manifest import Manifest, ModelIdentity
 from .options import DEFAULT_MODEL
 
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -105,6 +106,14 @@ def spec_for_index(manifest: Manifest, index_dir: Path) -> ModelSpec:
         return resolve_model(m.name)
     reranker = Path(index_dir) / manifest.reranker.file if manifest.reranker else None
     return ModelSpec(m.arch, m.pretrained, Path(m.checkpoint) if m.checkpoint else None, reranker)
+
+
+def claimed_identity(spec: ModelSpec, like: ModelIdentity) -> ModelIdentity:
+    """The identity `spec` names, as far as its names and files tell without loading it; the shapes are
+    taken from `like` (an index's model), which they match whenever the weights do."""
+    checkpoint = str(Path(spec.checkpoint).resolve()) if spec.checkpoint and not spec.name else None
+    return replace(like, arch=spec.arch, pretrained=spec.pretrained, name=spec.name, checkpoint=checkpoint,
+                   checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else None)
 
 
 def _bundle_spec(model: str, reranker: Path | None) -> ModelSpec:

@@ -149,8 +149,8 @@ def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch(tmp_path)
                                                  reranker]), (tmp_path / "caps.txt", [])):
         r = run("itm-index", "build", source, "--index", idx, "-q", *model)  # exports the encoders on first use
         assert r.returncode == 0, r.stderr
-    r, loaded = probe("itm-search", "a blue circle", "--index", idx)  # the reranker's graph, on first use
-    assert r.returncode == 0 and "torch" in loaded
+    r, _ = probe("itm-search", "a blue circle", "--index", idx)  # exports the reranker's graph if not yet done
+    assert r.returncode == 0, r.stderr
     for cmd, args, out in [
         ("itm-index", ["--help"], "Build and inspect"), ("itm-search", ["--help"], "--threads"),
         ("itm-index", ["build", tmp_path / "photos", "--index", idx, "-q"], "0 added, 0 updated, 0 removed, 5 unchanged"),
