@@ -45,13 +45,14 @@ def build(
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
     progress = Progress(PROG, "embedding", enabled=not quiet)
     with user_errors(PROG), progress:
-        from .build import build_index  # torch and open_clip load only when a model must be exported or run
+        from .build import build_index  # torch and open_clip load only to export or run a model
         from .models import resolve_model
 
         spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
             if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                            backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden, max_pixels=max_pixels,
+                            backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
+                            max_pixels=max_pixels,
                             faiss_factory=faiss_factory, text_column=text_column, id_column=id_column)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
     typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "

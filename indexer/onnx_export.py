@@ -30,7 +30,6 @@ from .encoder import DualEncoder
 from .errors import ExportError
 from .models import ModelSpec
 from .onnx_items import META
-from .onnx_session import open_session
 from .preprocess import INTERPOLATIONS, OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, ImagePrep
 from .store_encoder import LoadedStoreEncoder, StoreEncoder, load_store_encoder
 from .tokenizer import ClipTokenizer
@@ -83,7 +82,8 @@ def export_encoder(spec: ModelSpec, folder: Path) -> None:
         warnings.simplefilter("ignore")  # the exporters' notes on how they trace
         ids = torch.full((2, 5), dual.tokenizer.eot_token_id, dtype=torch.long)
         _export(text, (ids, torch.ones(2, 5, dtype=torch.bool)), ["ids", "mask"], folder / "text.onnx",
-                ["out_embedding", "out_store", "out_keep"] if store else ["out_embedding"], length=dual.identity.context_length)
+                ["out_embedding", "out_store", "out_keep"] if store else ["out_embedding"],
+                length=dual.identity.context_length)
         _export(image, (torch.zeros(2, 3, s, s),), ["pixels"], folder / "image.onnx",
                 ["out_embedding", "out_store"] if store else ["out_embedding"])
     identity = replace(dual.identity, name=None, checkpoint=None)

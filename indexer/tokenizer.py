@@ -26,7 +26,7 @@ VOCAB_MERGES = 49152 - 256 - 2  # merges of the vocabulary file that SimpleToken
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table: each byte as a printable character, so that BPE never sees whitespace or control bytes."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

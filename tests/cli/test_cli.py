@@ -153,7 +153,7 @@ def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch(tmp_path)
     assert r.returncode == 0, r.stderr
     for cmd, args, out in [
         ("itm-index", ["--help"], "Build and inspect"), ("itm-search", ["--help"], "--threads"),
-        ("itm-index", ["build", tmp_path / "photos", "--index", idx, "-q"], "0 added, 0 updated, 0 removed, 5 unchanged"),
+        ("itm-index", ["build", tmp_path / "photos", "--index", idx, "-q"], "0 added, 0 updated, 0 removed, 5 unch"),
         ("itm-search", ["a red square", "--index", idx, "-k", "2"], "image"),
         ("itm-search", ["--image", images[0], "--index", idx, "-k", "2", "--json"], '"kind": "text"'),
     ]:
