@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from indexer import export_cache, onnx_export, onnx_items
-from indexer.errors import ExportError
+from indexer.errors import ExportError, ItmError
 from indexer.item_encoder import Runtime, load_item_encoder
 from indexer.models import resolve_model
 from indexer.onnx_items import OnnxItemEncoder
@@ -70,8 +70,12 @@ def test_a_model_that_does_not_export_runs_on_torch(monkeypatch, tmp_path):
     assert not list((tmp_path / "cache" / "onnx").glob("encoder-*/"))  # no half-made folder is left
 
 
-def test_gpu_and_bf16_run_on_torch():
+def test_gpu_and_bf16_run_on_torch_and_bad_choices_are_refused():
     assert not Runtime(precision="bf16").wants_onnx and not Runtime(device="cuda").wants_onnx
     assert Runtime().wants_onnx and not Runtime("torch").wants_onnx
-    with pytest.raises(Exception, match="onnx backend runs on a CPU in fp32"):
+    with pytest.raises(ItmError, match="onnx backend runs on a CPU in fp32"):
         Runtime("onnx", precision="bf16").wants_onnx
+    with pytest.raises(ItmError, match="unknown backend 'tensorrt'"):
+        Runtime("tensorrt")
+    with pytest.raises(ItmError, match="threads must be at least 1"):
+        Runtime(threads=0)
