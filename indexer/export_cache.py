@@ -76,7 +76,8 @@ def exported(kind: str, key: str, write: Callable[[Path], None]) -> Path:
     """The folder of an export, made by write(folder) when the cache does not hold it yet.
 
     An ExportError from `write` is remembered beside the cache and raised again by later calls,
-    so that a model that does not export is not exported again by every command.
+    so that a model that does not export is not exported again by every command. A cache that
+    cannot be written raises ExportError too (the torch backend needs no cache).
     """
     folder = cached(kind, key)
     if folder is not None:
@@ -87,6 +88,11 @@ def exported(kind: str, key: str, write: Callable[[Path], None]) -> Path:
     try:
         return publish(kind, key, write)
     except ExportError as e:
-        refused.parent.mkdir(parents=True, exist_ok=True)
-        refused.write_text(str(e))
+        try:
+            refused.write_text(str(e))
+        except OSError:
+            pass
         raise
+    except OSError as e:
+        raise ExportError(f"cannot write exported graphs under {cache_root()} ({e.strerror or e}); "
+                          "set ITM_CACHE_DIR to a writable folder") from None

@@ -79,3 +79,11 @@ def test_gpu_and_bf16_run_on_torch_and_bad_choices_are_refused():
         Runtime("tensorrt")
     with pytest.raises(ItmError, match="threads must be at least 1"):
         Runtime(threads=0)
+
+
+def test_an_unwritable_cache_runs_on_torch(monkeypatch, tmp_path, tiny_spec):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: nothing can be made
+    assert isinstance(load_item_encoder(tiny_spec), TorchItemEncoder)
+    with pytest.raises(ExportError, match="set ITM_CACHE_DIR to a writable folder"):
+        load_item_encoder(tiny_spec, Runtime("onnx"))
