@@ -88,8 +88,6 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         encoder = _Encoder(writer.manifest, index_dir, model, options, clock)
         if writer.manifest is None:  # a new index records its model before the first segment is staged
             writer.start(encoder().identity, _reranker_info(encoder.spec, encoder()))
-        elif model is not None:  # a model the user names is checked before anything is read
-            encoder()
         job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
         with clock("embed_s"):
             changes = job.texts(source) if is_text_corpus(source) else job.images(source)

@@ -250,8 +250,10 @@ def test_a_rebuild_with_nothing_to_do_loads_no_model_and_commits_nothing(tmp_pat
     assert (idx / "manifest.json").read_bytes() == before and sorted(p.name for p in idx.iterdir()) == files
     text_file.write_text(text_file.read_text())  # saved again as it was: new mtime, same lines
     os.utime(text_file, ns=(1, 1))
-    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
-        build_index(image_folder / "sub", idx, tiny_spec)  # a model the user names is loaded and checked
+    r = build_index(image_folder, idx, tiny_spec)  # the index's model named again: checked, not loaded
+    assert (r.added, r.unchanged) == (0, 12)
+    with pytest.raises(ModelMismatchError, match="was built with itm-tiny/random, not demo"):
+        build_index(image_folder, idx, resolve_model("demo"))  # another model: refused before it is loaded
     r = build_index(text_file, idx)
     assert (r.added, r.updated, r.unchanged) == (0, 0, 4)
     assert json.loads((idx / "manifest.json").read_text())["generation"] == json.loads(before)["generation"] + 1
