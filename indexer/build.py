@@ -85,7 +85,8 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
     index_dir.mkdir(parents=True, exist_ok=True)
     with locked(index_dir):
         writer = Writer(index_dir)
-        encoder = _Encoder(writer.manifest, index_dir, model, options, clock)
+        tower = "text" if is_text_corpus(source) else "image"
+        encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)
         if writer.manifest is None:  # a new index records its model before the first segment is staged
             writer.start(encoder().identity, _reranker_info(encoder.spec, encoder()))
         job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
@@ -115,8 +116,8 @@ class _Encoder:
     """
 
     def __init__(self, manifest: Manifest | None, index_dir: Path, model: ModelSpec | None, options: BuildOptions,
-                 clock: _Clock):
-        self.manifest, self.index_dir, self.clock = manifest, index_dir, clock
+                 clock: _Clock, tower: str):
+        self.manifest, self.index_dir, self.clock, self.tower = manifest, index_dir, clock, tower
         self.spec = model or (spec_for_index(manifest, index_dir) if manifest else resolve_model())
         self.runtime = Runtime(options.backend, options.device, options.precision, options.threads)
         # the index's own model is known by its manifest: its export is found without hashing checkpoints
@@ -135,6 +136,7 @@ class _Encoder:
             if self._encoder is None:
                 with self.clock("model_load_s"):
                     encoder = load_item_encoder(self.spec, self.runtime, self.known, self.reranker_sha)
+                    encoder.open(self.tower)  # the tower this source needs: set up here, not in its first batch
                 if self.manifest is not None:
                     check_model(self.manifest, encoder.identity, self.index_dir)
                     check_reranker(self.manifest, encoder.store.sha256 if encoder.store else None, self.index_dir)

@@ -69,6 +69,9 @@ class ItemEncoder(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> ItemFeatures:
         """Texts -> features."""
 
+    def open(self, tower: str) -> None:
+        """Make the "image" or "text" tower ready now rather than at its first batch."""
+
 
 @dataclass(frozen=True)
 class Runtime:

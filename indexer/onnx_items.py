@@ -106,11 +106,15 @@ class OnnxItemEncoder:
             self._tokenizer = ClipTokenizer.from_file(self.folder / "tokenizer.json", self.identity.context_length)
         return self._tokenizer
 
-    def _run(self, tower: str, **inputs: np.ndarray) -> list[np.ndarray]:
-        """Run one tower's graph on the inputs it takes (a text graph without a store has no mask)."""
+    def open(self, tower: str):
+        """The tower's session, opened on first use (most of a cold command's model set-up)."""
         with self._lock:
             if tower not in self._sessions:
                 self._sessions[tower] = open_session(self.folder / f"{tower}.onnx", self.threads)
-        session = self._sessions[tower]
+            return self._sessions[tower]
+
+    def _run(self, tower: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        """Run one tower's graph on the inputs it takes (a text graph without a store has no mask)."""
+        session = self.open(tower)
         return session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})
 

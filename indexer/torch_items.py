@@ -31,6 +31,9 @@ class TorchItemEncoder:
         dual = DualEncoder.load(spec, device, precision)
         return cls(dual, load_store_encoder(spec.reranker, dual) if spec.reranker else None)
 
+    def open(self, tower: str) -> None:
+        """Both towers are ready once loaded."""
+
     def load_pixels(self, data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         return self.dual.load_pixels(data, max_pixels).numpy()
 
