@@ -187,7 +187,8 @@ def build_once(folder: Path, spec, options: BuildOptions, expected: int) -> dict
 def run_corpus(corpus: Corpus, folder: Path, encoder: DualEncoder, args: argparse.Namespace) -> dict:
     """Model-only and build runs alternate (M B M B ... M); each build is set against the two beside it."""
     paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    options = BuildOptions(batch_size=args.batch_size, precision=args.precision,
+    # the torch backend, whose forward rate this script measures (benchmarks/vs_rclip.py measures the onnx one)
+    options = BuildOptions(batch_size=args.batch_size, precision=args.precision, backend="torch",
                            **({"workers": args.workers} if args.workers is not None else {}))
     decode_s, pixels = benchlib.timed(lambda: decode_all(paths, encoder, options.workers, 4 * args.batch_size))
     stages = stage_split(paths[:STAGE_SAMPLE], encoder)

@@ -10,6 +10,8 @@ _EXPORTS = {
     "compact_index": "compact", "CompactReport": "compact",
     "Manifest": "manifest", "ModelIdentity": "manifest", "read_manifest": "manifest",
     "DualEncoder": "encoder", "Encoded": "encoder",
+    "ItemEncoder": "item_encoder", "ItemFeatures": "item_encoder", "Runtime": "item_encoder",
+    "load_item_encoder": "item_encoder", "ClipTokenizer": "tokenizer", "ImagePrep": "preprocess",
     "ModelSpec": "models", "resolve_model": "models", "list_models": "models",
     "Snapshot": "store", "default_index_dir": "options",
     "load_image": "images", "scan_images": "scan", "read_texts": "scan",

@@ -1,12 +1,16 @@
 """build_index: embed a folder of images or a file of texts into an index, incrementally.
 
-The build loads the index's model, finds what changed (indexer/changes.py), decodes images in
-threads while the model encodes full batches, stages segments as they fill, and commits one
-new generation (indexer/commit.py), compacting (indexer/compact.py) when enough stored rows have died.
+The build finds what changed (indexer/changes.py) first and loads the model only when something
+must be encoded; it decodes images in threads while the model encodes full batches, stages
+segments as they fill, and commits one new generation (indexer/commit.py), compacting
+(indexer/compact.py) when enough stored rows have died. A build that changes nothing commits
+nothing. The model runs through the item encoder (indexer/item_encoder.py): exported graphs on
+a CPU by default, so that a build with the export cached imports neither torch nor open_clip.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,21 +19,20 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from . import store
 from .changes import ContentIndex, SourceChanges, content_hash
+from .checkpoint import file_sha256
 from .commit import Writer, locked
 from .compact import compact, dead_share
-from .encoder import DualEncoder
 from .errors import CorpusError, DecodeError
 from .images import read_file
-from .manifest import RerankerInfo, check_model, check_reranker
-from .models import ModelSpec, resolve_model, spec_for_index
+from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
+from .manifest import Manifest, RerankerInfo, check_model, check_reranker
+from .models import ModelSpec, claimed_identity, resolve_model, spec_for_index
 from .options import BuildOptions
 from .parallel import ordered_map
 from .scan import FileEntry, is_text_corpus, read_texts, scan_images
-from .store_encoder import LoadedStoreEncoder, load_store_encoder
 
 __all__ = ["BuildOptions", "BuildReport", "BuildTimings", "build_index"]
 
@@ -41,7 +44,7 @@ OnProgress = Callable[[int, int], None]  # (items prepared, items to prepare) as
 class BuildTimings:
     """Where a build's time went, in seconds."""
 
-    model_load_s: float = 0.0  # loading the encoders and the reranker's store encoder
+    model_load_s: float = 0.0  # loading the encoders and the store encoder (within embed_s when loaded on demand)
     embed_s: float = 0.0  # scanning, reading, decoding, encoding and staging segments
     forward_s: float = 0.0  # the encoders' forward passes (and the rerank store's projection), within embed_s
     commit_s: float = 0.0  # rows, ANN indexes, manifest, garbage collection
@@ -82,39 +85,75 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
     index_dir.mkdir(parents=True, exist_ok=True)
     with locked(index_dir):
         writer = Writer(index_dir)
-        with clock("model_load_s"):
-            spec = model or (spec_for_index(writer.manifest, index_dir) if writer.manifest else resolve_model())
-            encoder = DualEncoder.load(spec, options.device, options.precision)
-            store_encoder = load_store_encoder(spec.reranker, encoder) if spec.reranker else None
-        reranker = _reranker_info(spec, store_encoder)
-        if writer.manifest is None:
-            writer.start(encoder.identity, reranker)
-        else:
-            check_model(writer.manifest, encoder.identity, index_dir)
-            check_reranker(writer.manifest, reranker.sha256 if reranker else None, index_dir)
-        job = _Embedding(writer, encoder, store_encoder, options, clock, _Skips(source, on_skip), on_progress)
+        tower = "text" if is_text_corpus(source) else "image"
+        encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)
+        if writer.manifest is None:  # a new index records its model before the first segment is staged
+            writer.start(encoder().identity, _reranker_info(encoder.spec, encoder()))
+        job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
         with clock("embed_s"):
             changes = job.texts(source) if is_text_corpus(source) else job.images(source)
+        if job.nothing_changed(source, changes):
+            return _report(index_dir, changes, job, writer.manifest, t0, 0, clock)
         with clock("commit_s"):
             manifest = job.commit(source, changes)
         with clock("compact_s"):
             compacted = compact(writer, options.commit_every) \
                 if dead_share(manifest, writer.rows) >= options.compact_at else 0
+    return _report(index_dir, changes, job, manifest, t0, compacted, clock)
+
+
+def _report(index_dir: Path, changes: SourceChanges, job: _Embedding, manifest: Manifest, t0: float,
+            compacted: int, clock: _Clock) -> BuildReport:
     return BuildReport(index_dir, changes.added, changes.updated, changes.removed, changes.unchanged,
                        len(job.skips.rows), changes.reused, manifest.counts["image"], manifest.counts["text"],
                        time.perf_counter() - t0, compacted, clock.timings())
 
 
-def _reranker_info(spec: ModelSpec, store_encoder: LoadedStoreEncoder | None) -> RerankerInfo | None:
-    if store_encoder is None:
+class _Encoder:
+    """The build's item encoder, loaded on first use and checked against the index's model.
+
+    A rebuild that finds nothing to encode never loads it. Safe to call from decoding threads.
+    """
+
+    def __init__(self, manifest: Manifest | None, index_dir: Path, model: ModelSpec | None, options: BuildOptions,
+                 clock: _Clock, tower: str):
+        self.manifest, self.index_dir, self.clock, self.tower = manifest, index_dir, clock, tower
+        self.spec = model or (spec_for_index(manifest, index_dir) if manifest else resolve_model())
+        self.runtime = Runtime(options.backend, options.device, options.precision, options.threads)
+        # the index's own model is known by its manifest: its export is found without hashing checkpoints
+        self.known = manifest.model if manifest and model is None else None
+        self.reranker_sha = manifest.reranker.sha256 if self.known and manifest.reranker else None
+        if manifest is not None and model is not None:  # another model is refused before it is loaded or exported
+            self.known = claimed_identity(model, manifest.model)
+            self.reranker_sha = file_sha256(model.reranker) if model.reranker else None
+            check_model(manifest, self.known, index_dir)
+            check_reranker(manifest, self.reranker_sha, index_dir)
+        self._encoder: ItemEncoder | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> ItemEncoder:
+        with self._lock:
+            if self._encoder is None:
+                with self.clock("model_load_s"):
+                    encoder = load_item_encoder(self.spec, self.runtime, self.known, self.reranker_sha)
+                    encoder.open(self.tower)  # the tower this source needs: set up here, not in its first batch
+                if self.manifest is not None:
+                    check_model(self.manifest, encoder.identity, self.index_dir)
+                    check_reranker(self.manifest, encoder.store.sha256 if encoder.store else None, self.index_dir)
+                self._encoder = encoder
+            return self._encoder
+
+
+def _reranker_info(spec: ModelSpec, encoder: ItemEncoder) -> RerankerInfo | None:
+    if encoder.store is None:
         return None
-    return RerankerInfo(sha256=store_encoder.sha256, file=f"reranker-{store_encoder.sha256[:16]}.safetensors",
-                        source=str(spec.reranker), image_shape=store_encoder.image_shape,
-                        text_shape=store_encoder.text_shape)
+    sha = encoder.store.sha256
+    return RerankerInfo(sha256=sha, file=f"reranker-{sha[:16]}.safetensors", source=str(spec.reranker),
+                        image_shape=encoder.store.image_shape, text_shape=encoder.store.text_shape)
 
 
 class _Clock:
-    """Seconds spent in each named phase of a build."""
+    """Seconds spent in each named phase of a build (a phase may be timed in a decoding thread)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -151,24 +190,23 @@ class _Decoded:
 
     entry: FileEntry
     hash: str | None = None
-    pixels: torch.Tensor | None = None  # (3, S, S); None when reused or skipped
+    pixels: np.ndarray | None = None  # (3, S, S) float32; None when reused or skipped
     error: str | None = None
 
 
 class _Batches:
     """Items waiting for a forward pass: full batches are encoded, and every `commit_every` items staged."""
 
-    def __init__(self, encode: Callable[[list], tuple[list[dict], np.ndarray, np.ndarray | None, np.ndarray | None]],
-                 job: _Embedding):
+    def __init__(self, encode: Callable[[list], tuple[list[dict], ItemFeatures]], job: _Embedding):
         self.encode, self.job = encode, job
         self.batch: list = []
-        self.parts: list[tuple[list[dict], np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        self.parts: list[tuple[list[dict], ItemFeatures]] = []
 
     def add(self, item: Any) -> None:
         self.batch.append(item)
         if len(self.batch) >= self.job.options.batch_size:
             self._encode()
-            if sum(len(p[1]) for p in self.parts) >= self.job.options.commit_every:
+            if sum(len(p[0]) for p in self.parts) >= self.job.options.commit_every:
                 self._stage()
 
     def close(self) -> None:
@@ -185,8 +223,10 @@ class _Batches:
         if not self.parts:
             return
         rows = [r for p in self.parts for r in p[0]]
-        join = lambda i: np.concatenate([p[i] for p in self.parts]) if self.parts[0][i] is not None else None  # noqa: E731
-        name = self.job.writer.stage(rows, join(1), join(2), join(3))
+        feats = [p[1] for p in self.parts]
+        join = lambda part: np.concatenate([getattr(f, part) for f in feats]) \
+            if getattr(feats[0], part) is not None else None  # noqa: E731
+        name = self.job.writer.stage(rows, join("emb"), join("tok"), join("mask"))
         self.job.content.add(name, [r["hash"] for r in rows])
         self.parts = []
 
@@ -194,9 +234,9 @@ class _Batches:
 class _Embedding:
     """One build's work on one source: find the changes, prepare and encode what they need, commit."""
 
-    def __init__(self, writer: Writer, encoder: DualEncoder, store_encoder: LoadedStoreEncoder | None,
-                 options: BuildOptions, clock: _Clock, skips: _Skips, on_progress: OnProgress | None):
-        self.writer, self.encoder, self.store_encoder = writer, encoder, store_encoder
+    def __init__(self, writer: Writer, encoder: _Encoder, options: BuildOptions, clock: _Clock, skips: _Skips,
+                 on_progress: OnProgress | None):
+        self.writer, self.encoder = writer, encoder
         self.options, self.clock, self.skips = options, clock, skips
         self.on_progress = on_progress or (lambda done, total: None)
         self.old_rows = writer.rows.to_pylist()
@@ -214,7 +254,8 @@ class _Embedding:
                 todo.append(entry)
         self.on_progress(0, len(todo))
         batches = _Batches(self._encode_images, self)
-        items = ordered_map(self._decode, todo, self.options.workers, prefetch=4 * self.options.batch_size)
+        # decoded images waiting for the model: the next batch, decoded while this one is encoded, and no more
+        items = ordered_map(self._decode, todo, self.options.workers, prefetch=self.options.batch_size)
         for done, item in enumerate(items, 1):
             self.on_progress(done, len(todo))
             if item.error is not None:
@@ -238,18 +279,15 @@ class _Embedding:
         if h in self.content:
             return _Decoded(entry, h)
         try:
-            return _Decoded(entry, h, self.encoder.load_pixels(data, self.options.max_pixels))
+            return _Decoded(entry, h, self.encoder().load_pixels(data, self.options.max_pixels))
         except DecodeError as e:
             return _Decoded(entry, h, error=str(e))
 
-    def _encode_images(self, batch: list[_Decoded]):
-        pixels = torch.stack([d.pixels for d in batch])  # (B, 3, S, S)
-        layers = self.store_encoder.image_layers if self.store_encoder else ()
-        out = self.encoder.encode_images(pixels, layers)
-        tok = self.store_encoder.images(out.tokens, out.grid) if self.store_encoder else None
+    def _encode_images(self, batch: list[_Decoded]) -> tuple[list[dict], ItemFeatures]:
+        feats = self.encoder().encode_images(np.stack([d.pixels for d in batch]))  # (B, 3, S, S) in
         rows = [{"hash": d.hash, "kind": "image", "source": None, "path": os.fsencode(d.entry.path), "text": None,
                  "source_id": None, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns} for d in batch]
-        return rows, out.embeddings.cpu().numpy(), tok, None
+        return rows, feats
 
     # ---- texts --------------------------------------------------------------------------
     def texts(self, path: Path) -> SourceChanges:
@@ -282,13 +320,17 @@ class _Embedding:
         batches.close()
         return changes
 
-    def _encode_texts(self, batch: list[dict]):
-        layers = self.store_encoder.text_layers if self.store_encoder else ()
-        out = self.encoder.encode_texts([r["text"] for r in batch], layers)
-        tok, mask = self.store_encoder.texts(out.tokens, out.mask) if self.store_encoder else (None, None)
-        return batch, out.embeddings.cpu().numpy(), tok, mask
+    def _encode_texts(self, batch: list[dict]) -> tuple[list[dict], ItemFeatures]:
+        return batch, self.encoder().encode_texts([r["text"] for r in batch])
 
     # ---- commit -------------------------------------------------------------------------
+    def nothing_changed(self, source: Path, changes: SourceChanges) -> bool:
+        """True when the build found the source as the index holds it: no new generation is needed."""
+        old_skips = [s for s in self.writer.skipped.to_pylist() if s["source"] == os.fsencode(source)]
+        same_skips = sorted(map(_skip_key, old_skips)) == sorted(map(_skip_key, self.skips.rows))
+        return not (changes.added or changes.updated or changes.removed or changes.restamped
+                    or self.writer.manifest.staging) and same_skips
+
     def commit(self, source: Path, changes: SourceChanges):
         """The next generation: the other sources' rows as they were, and this source's rows after the build."""
         mine, next_id = changes.rows(self.content, self.writer.manifest.next_id)
@@ -297,3 +339,7 @@ class _Embedding:
         skipped = [s for s in self.writer.skipped.to_pylist() if s["source"] != os.fsencode(source)] + self.skips.rows
         return self.writer.commit(rows, pa.Table.from_pylist(skipped, schema=store.SKIP_SCHEMA), next_id,
                                   self.options.faiss_factory)
+
+
+def _skip_key(row: dict) -> tuple[bytes, str]:
+    return row["path"], row["reason"]

@@ -66,6 +66,7 @@ class SourceChanges:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    restamped: int = 0  # unchanged rows whose file's size or mtime changed (a text file saved again as it was)
     reused: int = 0  # added or updated rows whose embedding was found by content hash
 
     @classmethod
@@ -77,8 +78,10 @@ class SourceChanges:
         return row is not None and row["size"] == size and row["mtime_ns"] == mtime_ns
 
     def keep(self, key: str, **updates: Any) -> None:
-        self.kept.append({**self.old[key], **updates})
+        row = {**self.old[key], **updates}
+        self.kept.append(row)
         self.unchanged += 1
+        self.restamped += row != self.old[key]
 
     def add(self, row: Row, content: ContentIndex) -> bool:
         """Count an added or updated row; True when its content must be encoded."""

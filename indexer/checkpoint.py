@@ -1,20 +1,23 @@
-"""Checkpoints as safetensors + a JSON sidecar: loading never unpickles."""
+"""Checkpoints as safetensors + a JSON sidecar: loading never unpickles.
+
+torch is imported only to read or write tensors, so that hashing a checkpoint (a model's
+identity) costs no torch import.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sidecar(path: Path) -> Path:
@@ -23,6 +26,8 @@ def sidecar(path: Path) -> Path:
 
 def save_checkpoint(tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> Path:
     """Write `path` (safetensors) and `path.json`; returns the safetensors path."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # each file is written beside its final name and renamed, so a crash never leaves half a checkpoint
@@ -37,6 +42,9 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], config: dict[str, Any], pa
 
 def load_checkpoint(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint written by save_checkpoint, checking that it holds a `kind` model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(

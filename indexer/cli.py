@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .cliutil import Progress, printable, user_errors
-from .options import DEFAULT_MODEL, PRECISIONS, BuildOptions
+from .options import BACKENDS, DEFAULT_MODEL, PRECISIONS, BuildOptions
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
@@ -28,6 +28,10 @@ def build(
     workers: int = typer.Option(D.workers, min=0, help="Decoding threads (0: decode inline)."),
     device: str = typer.Option(D.device, help="cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option(D.precision, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
+    backend: str = typer.Option(D.backend, help=f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch "
+                                "(auto: onnx on a CPU in fp32)."),
+    threads: Optional[int] = typer.Option(D.threads, min=1, help="Threads of the model's forward pass (default: "
+                                          "the cores this process may use)."),
     exclude: List[str] = typer.Option([], help="Glob to leave out, relative to the folder (repeatable)."),
     include_hidden: bool = typer.Option(D.include_hidden, help="Also index dot-files and dot-folders."),
     max_pixels: int = typer.Option(D.max_pixels, help="Skip images with more pixels than this."),
@@ -39,13 +43,14 @@ def build(
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
     progress = Progress(PROG, "embedding", enabled=not quiet)
     with user_errors(PROG), progress:
-        from .build import build_index  # torch and open_clip load only when a build runs
+        from .build import build_index  # torch and open_clip load only to export or run a model
         from .models import resolve_model
 
         spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
             if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                            exclude=tuple(exclude), include_hidden=include_hidden, max_pixels=max_pixels,
+                            backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
+                            max_pixels=max_pixels,
                             faiss_factory=faiss_factory, text_column=text_column, id_column=id_column)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
     typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import typer
-from tqdm import tqdm
 
 from .errors import ItmError, ItmWarning
 
@@ -71,11 +70,15 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is None or self.bar.total != total:
+            from tqdm import tqdm  # only a build that has something to do shows a bar
+
             self.close()
             self.bar = tqdm(total=total, desc=self.what, unit="item", smoothing=0.1, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
     def skip(self, path, reason: str) -> None:
+        from tqdm import tqdm
+
         tqdm.write(printable(f"{self.prog}: skipping {path}: {reason}"), file=sys.stderr)
 
     def close(self) -> None:

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 
 from . import store
-from .ann import build_ann, measured_recall
 from .durable import write_durably
 from .errors import ItmError
 from .manifest import KINDS, AnnInfo, Manifest, ModelIdentity, RerankerInfo, read_manifest, write_manifest
@@ -116,6 +115,8 @@ class Writer:
         return manifest
 
     def _build_ann(self, rows: pa.Table, factory: str | None, gen: int) -> dict[str, AnnInfo]:
+        from .ann import build_ann, measured_recall  # faiss, which a build that commits nothing never needs
+
         kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
         segments = np.asarray(rows.column("segment").to_pylist(), dtype=object)
         offsets = rows.column("offset").to_numpy()

@@ -20,8 +20,10 @@ from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, DecodeError, ItmError, ItmWarning
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .manifest import ModelIdentity
-from .models import RANDOM, ModelSpec
+from .models import RANDOM, ModelSpec, open_clip_registry
 from .weights import pretrained_source
+
+open_clip_registry()  # itm's architectures by name
 
 ENCODER_KIND = "dual_encoder"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -64,3 +64,7 @@ class DecodeError(ItmError):
 
 class ItmWarning(UserWarning):
     """Something works, but not as the user would want (e.g. much slower than another choice); says what to do."""
+
+
+class ExportError(ItmError):
+    """A model that cannot be run from exported graphs; the torch backend runs it."""

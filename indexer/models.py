@@ -5,18 +5,23 @@ pretrained tag (downloaded and cached the usual open_clip / Hugging Face way), a
 checkpoint file, or `random` (seeded random weights, for tests). A *bundle* is a folder
 with `bundle.json` naming an encoder checkpoint and optionally a fusion reranker; the
 demo model shipped in `data/demo` is one.
+
+open_clip is imported only to check a name the user gave; the model an index names is trusted
+as the index recorded it, so that a rebuild with nothing to encode, or a query through exported
+graphs, never imports it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 
-import open_clip
-
+from .checkpoint import file_sha256
 from .errors import UnknownModelError
-from .manifest import Manifest
+from .manifest import Manifest, ModelIdentity
 from .options import DEFAULT_MODEL
 
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -25,7 +30,14 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_DIR = Path(os.environ.get("ITM_DEMO_DIR", Path(__file__).resolve().parents[1] / "data" / "demo"))
 BUNDLES = {"demo": DEMO_DIR}
 
-open_clip.add_model_config(CONFIG_DIR)
+
+@functools.cache
+def open_clip_registry() -> ModuleType:
+    """open_clip, with itm's own architectures (indexer/model_configs) registered."""
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class ModelSpec:
 
 def list_models() -> list[str]:
     """Every name `--model` accepts: bundles first, then open_clip architectures."""
-    return sorted(BUNDLES) + open_clip.list_models()
+    return sorted(BUNDLES) + open_clip_registry().list_models()
 
 
 def resolve_model(
@@ -56,7 +68,7 @@ def resolve_model(
     reranker = Path(reranker) if reranker else None
     if model in BUNDLES or Path(model, "bundle.json").is_file():
         return _bundle_spec(model, reranker)
-    if model not in open_clip.list_models():
+    if not _is_architecture(model):
         raise UnknownModelError(
             f"unknown model {model!r}; choose one of: {', '.join(sorted(BUNDLES))}, "
             "or an open_clip architecture such as ViT-B-32 (see open_clip.list_models())"
@@ -65,7 +77,7 @@ def resolve_model(
         return ModelSpec(model, None, Path(checkpoint), reranker)
     if pretrained is None:
         if model != DEFAULT_MODEL:
-            tags = open_clip.list_pretrained_tags_by_model(model)
+            tags = open_clip_registry().list_pretrained_tags_by_model(model)
             raise UnknownModelError(
                 f"model {model} needs weights: pass --pretrained TAG"
                 + (f" (one of {', '.join(tags)})" if tags else "")
@@ -75,13 +87,33 @@ def resolve_model(
     return ModelSpec(model, pretrained, None, reranker)
 
 
+def _is_architecture(name: str) -> bool:
+    """Whether open_clip (with itm's configs) knows the architecture; its config files answer without importing it."""
+    import importlib.util
+
+    found = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR] + [Path(p) / "model_configs" for p in (found.submodule_search_locations or [])] \
+        if found else [CONFIG_DIR]
+    if any((folder / f"{name}.json").is_file() for folder in folders):
+        return True
+    return name in open_clip_registry().list_models()  # registered some other way
+
+
 def spec_for_index(manifest: Manifest, index_dir: Path) -> ModelSpec:
     """The model an index was built with, which its later builds and its queries load by default."""
     m = manifest.model
     if m.name:
         return resolve_model(m.name)
     reranker = Path(index_dir) / manifest.reranker.file if manifest.reranker else None
-    return resolve_model(m.arch, m.pretrained, m.checkpoint, reranker)
+    return ModelSpec(m.arch, m.pretrained, Path(m.checkpoint) if m.checkpoint else None, reranker)
+
+
+def claimed_identity(spec: ModelSpec, like: ModelIdentity) -> ModelIdentity:
+    """The identity `spec` names, as far as its names and files tell without loading it; the shapes are
+    taken from `like` (an index's model), which they match whenever the weights do."""
+    checkpoint = str(Path(spec.checkpoint).resolve()) if spec.checkpoint and not spec.name else None
+    return replace(like, arch=spec.arch, pretrained=spec.pretrained, name=spec.name, checkpoint=checkpoint,
+                   checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else None)
 
 
 def _bundle_spec(model: str, reranker: Path | None) -> ModelSpec:

@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .ann import tune
 from .durable import is_temporary, write_durably
 from .errors import IndexFormatError, IndexNotFoundError, ItmError
 from .manifest import KINDS, MANIFEST, Manifest, read_manifest
@@ -59,6 +56,9 @@ SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reaso
 PARTS = ("emb", "tok", "mask")  # the arrays of a segment, as seg-<id>.<part>.npy
 OPEN_ATTEMPTS = 20  # generations a reader may see committed while it opens one, before it gives up
 
+if TYPE_CHECKING:  # faiss loads when an ANN index is read or written, not for a rebuild with nothing to do
+    import faiss
+
 
 def new_segment_name() -> str:
     return f"seg-{uuid.uuid4().hex[:16]}"
@@ -82,10 +82,14 @@ def write_table(path: Path, table: pa.Table) -> None:
 
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
     """A table of `schema`; older formats' text path columns come back as the bytes they encode."""
-    return pq.read_table(path).cast(schema)
+    with pq.ParquetFile(path) as f:  # one file: no dataset layer, which would import pyarrow.compute
+        table = f.read()
+    return table if table.schema.equals(schema) else table.cast(schema)  # cast, too, imports pyarrow.compute
 
 
 def write_ann(path: Path, index: faiss.Index) -> None:
+    import faiss
+
     write_durably(path, lambda f: f.write(faiss.serialize_index(index).tobytes()))
 
 
@@ -144,7 +148,8 @@ class Snapshot:
         self._ann_bytes = {kind: np.memmap(self.index_dir / a.file, dtype=np.uint8, mode="r")
                            for kind, a in manifest.ann.items()}
         self.arrays = SegmentArrays(self.index_dir)
-        text_segments = set(self.rows.filter(pc.equal(self.rows.column("kind"), "text")).column("segment").to_pylist())
+        kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
+        text_segments = set(self.rows.column("segment").to_numpy(zero_copy_only=False)[kinds == "text"])
         for seg in manifest.segments:
             self.arrays.array(seg, "emb")
             if manifest.reranker:
@@ -173,6 +178,10 @@ class Snapshot:
 
     def ann(self, kind: str) -> faiss.Index:
         """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them)."""
+        import faiss
+
+        from .ann import tune
+
         index = faiss.deserialize_index(np.asarray(self._ann_bytes[kind]))
         tune(index)
         return index

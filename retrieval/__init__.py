@@ -6,7 +6,7 @@
 from indexer.lazy import lazy_exports
 
 _EXPORTS = {
-    "Searcher": "search", "Hit": "search",
+    "Searcher": "search", "Hit": "search", "FusionScorer": "fusion_scorer", "load_fusion": "fusion_scorer",
     "FusionReranker": "fusion", "FusionConfig": "fusion", "get_fusion_config": "fusion",
     "list_fusion_models": "fusion",
     "ItmLoss": "loss",

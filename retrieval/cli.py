@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from indexer.cliutil import printable, user_errors, warn, write_raw_path
-from indexer.options import DEVICE, PRECISION, PRECISIONS
+from indexer.options import BACKEND, BACKENDS, DEVICE, PRECISION, PRECISIONS
 
 from .hits import Hit
 from .settings import DEFAULT_K, DEFAULT_RERANK_K
@@ -28,6 +28,10 @@ def search(
     index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
     device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option(PRECISION, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
+    backend: str = typer.Option(BACKEND, help=f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch "
+                                "(auto: onnx on a CPU in fp32)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Threads of the model's forward pass (default: the cores "
+                                          "this process may use)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts "
                                  "(a path's bytes that are not UTF-8 appear as \\udcXX, as Python's os.fsdecode "
                                  "gives them)."),
@@ -51,9 +55,10 @@ def search(
                 warn(PROG, NO_RERANKER)
             reply.check()
             return _print(reply.hits, as_json, paths_only)
-        from .search import Searcher  # torch and open_clip load only when a search runs
+        from .search import Searcher  # torch and open_clip load only when a model must be exported or run
 
-        searcher = Searcher(index, rerank=not no_rerank, device=device, precision=precision)
+        searcher = Searcher(index, rerank=not no_rerank, device=device, precision=precision, backend=backend,
+                            threads=threads)
         if not no_rerank and not searcher.has_reranker:
             warn(PROG, NO_RERANKER)
         hits = searcher.search(text=query, image=image, k=k, kind=kind, rerank_k=rerank_k)

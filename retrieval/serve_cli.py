@@ -10,7 +10,7 @@ import typer
 
 from indexer.cliutil import printable, user_errors, warn
 from indexer.errors import ItmError
-from indexer.options import DEVICE, PRECISION, PRECISIONS, default_index_dir
+from indexer.options import BACKEND, BACKENDS, DEVICE, PRECISION, PRECISIONS, default_index_dir
 
 from .settings import DEFAULT_PORT
 
@@ -25,6 +25,10 @@ def serve(
     port: int = typer.Option(DEFAULT_PORT, min=0, max=65535, help="Port (0: any free one)."),
     device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option(PRECISION, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
+    backend: str = typer.Option(BACKEND, help=f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch "
+                                "(auto: onnx on a CPU in fp32)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Threads of the model's forward pass (default: the cores "
+                                          "this process may use)."),
     max_upload_mb: float = typer.Option(32, min=0.01, help="Largest query image accepted, in MiB."),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Largest query image accepted, width x height "
                                    "(default: the builder's cap)."),
@@ -44,7 +48,8 @@ def serve(
                        "and fetch its images")
         sock = listen(host, port)
         limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), **({"max_pixels": max_pixels} if max_pixels else {}))
-        service = SearchService(index, device=device, precision=precision, limits=limits)
+        service = SearchService(index, device=device, precision=precision, backend=backend, threads=threads,
+                                limits=limits)
 
         def listening(url: str) -> None:
             counts = service.info()["counts"]

@@ -32,7 +32,7 @@ from indexer.errors import EmptyIndexError, ItmError, QueryError, TooLargeError
 from indexer.images import DEFAULT_MAX_PIXELS
 from indexer.info import index_info
 from indexer.manifest import MANIFEST
-from indexer.options import DEVICE, PRECISION, default_index_dir
+from indexer.options import BACKEND, DEVICE, PRECISION, default_index_dir
 from indexer.store import Snapshot
 
 from .gallery import IndexedImage, Thumbnails, find_image, find_image_by_path, read_image
@@ -77,9 +77,10 @@ class SearchService:
     """A Searcher shared by many threads; see the module docstring."""
 
     def __init__(self, index_dir: Path | str | None = None, *, device: str = DEVICE, precision: str = PRECISION,
-                 limits: Limits = Limits()):
+                 backend: str = BACKEND, threads: int | None = None, limits: Limits = Limits()):
         self.index_dir = Path(index_dir) if index_dir else default_index_dir()
         self.device, self.precision, self.limits = device, precision, limits
+        self._runtime = dict(device=device, precision=precision, backend=backend, threads=threads)
         self.thumbnails = Thumbnails()
         self.refresh_error: str | None = None  # why the newest generation could not be taken, if it could not
         self.queries = 0  # received since start, answered or refused
@@ -195,7 +196,7 @@ class SearchService:
         if rerank or not self._searcher.has_reranker:
             return self._searcher
         if self._recall_only is None:  # made on the first such query: its models are loaded a second time
-            self._recall_only = Searcher(self.index_dir, rerank=False, device=self.device, precision=self.precision)
+            self._recall_only = Searcher(self.index_dir, rerank=False, **self._runtime)
         else:
             self._refresh(self._recall_only)
         return self._recall_only
@@ -216,7 +217,7 @@ class SearchService:
             self._refresh(self._searcher)
             return
         try:
-            self._searcher = Searcher(self.index_dir, device=self.device, precision=self.precision)
+            self._searcher = Searcher(self.index_dir, **self._runtime)
         except EmptyIndexError as e:
             self._empty = e
         except (ItmError, OSError) as e:

@@ -12,12 +12,19 @@ from indexer.models import resolve_model
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
 
+@pytest.fixture(scope="session")
+def export_cache_dir(tmp_path_factory) -> Path:
+    """One cache of exported graphs for the whole run: each tiny model is exported once, not once per test."""
+    return tmp_path_factory.mktemp("itm-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_user_dirs(tmp_path_factory, monkeypatch):
+def isolated_user_dirs(tmp_path_factory, monkeypatch, export_cache_dir):
     """No test reads or writes the real per-user index, caches or hub."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("ITM_CACHE_DIR", str(export_cache_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("ITM_INDEX", raising=False)
 

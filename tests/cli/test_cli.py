@@ -115,3 +115,51 @@ def test_a_name_that_is_not_utf8_survives_every_output(tmp_path):
     r = run("itm-index", "info", "--json", "--index", idx, text=False)
     skipped = json.loads(r.stdout)["skipped"]
     assert [os.fsencode(s["path"]) for s in skipped] == [os.fsencode(folder) + b"/bad \x80.png"]
+
+
+HEAVY = ("torch", "open_clip", "torchvision")
+PROBE = ("import atexit, sys\n"
+         "atexit.register(lambda: print('loaded:', *[m for m in {heavy!r} if m in sys.modules], file=sys.stderr))\n"
+         "import {module} as m\n"
+         "m.main()")
+
+
+def probe(cmd, *args):
+    """The command, reporting which of HEAVY it imported."""
+    module = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli"}[cmd]
+    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY, module=module), *map(str, args)],
+                       capture_output=True, text=True, timeout=300)
+    loaded = [line for line in r.stderr.splitlines() if line.startswith("loaded:")]
+    return r, loaded[-1].split()[1:]
+
+
+def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch(tmp_path):
+    import torch
+
+    from retrieval.checkpoint import save_reranker
+    from retrieval.fusion import FusionReranker, get_fusion_config
+
+    torch.manual_seed(0)
+    reranker = save_reranker(FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval(),
+                             tmp_path / "reranker.safetensors")
+    images = write_images(tmp_path / "photos", 5)
+    (tmp_path / "caps.txt").write_text("a red square\na blue circle\n")
+    idx = tmp_path / "idx"
+    for source, model in ((tmp_path / "photos", ["--model", "itm-tiny", "--pretrained", "random", "--reranker",
+                                                 reranker]), (tmp_path / "caps.txt", [])):
+        r = run("itm-index", "build", source, "--index", idx, "-q", *model)  # exports the encoders on first use
+        assert r.returncode == 0, r.stderr
+    r, _ = probe("itm-search", "a blue circle", "--index", idx)  # exports the reranker's graph if not yet done
+    assert r.returncode == 0, r.stderr
+    for cmd, args, out in [
+        ("itm-index", ["--help"], "Build and inspect"), ("itm-search", ["--help"], "--threads"),
+        ("itm-index", ["build", tmp_path / "photos", "--index", idx, "-q"], "0 added, 0 updated, 0 removed, 5 unch"),
+        ("itm-search", ["a red square", "--index", idx, "-k", "2"], "image"),
+        ("itm-search", ["--image", images[0], "--index", idx, "-k", "2", "--json"], '"kind": "text"'),
+    ]:
+        r, loaded = probe(cmd, *args)
+        assert r.returncode == 0 and out in r.stdout, r.stderr
+        assert loaded == [], f"{cmd} {args[0]} imported {loaded}"
+    assert json.loads(r.stdout.splitlines()[0])["match_logit"] is not None  # reranked by the exported graph
+    r, loaded = probe("itm-search", "a red square", "--index", idx, "--backend", "torch")
+    assert r.returncode == 0 and loaded == ["torch", "open_clip", "torchvision"]  # the probe sees them when they load

@@ -7,13 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import indexer.build
 import indexer.commit
 from indexer import manifest as manifest_module
 from indexer import store
 from indexer.build import BuildOptions, build_index
-from indexer.encoder import DualEncoder
 from indexer.errors import IndexFormatError, ModelMismatchError
 from indexer.models import resolve_model
+from indexer.onnx_items import OnnxItemEncoder
 from tests.conftest import write_images
 from tests.fixtures_broken import make_hostile_folder, make_odd_files
 
@@ -129,11 +130,14 @@ def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, i
     snap.gather(snap.kind_rows("image"), "emb")
 
     calls = []
-    real_encode = DualEncoder.encode_images
-    monkeypatch.setattr(DualEncoder, "encode_images", lambda self, *a, **k: calls.append(1) or real_encode(self, *a, **k))
+    real_encode = OnnxItemEncoder.encode_images
+    monkeypatch.setattr(OnnxItemEncoder, "encode_images", lambda self, *a: calls.append(1) or real_encode(self, *a))
     r, _ = build(image_folder, idx, tiny_spec)
     assert (r.added, r.reused, r.images) == (10, 10, 22)
     assert calls == []  # nothing re-embedded
+    write_images(image_folder / "newer", 1, seed=4)
+    build(image_folder, idx, tiny_spec)
+    assert calls == [1]  # the encoder that builds run by default is the one watched
     assert not json.loads((idx / "manifest.json").read_text())["staging"]
 
 
@@ -144,7 +148,8 @@ def test_half_written_files_are_invisible_and_collected(tmp_path, image_folder, 
     (idx / "seg-0000.emb.npy").write_bytes(b"partial")
     _, rs = rows(idx)
     assert len(rs) == 12
-    build(image_folder, idx, tiny_spec)
+    write_images(image_folder / "new", 1, seed=5)
+    build(image_folder, idx, tiny_spec)  # the next commit collects them
     assert not (idx / "seg-0000.emb.npy").exists() and not (idx / ".manifest.json.deadbeef.tmp").exists()
 
 
@@ -228,3 +233,27 @@ def test_a_format_1_index_is_migrated(tmp_path, image_folder, tiny_spec):
     r, _ = build(image_folder, idx, tiny_spec)
     assert (r.added, r.unchanged, r.images) == (2, 12, 14)
     assert json.loads((idx / "manifest.json").read_text())["format"] == manifest_module.FORMAT_VERSION
+
+
+def test_a_rebuild_with_nothing_to_do_loads_no_model_and_commits_nothing(tmp_path, image_folder, text_file, tiny_spec,
+                                                                         monkeypatch):
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    build(text_file, idx, tiny_spec)
+    before = (idx / "manifest.json").read_bytes()
+    files = sorted(p.name for p in idx.iterdir())
+    monkeypatch.setattr(indexer.build, "load_item_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    for source in (image_folder, text_file):
+        r = build_index(source, idx)  # no model named: the index's own
+        assert (r.added, r.updated, r.removed, r.unchanged) == (0, 0, 0, 12 if source == image_folder else 4)
+        assert (r.images, r.texts) == (12, 4)
+    assert (idx / "manifest.json").read_bytes() == before and sorted(p.name for p in idx.iterdir()) == files
+    text_file.write_text(text_file.read_text())  # saved again as it was: new mtime, same lines
+    os.utime(text_file, ns=(1, 1))
+    r = build_index(image_folder, idx, tiny_spec)  # the index's model named again: checked, not loaded
+    assert (r.added, r.unchanged) == (0, 12)
+    with pytest.raises(ModelMismatchError, match="was built with itm-tiny/random, not demo"):
+        build_index(image_folder, idx, resolve_model("demo"))  # another model: refused before it is loaded
+    r = build_index(text_file, idx)
+    assert (r.added, r.updated, r.unchanged) == (0, 0, 4)
+    assert json.loads((idx / "manifest.json").read_text())["generation"] == json.loads(before)["generation"] + 1

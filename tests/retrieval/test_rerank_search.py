@@ -51,16 +51,18 @@ def test_text_query_is_reranked_and_batched_equals_one_at_a_time(index):
     assert len(hits) == 4 and all(h.match_logit is not None for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     for h in hits:  # final score = recall + weight * logit, as --json shows both parts
-        assert h.score == pytest.approx(h.recall_score + s.reranker.cfg.score_weight * h.match_logit, abs=1e-5)
-    # oracle: score each candidate on its own, outside the batched pass
-    q = s.encoder.encode_texts(["a red square"], s.reranker.cfg.text_layers)
-    txt, mask = s.reranker.encode_text_store(q.tokens, q.mask)
+        assert h.score == pytest.approx(h.recall_score + s.scorer.weight * h.match_logit, abs=1e-5)
+    # oracle: score each candidate on its own with the torch models, outside the batched pass
+    t = Searcher(index, backend="torch")
+    reranker = t.scorer.model
+    q = t.encoder.dual.encode_texts(["a red square"], reranker.cfg.text_layers)
+    txt, mask = reranker.encode_text_store(q.tokens, q.mask)
     snap = s.snapshot
     ids = snap.rows.column("id").to_pylist()
     for h in hits:
         row = np.array([ids.index(h.id)])
         with torch.no_grad():
-            one = s.reranker(torch.from_numpy(snap.gather(row, "tok")), txt, mask)
+            one = reranker(torch.from_numpy(snap.gather(row, "tok")), txt.half(), mask)
         assert float(one) == pytest.approx(h.match_logit, abs=1e-4)
     plain = Searcher(index, rerank=False).search(text="a red square", k=4)
     assert all(h.match_logit is None for h in plain)
@@ -108,9 +110,9 @@ def test_searcher_ranks_as_evaluation_does_both_ways(tmp_path, reranker_path):
     idx = tmp_path / "idx"
     build_index(tmp_path / "imgs", idx, spec, BuildOptions(batch_size=3))
     build_index(tmp_path / "captions.txt", idx, spec, BuildOptions(batch_size=3))
-    s = Searcher(idx)
-    feats = embed_dataset(s.encoder, s.reranker, data, batch_size=4)
-    ranks = rank(feats, s.reranker, rerank_k=4)
+    s, t = Searcher(idx), Searcher(idx, backend="torch")  # exported graphs, against evaluation's torch models
+    feats = embed_dataset(t.encoder.dual, t.scorer.model, data, batch_size=4)
+    ranks = rank(feats, t.scorer.model, rerank_k=4)
     image_of = {str(d.image): i for i, d in enumerate(data)}
     for q, text in enumerate(feats.texts):  # text -> images, the top 4 reranked
         hits = s.search(text=text, k=10, rerank_k=4)

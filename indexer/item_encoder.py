@@ -1,0 +1,122 @@
+"""Item encoders: images and texts in, what the index stores for them out (embeddings, rerank-store features).
+
+A build encodes corpus items with one, and a query is encoded the same way, so an item scores
+the same as a query and as a candidate. Two backends give the same arrays within float
+tolerance (tests/indexer/test_item_encoder.py):
+
+- "onnx": ONNX Runtime over graphs exported once per model into the per-user cache
+  (indexer/onnx_items.py); once the export is cached, neither torch nor open_clip is imported.
+- "torch": open_clip's model itself (indexer/torch_items.py), for GPUs, bf16 and models whose
+  export is not supported.
+
+"auto" (the default) is "onnx" on a CPU in fp32 when the model exports, else "torch".
+
+    >>> enc = load_item_encoder(resolve_model("itm-tiny", "random"))
+    >>> enc.encode_texts(["a red circle"]).emb.shape
+    (1, 32)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .errors import ExportError, ItmError
+from .manifest import ModelIdentity
+from .models import ModelSpec
+from .options import BACKEND, BACKENDS, DEFAULT_MAX_PIXELS, DEVICE, PRECISION
+
+
+def default_threads() -> int:
+    """Threads for the model's forward pass: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """A batch of encoded items, as the index stores them."""
+
+    emb: np.ndarray  # (B, E) float32 unit embeddings
+    tok: np.ndarray | None = None  # (B, L, T, D) float16 rerank-store features; None without a reranker
+    mask: np.ndarray | None = None  # (B, T) bool: the stored text tokens that are real (texts with a reranker)
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The rerank store an encoder writes: whose store encoder, and the fp16 shape stored per item."""
+
+    sha256: str  # of the reranker checkpoint file
+    image_shape: tuple[int, int, int]  # (levels, tokens, width) per image
+    text_shape: tuple[int, int, int]  # (levels, tokens, width) per text
+
+
+class ItemEncoder(Protocol):
+    identity: ModelIdentity
+    store: StoreLayout | None  # None when the model has no reranker
+
+    def load_pixels(self, data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """An image file's bytes (or path) decoded and prepared: (3, S, S) float32; DecodeError if unusable."""
+
+    def encode_images(self, pixels: np.ndarray) -> ItemFeatures:
+        """(B, 3, S, S) prepared pixels -> features."""
+
+    def encode_texts(self, texts: Sequence[str]) -> ItemFeatures:
+        """Texts -> features."""
+
+    def open(self, tower: str) -> None:
+        """Make the "image" or "text" tower ready now rather than at its first batch."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How an item encoder runs."""
+
+    backend: str = BACKEND  # auto | onnx | torch
+    device: str = DEVICE  # cpu, cuda, ... (a GPU runs the torch backend)
+    precision: str = PRECISION  # fp32 | bf16 | fp16 (not fp32: the torch backend)
+    threads: int | None = None  # threads of the forward pass; None: default_threads()
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ItmError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ItmError(f"threads must be at least 1, got {self.threads}")
+
+    @property
+    def wants_onnx(self) -> bool:
+        plain = self.device == "cpu" and self.precision == "fp32"
+        if self.backend == "onnx" and not plain:
+            raise ItmError("the onnx backend runs on a CPU in fp32; use --backend torch for a GPU or bf16")
+        return self.backend == "onnx" or (self.backend == "auto" and plain)
+
+
+def load_item_encoder(spec: ModelSpec, runtime: Runtime = Runtime(), known: ModelIdentity | None = None,
+                      reranker_sha256: str | None = None) -> ItemEncoder:
+    """The item encoder of `spec` (and of its reranker's store encoder, when it has one).
+
+    `known` and `reranker_sha256` are what an index's manifest says about the model, which saves
+    hashing the checkpoint files to find the model's export.
+    """
+    if runtime.wants_onnx:
+        from . import onnx_items
+
+        try:
+            return onnx_items.load(spec, runtime.threads or default_threads(), known, reranker_sha256)
+        except ExportError:
+            if runtime.backend == "onnx":
+                raise
+    from .torch_items import TorchItemEncoder
+
+    return TorchItemEncoder.load(spec, runtime.device, runtime.precision, runtime.threads)
+
+
+def with_spec_names(identity: ModelIdentity, spec: ModelSpec) -> ModelIdentity:
+    """The identity of a model loaded through `spec`: the bundle name or checkpoint path the user gave."""
+    checkpoint = str(Path(spec.checkpoint).resolve()) if spec.checkpoint and not spec.name else None
+    return replace(identity, name=spec.name, checkpoint=checkpoint)

@@ -1,0 +1,89 @@
+"""The two item encoders against each other (exported graphs vs torch), and the export cache."""
+import numpy as np
+import pytest
+import torch
+
+from indexer import export_cache, onnx_export, onnx_items
+from indexer.errors import ExportError, ItmError
+from indexer.item_encoder import Runtime, load_item_encoder
+from indexer.models import resolve_model
+from indexer.onnx_items import OnnxItemEncoder
+from indexer.torch_items import TorchItemEncoder
+from retrieval.checkpoint import save_reranker
+from retrieval.fusion import FusionReranker, get_fusion_config
+from tests.conftest import write_images
+
+TEXTS = ["a red circle left of a blue square", "x", "Two DOGS & a cat, naïve café! " * 3, "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def reranker_path(tmp_path_factory):
+    torch.manual_seed(0)  # the same reranker as tests/retrieval's: its export is made once per run
+    model = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval()
+    return save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker.safetensors")
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+def test_exported_graphs_give_torch_features(tmp_path, reranker_path, with_store):
+    spec = resolve_model("itm-tiny", "random", reranker=reranker_path if with_store else None)
+    ours, theirs = load_item_encoder(spec, Runtime("onnx")), load_item_encoder(spec, Runtime("torch"))
+    assert isinstance(ours, OnnxItemEncoder) and isinstance(theirs, TorchItemEncoder)
+    assert ours.identity == theirs.identity and ours.store == theirs.store
+    paths = write_images(tmp_path, 5, size=(45, 70))
+    pixels = [ours.load_pixels(p) for p in paths]
+    assert all(np.array_equal(a, theirs.load_pixels(p)) for a, p in zip(pixels, paths))
+    for a, b in ((ours.encode_images(np.stack(pixels)), theirs.encode_images(np.stack(pixels))),
+                 (ours.encode_images(pixels[0][None]), theirs.encode_images(pixels[0][None])),
+                 (ours.encode_texts(TEXTS), theirs.encode_texts(TEXTS)),
+                 (ours.encode_texts(TEXTS[1:2]), theirs.encode_texts(TEXTS[1:2]))):
+        assert a.emb.dtype == np.float32 and a.emb.shape == b.emb.shape
+        np.testing.assert_allclose(a.emb, b.emb, rtol=0, atol=1e-5)
+        assert (a.tok is None) == (b.tok is None) == (not with_store)
+        if with_store:  # stored as fp16: a difference of 1e-7 may flip the last bit of a rounded value
+            assert a.tok.dtype == np.float16 and a.tok.shape == b.tok.shape
+            np.testing.assert_allclose(a.tok.astype(np.float32), b.tok.astype(np.float32), rtol=2**-10, atol=1e-5)
+        assert (a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask)
+
+
+def test_an_export_is_made_once_and_found_by_the_model_identity(monkeypatch, tiny_spec):
+    first = load_item_encoder(tiny_spec, Runtime("onnx"))
+    monkeypatch.setattr(onnx_export, "export_encoder", lambda *a: pytest.fail("exported twice"))
+    again = load_item_encoder(tiny_spec, Runtime("onnx"), known=first.identity)
+    assert again.folder == first.folder == export_cache.export_dir("encoder", onnx_items.encoder_key(tiny_spec))
+    assert {p.name for p in again.folder.iterdir()} >= {"encoder.json", "image.onnx", "text.onnx", "tokenizer.json"}
+
+
+def test_a_model_that_does_not_export_runs_on_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "cache"))
+    spec = resolve_model("itm-tiny", "random")
+    calls = []
+
+    def refuse(spec, folder):
+        calls.append(folder)
+        raise ExportError("itm-tiny/random: not this one")
+
+    monkeypatch.setattr(onnx_export, "export_encoder", refuse)
+    assert isinstance(load_item_encoder(spec), TorchItemEncoder)
+    assert isinstance(load_item_encoder(spec), TorchItemEncoder) and len(calls) == 1  # the refusal is remembered
+    with pytest.raises(ExportError, match="not this one"):
+        load_item_encoder(spec, Runtime("onnx"))
+    assert not list((tmp_path / "cache" / "onnx").glob("encoder-*/"))  # no half-made folder is left
+
+
+def test_gpu_and_bf16_run_on_torch_and_bad_choices_are_refused():
+    assert not Runtime(precision="bf16").wants_onnx and not Runtime(device="cuda").wants_onnx
+    assert Runtime().wants_onnx and not Runtime("torch").wants_onnx
+    with pytest.raises(ItmError, match="onnx backend runs on a CPU in fp32"):
+        Runtime("onnx", precision="bf16").wants_onnx
+    with pytest.raises(ItmError, match="unknown backend 'tensorrt'"):
+        Runtime("tensorrt")
+    with pytest.raises(ItmError, match="threads must be at least 1"):
+        Runtime(threads=0)
+
+
+def test_an_unwritable_cache_runs_on_torch(monkeypatch, tmp_path, tiny_spec):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: nothing can be made
+    assert isinstance(load_item_encoder(tiny_spec), TorchItemEncoder)
+    with pytest.raises(ExportError, match="set ITM_CACHE_DIR to a writable folder"):
+        load_item_encoder(tiny_spec, Runtime("onnx"))
