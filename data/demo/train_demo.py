@@ -1,73 +1,154 @@
 """Recipe for the bundled demo model: dual encoders, then the fusion reranker, on the synthetic world.
 
-    python data/demo/train_demo.py     # about 50 min on a shared 2-core CPU; writes data/demo/*.safetensors
+    python data/demo/train_demo.py                 # every stage; writes data/demo/*.safetensors
+    python data/demo/train_demo.py --stage reranker --resume
 
-Stage 1 trains the `itm-demo` dual encoders from random weights with the contrastive loss.
-Stage 2 freezes them and trains the `fusion-demo` reranker with matching + ranking losses
-(contrastive still reported). The result is written as a bundle that `--model demo` loads.
+Stage "data" writes the synthetic dataset (train and val with confusable twin pairs; the test
+split is never read). Stage "encoders" trains the `itm-demo` dual encoders from random weights
+with the contrastive loss, each image's false captions joining the softmax as negatives.
+Stage "reranker" freezes them and trains the `fusion-demo` reranker with matching + ranking
+losses on mined, random and named negatives (false captions, twin images). Both stages are
+validated on the val split every EVAL_EVERY steps and stop when PATIENCE validations in a row
+bring nothing better; the best checkpoint of each is what the bundle holds. Stage "weight"
+picks the weight of the match logit in the final score (recall cosine + weight x logit) from
+WEIGHTS by the same validation figure, and the bundle's reranker carries it. Stage "curves"
+plots both stages' log.jsonl (losses and validation figures) to training_curves.png.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from data.synth.prepare import prepare
-from indexer.models import resolve_model
-from retrieval.data import load_dataset
-from retrieval.train import ENCODER_FILE, RERANKER_FILE, TrainOptions, train
-
 HERE = Path(__file__).resolve().parent
-SPLITS = {"train": 10_000, "val": 500, "test": 1_000}
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(HERE.parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from data.synth.prepare import prepare  # noqa: E402
+from indexer.encoder import DualEncoder  # noqa: E402
+from indexer.models import resolve_model  # noqa: E402
+from retrieval.checkpoint import load_reranker  # noqa: E402
+from retrieval.data import load_dataset  # noqa: E402
+from retrieval.train import ENCODER_FILE, RERANKER_FILE, VAL_FIGURE, TrainOptions, train, validate  # noqa: E402
+
+SPLITS = {"train": 10_000, "val": 500}
 SEED = 0
+TWIN_FRACTION = 0.5  # share of train/val image pairs that are confusable twins
+EVAL_EVERY, PATIENCE = 250, 4
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128, encoder_lr=1e-3, lr=1e-3,
-                      weight_decay=0.1, warmup_steps=100, max_steps=800, stop_after=300, epochs=100, seed=SEED,
-                      save_every=100, progress=True)
-STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=30, max_steps=600, stop_after=450,
-                      epochs=100, num_negatives=2, hard_negatives="sample", seed=SEED, save_every=50, progress=True)
+                      weight_decay=0.1, warmup_steps=100, max_steps=5000, epochs=1000, seed=SEED, save_every=250,
+                      eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
+STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=4000, epochs=1000,
+                      num_negatives=2, random_negatives=1, hard_negatives="sample", seed=SEED, save_every=250,
+                      eval_every=EVAL_EVERY, patience=PATIENCE, val_rerank_k=10, progress=True)
+WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+STAGES = ("data", "encoders", "reranker", "weight", "bundle", "curves")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=HERE / "work", help="dataset and intermediate checkpoints")
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="dataset, checkpoints and logs")
     ap.add_argument("--out", type=Path, default=HERE, help="where the bundle goes")
-    ap.add_argument("--stage", choices=["all", "data", "encoders", "reranker", "bundle"], default="all")
+    ap.add_argument("--stage", choices=["all", *STAGES], default="all")
     ap.add_argument("--resume", action="store_true", help="continue a stage from its last checkpoint")
     args = ap.parse_args()
     t0 = time.time()
-    dataset = args.work / "synth"
-    if args.stage in ("all", "data"):
-        print(prepare(dataset, SPLITS, SEED, image_size=64, captions_per_image=5, workers=2))
-    data = load_dataset(dataset / "dataset_karpathy.json", split="train")
-    if args.stage in ("all", "encoders"):
-        r = train(resolve_model("itm-demo", "random"), data, args.work / "encoders", STAGE1, resume=args.resume)
-        print(f"encoders: {r.steps} steps in {r.seconds / 60:.1f} min, losses {r.losses}")
-    encoder = args.work / "encoders" / ENCODER_FILE
-    if args.stage in ("all", "reranker"):
+    dataset = args.work / "synth" / "dataset_karpathy.json"
+    run = (lambda stage: args.stage in ("all", stage))
+    timings = {}
+    if run("data"):
+        print(prepare(dataset.parent, SPLITS, SEED, image_size=64, captions_per_image=5, workers=2,
+                      twin_fraction=TWIN_FRACTION))
+    if run("encoders") or run("reranker") or run("weight"):
+        data, val = load_dataset(dataset, split="train"), load_dataset(dataset, split="val")
+    if run("encoders"):
+        r = train(resolve_model("itm-demo", "random"), data, args.work / "encoders", STAGE1, resume=args.resume,
+                  val_data=val)
+        timings["encoders"] = r.seconds
+        print(f"encoders: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
+    encoder = args.work / "encoders" / "best" / ENCODER_FILE
+    if run("reranker"):
         r = train(resolve_model("itm-demo", checkpoint=encoder), data, args.work / "reranker", STAGE2,
-                  resume=args.resume)
-        print(f"reranker: {r.steps} steps in {r.seconds / 60:.1f} min, losses {r.losses}")
-    if args.stage in ("all", "bundle"):
-        write_bundle(encoder, args.work / "reranker" / RERANKER_FILE, args.out)
-    print(f"done in {(time.time() - t0) / 60:.1f} min")
+                  resume=args.resume, val_data=val)
+        timings["reranker"] = r.seconds
+        print(f"reranker: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
+    reranker = args.work / "reranker" / "best" / RERANKER_FILE
+    weight_file = args.work / "reranker" / "score_weight.json"
+    if run("weight"):
+        weight_file.write_text(json.dumps(fit_score_weight(encoder, reranker, val), indent=1) + "\n")
+    if run("bundle"):
+        write_bundle(encoder, reranker, json.loads(weight_file.read_text())["score_weight"], args.out)
+    if run("curves"):
+        plot_curves(args.work, args.out / "training_curves.png")
+    minutes = (time.time() - t0) / 60
+    print(f"done in {minutes:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())})")
 
 
-def write_bundle(encoder: Path, reranker: Path, out: Path) -> None:
-    """Encoder weights stored as fp16 (loading casts them back to fp32), the reranker as trained."""
+def fit_score_weight(encoder: Path, reranker: Path, val) -> dict:
+    """The weight of WEIGHTS whose fused score does best on the val split, with every weight's figures."""
+    enc, model = DualEncoder.load(resolve_model("itm-demo", checkpoint=encoder)), load_reranker(reranker)
+    figures = {}
+    for w in WEIGHTS:
+        model.cfg = dataclasses.replace(model.cfg, score_weight=w)
+        figures[w] = validate(enc, model, val, STAGE2.val_rerank_k)
+        print(f"weight {w}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures[w].items()))
+    best = max(WEIGHTS, key=lambda w: figures[w][VAL_FIGURE])
+    print(f"weight: {best} ({VAL_FIGURE} {figures[best][VAL_FIGURE]:.1f} on val)")
+    return {"score_weight": best, "figure": VAL_FIGURE, "val": {str(w): f for w, f in figures.items()}}
+
+
+def write_bundle(encoder: Path, reranker: Path, score_weight: float, out: Path) -> None:
+    """Encoder weights stored as fp16 (loading casts them back to fp32), the reranker as trained with the
+    score weight chosen on val."""
     out.mkdir(parents=True, exist_ok=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}
     save_file(half, str(out / "encoder.safetensors"))
     shutil.copyfile(encoder.with_suffix(".json"), out / "encoder.json")
     shutil.copyfile(reranker, out / "reranker.safetensors")
-    shutil.copyfile(reranker.with_suffix(".json"), out / "reranker.json")
+    meta = json.loads(reranker.with_suffix(".json").read_text())
+    meta["fusion_config"]["score_weight"] = score_weight
+    (out / "reranker.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     bundle = {"arch": "itm-demo", "encoder": "encoder.safetensors", "reranker": "reranker.safetensors",
               "trained_by": "data/demo/train_demo.py"}
     (out / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
+
+
+def plot_curves(work: Path, out: Path) -> None:
+    """Loss and validation curves of both stages, from their log.jsonl files."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("curves: matplotlib is not installed (pip install -e '.[plot]'); the figures are in log.jsonl")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for col, stage in enumerate(("encoders", "reranker")):
+        records = [json.loads(line) for line in (work / stage / "log.jsonl").read_text().splitlines()]
+        losses = [r for r in records if "loss" in r]
+        vals = [r for r in records if "val" in r]
+        ax = axes[0, col]
+        for part in losses[0]["loss"] if losses else []:
+            ax.plot([r["step"] for r in losses], [r["loss"][part] for r in losses], label=part)
+        ax.set(title=f"{stage}: training losses", xlabel="step")
+        ax.legend()
+        ax = axes[1, col]
+        for key in ("t2i_r1", "i2t_r1", "swap"):
+            if vals and key in vals[0]["val"]:
+                ax.plot([r["step"] for r in vals], [r["val"][key] for r in vals], marker="o", label=key)
+        ax.set(title=f"{stage}: validation (%)", xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print(f"curves: wrote {out}")
 
 
 if __name__ == "__main__":
