@@ -1,7 +1,11 @@
 """Quality report on the synthetic compositional test split, against what the split allows.
 
-    python benchmarks/quality_report.py                     # the bundled demo model on data/demo/work/synth
+    python benchmarks/quality_report.py                     # the bundled demo model, seed-0 test split
+    python benchmarks/quality_report.py --seed 1            # another seed's test split
     python benchmarks/quality_report.py --dataset DIR/dataset_karpathy.json --model demo
+
+The test split of a seed is generated on first use under data/demo/work/test-seed{N}/ (1,000
+images x 5 captions, as the demo recipe's world draws them; the recipe itself never writes one).
 
 Prints tables and writes JSON (benchmarks/results/quality_report.json):
 
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from data.synth.captions import truth_table
-from data.synth.prepare import scene_from_dict
+from data.synth.prepare import prepare, scene_from_dict
 from indexer.encoder import DualEncoder
 from indexer.models import resolve_model
 from retrieval.checkpoint import load_reranker
@@ -38,7 +42,16 @@ from retrieval.data import load_dataset
 from retrieval.evaluate import embed_dataset, oracle_recall, pair_wins, rank, recall, swap_accuracy, truth_recall
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
+WORK = ROOT / "data" / "demo" / "work"
+TEST_IMAGES = 1000
+
+
+def test_split(seed: int, work: Path = WORK) -> Path:
+    """The Karpathy JSON of seed `seed`'s test split, generated the first time it is asked for."""
+    dataset = work / f"test-seed{seed}" / "dataset_karpathy.json"
+    if not dataset.exists():
+        prepare(dataset.parent, {"test": TEST_IMAGES}, seed, image_size=64, captions_per_image=5, workers=2)
+    return dataset
 
 
 def split_meta(dataset: Path, data) -> dict:
@@ -138,15 +151,18 @@ def machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    ap.add_argument("--dataset", type=Path, help="a Karpathy JSON with scenes (default: the --seed test split)")
+    ap.add_argument("--seed", type=int, default=0, help="world seed of the generated test split")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--reranker", type=Path)
     ap.add_argument("--rerank-k", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_report.json")
     args = ap.parse_args()
-    if not args.dataset.exists():
-        raise SystemExit(f"{args.dataset} not found; make it with `python data/demo/train_demo.py --stage data`")
+    if args.dataset is None:
+        args.dataset = test_split(args.seed)
+    elif not args.dataset.exists():
+        raise SystemExit(f"{args.dataset} not found")
     t0 = time.time()
     encoder, reranker = load_models(args.model, args.checkpoint, args.reranker)
     r = evaluate_split(encoder, reranker, args.dataset, args.rerank_k)
