@@ -42,6 +42,8 @@ def degraded(dataset: Path, name: str) -> Path:
         if scale != 1.0:
             img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
         im["filename"] = Path(im["filename"]).with_suffix(".jpg").name
+        if im.get("twin"):
+            im["twin"] = Path(im["twin"]).with_suffix(".jpg").name
         (out / im["filepath"]).mkdir(parents=True, exist_ok=True)
         img.save(out / im["filepath"] / im["filename"], quality=quality)
     target.write_text(json.dumps(meta))
