@@ -18,7 +18,7 @@ from .settings import DEFAULT_K, DEFAULT_RERANK_K
 PROG = "itm-search"
 NO_RERANKER = "this index has no reranker; results are recall-only (build with a model that has one, e.g. --model demo)"
 UNCALIBRATED = ("the reranker has no calibration fitted for it: probabilities are the plain sigmoid of its match logit "
-                "(fit one with `python -m retrieval.calibrate_cli --model MODEL`)")
+                "(fit one with `itm-calibrate --model MODEL`)")
 UNMIGRATED = ("{n} images of this index were indexed before their dimensions and EXIF were stored, and filters on "
               "them skip those images; `itm-index build FOLDER` or `itm-index compact` reads them")
 WEIGHTS = "Prefix WEIGHT: to weigh it (2:snow); repeatable."

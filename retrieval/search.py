@@ -118,6 +118,11 @@ class Searcher:
     def has_reranker(self) -> bool:
         return self.scorer is not None
 
+    @property
+    def reranker_sha256(self) -> str | None:
+        """The sha256 of the index's reranker checkpoint (what a calibration is fitted for)."""
+        return self._reranker_sha
+
     def refresh(self) -> bool:
         """Move to the index's latest committed generation, keeping the loaded models; False when already there.
 
