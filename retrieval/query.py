@@ -18,7 +18,8 @@ from indexer.errors import QueryError
 
 SORTS = ("score", "date", "path")  # --sort: date is newest first (capture date, else modification time)
 ORIENTATIONS = ("landscape", "portrait", "square")
-DEFAULT_DEDUP = 0.95  # --dedup: images whose embeddings' cosine is at least this are near-duplicates
+# --dedup: results whose embeddings have at least this cosine are near-duplicates (benchmarks/dedup_threshold.py)
+DEFAULT_DEDUP = 0.98
 _WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):(.+)$", re.S)
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 _SIZE = re.compile(r"^(\d+)(?:x(\d+))?$")

@@ -91,7 +91,7 @@ class SearchRequest(BaseModel):
                                       "least this (needs the reranker); none pass: no hits.")
     sort: str = Field("score", description=f"{', '.join(SORTS)} (date: newest first), after the cut.")
     dedup: Optional[float] = Field(None, description="Hide results whose embedding cosine with a better one is at "
-                                   "least this (0.95 is itm-search's --dedup).")
+                                   "least this (0.98 is itm-search --dedup's default).")
 
 
 class HitOut(BaseModel):
