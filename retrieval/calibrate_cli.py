@@ -27,7 +27,7 @@ def calibrate_command(
     rerank_k: int = typer.Option(50, min=1, help="Candidates judged per query, as itm-search reranks them."),
     method: str = typer.Option("platt", help="platt (slope and offset) or temperature (slope alone)."),
 ) -> None:
-    """Fit p = sigmoid(a * logit + b) on the reranker's judgements of held-out queries and save it beside the reranker."""
+    """Fit p = sigmoid(a * logit + b) to the reranker's judgements of held-out queries; save it beside the reranker."""
     with user_errors(PROG):
         from indexer.models import resolve_model
 

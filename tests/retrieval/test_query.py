@@ -198,7 +198,7 @@ def test_dedup_hides_copies_and_counts_them(recall_only, index):
     photo = index.parent / "photos" / "y2021" / "cam00.jpg"
     plain = s.search(image=photo, kind="image", k=4)
     assert {os.path.basename(h.path) for h in plain[:3]} == {"cam00.jpg", "copy_a.jpg", "copy_b.jpg"}
-    hits = s.search(image=photo, kind="image", k=4, refine=Refine(dedup=0.9999))  # the random tiny model puts all images close
+    hits = s.search(image=photo, kind="image", k=4, refine=Refine(dedup=0.9999))  # the random tiny model: all close
     assert len(hits) == 4 and hits[0].duplicates == 2 and sum(h.duplicates for h in hits) == 2
     assert [h.id for h in hits[1:]] == [h.id for h in s.search(image=photo, kind="image", k=6)[3:6]]
 
