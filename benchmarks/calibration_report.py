@@ -87,7 +87,15 @@ def cut_figures(rows: list[dict], p: float, k: int) -> dict[str, float]:
         kept_true += int(r["true"][passing].sum())
     n = max(len(rows), 1)
     return {"no_match": no_match / n, "true_lost": lost / max(had, 1), "true_in_top_k": had,
-            "kept_precision": kept_true / kept if kept else float("nan"), "hits_kept": kept / n}
+            "kept_precision": kept_true / kept if kept else None, "hits_kept": kept / n}
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a true pair's logit beats a false pair's (ties count half)."""
+    _, which, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[which]  # 1-based ranks, tied values sharing their mean
+    pos, neg = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def reliability_png(path: Path, before: list[dict], after: list[dict], ece_before: float, ece_after: float) -> None:
@@ -153,6 +161,7 @@ def main() -> None:
                      "rerank_k": args.rerank_k, "k": args.k, "split": "test", "seed": 0},
         "pairs": int(len(truth)), "matches": int(truth.sum()),
         "ece": {"sigmoid": calibration.ece(raw, truth), "calibrated": calibration.ece(calibrated, truth)},
+        "auc": auc(logits, truth),  # how well the logit separates true from false pairs, whatever the calibration
         "reliability": {"sigmoid": calibration.reliability(raw, truth),
                         "calibrated": calibration.reliability(calibrated, truth)},
         "min_prob": cuts, "no_match_at_0.5_by_searcher": check,
@@ -173,14 +182,16 @@ def print_report(r: dict, png: Path) -> None:
     print(f"test split: {s['images']} images indexed, {s['queries']['answerable']} answerable and "
           f"{s['queries']['unanswerable']} unanswerable caption queries, top {s['rerank_k']} judged, -k {s['k']}")
     print(f"{r['pairs']} (query, candidate) pairs, {r['matches']} true; ECE plain sigmoid "
-          f"{r['ece']['sigmoid']:.4f}, calibrated {r['ece']['calibrated']:.4f}  ({png})")
+          f"{r['ece']['sigmoid']:.4f}, calibrated {r['ece']['calibrated']:.4f}  ({png}); ROC AUC of the logit "
+          f"{r['auc']:.3f}")
     print()
     print(f"{'--min-prob':>10}  {'unanswerable: no match':>22}  {'answerable: no match':>20}  "
           f"{'true matches lost':>17}  {'kept hits true':>14}  {'hits/query':>10}")
     for p, x in r["min_prob"].items():
         u, a = x["unanswerable"], x["answerable"]
+        precision = f"{100 * a['kept_precision']:13.1f}%" if a["kept_precision"] is not None else f"{'-':>14}"
         print(f"{p:>10}  {100 * u['no_match']:21.1f}%  {100 * a['no_match']:19.1f}%  {100 * a['true_lost']:16.1f}%  "
-              f"{100 * a['kept_precision']:13.1f}%  {a['hits_kept']:10.2f}")
+              f"{precision}  {a['hits_kept']:10.2f}")
     chk = r["no_match_at_0.5_by_searcher"]
     print(f"\nthrough Searcher.search(min_prob=0.5): 'no match' for {100 * chk['unanswerable']:.1f}% of unanswerable, "
           f"{100 * chk['answerable']:.1f}% of answerable queries ({r['seconds']:.0f} s)")

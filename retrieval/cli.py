@@ -69,8 +69,8 @@ def search(
 ) -> None:
     """Search the index. Example: itm-search "a red circle left of a blue square" --sub "a star" -k 5 --min-prob 0.5"""
     with user_errors(PROG):
-        if query is None and image is None:
-            raise typer.BadParameter("give a QUERY or --image PATH")
+        if (query is None) == (image is None):
+            raise typer.BadParameter("give a QUERY or --image PATH, not both (--add-image adds an image to words)")
         main = Part.parse(query) if query is not None else None
         parts = ([main] if main and main.weight != 1.0 else []) + [Part.parse(a) for a in add] + \
             [Part.parse(s, -1.0) for s in sub] + [Part.parse(a, image=True) for a in add_image] + \
