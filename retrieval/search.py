@@ -97,15 +97,15 @@ class Searcher:
         runtime = Runtime(backend, device, precision, threads)
         self._reranker_sha = manifest.reranker.sha256 if manifest.reranker else None
         reranker = self.index_dir / manifest.reranker.file if manifest.reranker else None
+        base = model or spec_for_index(manifest, self.index_dir)
         # queries get the index's store encoder, so that they are encoded as its items were
-        spec = dataclasses.replace(model or spec_for_index(manifest, self.index_dir), reranker=reranker)
+        spec = dataclasses.replace(base, reranker=reranker)
         self.encoder = load_item_encoder(spec, runtime, None if model else manifest.model, self._reranker_sha)
         check_model(manifest, self.encoder.identity, self.index_dir)
         self.scorer = load_fusion(reranker, self._reranker_sha, runtime) if rerank and reranker else None
         # the calibration fitted for this reranker: beside the model's own checkpoint (a bundle's), else beside
         # the one the index was built from (retrieval/calibration.py)
-        sources = [(model or spec_for_index(manifest, self.index_dir)).reranker,
-                   manifest.reranker.source if manifest.reranker else None]
+        sources = [base.reranker, manifest.reranker.source if manifest.reranker else None]
         self.calibration = calibration.load(sources, self._reranker_sha) if self.scorer else calibration.UNCALIBRATED
         self._gen = _Generation.of(snapshot, self.encoder.identity.embed_dim)
         self.timings = Timings()
