@@ -29,6 +29,8 @@ from .errors import CorpusError, DecodeError
 from .images import read_file
 from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
 from .manifest import Manifest, RerankerInfo, check_model, check_reranker
+from .metadata import empty as no_metadata, read_metadata
+from .migrate import migrate_rows
 from .models import ModelSpec, claimed_identity, resolve_model, spec_for_index
 from .options import BuildOptions
 from .parallel import ordered_map
@@ -89,6 +91,7 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)
         if writer.manifest is None:  # a new index records its model before the first segment is staged
             writer.start(encoder().identity, _reranker_info(encoder.spec, encoder()))
+        migrate_rows(writer)  # a format-2 index gets its images' metadata (indexer/migrate.py)
         job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
         with clock("embed_s"):
             changes = job.texts(source) if is_text_corpus(source) else job.images(source)
@@ -192,6 +195,7 @@ class _Decoded:
     hash: str | None = None
     pixels: np.ndarray | None = None  # (3, S, S) float32; None when reused or skipped
     error: str | None = None
+    meta: dict = field(default_factory=no_metadata)  # indexer/metadata.py's columns
 
 
 class _Batches:
@@ -263,7 +267,7 @@ class _Embedding:
                 continue
             e = item.entry
             row = {"kind": "image", "source": os.fsencode(root), "path": os.fsencode(e.path), "text": None,
-                   "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash}
+                   "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash, **item.meta}
             if changes.add(row, self.content):
                 batches.add(item)
         batches.close()
@@ -276,17 +280,18 @@ class _Embedding:
         except DecodeError as e:
             return _Decoded(entry, error=str(e))
         h = content_hash(data)
+        meta = read_metadata(data)
         if h in self.content:
-            return _Decoded(entry, h)
+            return _Decoded(entry, h, meta=meta)
         try:
-            return _Decoded(entry, h, self.encoder().load_pixels(data, self.options.max_pixels))
+            return _Decoded(entry, h, self.encoder().load_pixels(data, self.options.max_pixels), meta=meta)
         except DecodeError as e:
             return _Decoded(entry, h, error=str(e))
 
     def _encode_images(self, batch: list[_Decoded]) -> tuple[list[dict], ItemFeatures]:
         feats = self.encoder().encode_images(np.stack([d.pixels for d in batch]))  # (B, 3, S, S) in
         rows = [{"hash": d.hash, "kind": "image", "source": None, "path": os.fsencode(d.entry.path), "text": None,
-                 "source_id": None, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns} for d in batch]
+                 "source_id": None, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns, **d.meta} for d in batch]
         return rows, feats
 
     # ---- texts --------------------------------------------------------------------------

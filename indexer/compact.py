@@ -20,6 +20,7 @@ from . import store
 from .commit import Writer, locked
 from .errors import IndexNotFoundError
 from .manifest import Manifest
+from .migrate import migrate_rows
 from .options import SEGMENT_ROWS
 
 
@@ -44,6 +45,7 @@ def compact_index(index_dir: Path | str | None = None, segment_rows: int = SEGME
         raise IndexNotFoundError(f"no index at {index_dir}; pass --index or set ITM_INDEX to an index directory")
     with locked(index_dir):
         writer = Writer(index_dir)
+        migrate_rows(writer)  # a format-2 index gets its images' metadata (indexer/migrate.py)
         before = len(writer.manifest.segments)
         dropped = compact(writer, segment_rows)
     return CompactReport(index_dir, dropped, before, len(writer.manifest.segments), time.perf_counter() - t0)

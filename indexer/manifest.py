@@ -29,7 +29,11 @@ KINDS = ("image", "text")
 #      columns. Segments and staging map each segment to its row count, so that compaction can
 #      tell dead rows without opening every segment. Format 1's text columns are read as bytes
 #      (store.read_table casts them); its segment lists get their counts from the .npy headers.
-FORMAT_VERSION = 2
+#   3: rows hold what users filter images on (dimensions, EXIF capture date, camera, GPS; store.SEGMENT_SCHEMA),
+#      read at build time. The manifest itself is unchanged; format 2's rows read with those columns null
+#      (store.read_table), and the first build or compaction to open such an index reads them from the
+#      image files and commits them (indexer/migrate.py).
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,12 @@ def _segment_rows(index_dir: Path, segment: str) -> int:
     return int(shape[0])
 
 
+def _from_format_2(raw: dict[str, Any], index_dir: Path) -> dict[str, Any]:
+    return raw  # the manifest is the same; the rows' new columns are read as nulls and filled by indexer/migrate.py
+
+
 Migration = Callable[[dict[str, Any], Path], dict[str, Any]]
-MIGRATIONS: dict[int, Migration] = {1: _from_format_1}  # format N -> the step from N to N + 1
+MIGRATIONS: dict[int, Migration] = {1: _from_format_1, 2: _from_format_2}  # format N -> the step from N to N + 1
 
 
 def read_manifest(index_dir: Path) -> Manifest | None:

@@ -50,6 +50,15 @@ SEGMENT_SCHEMA = pa.schema([
     ("size", pa.int64()),
     ("mtime_ns", pa.int64()),
     ("hash", pa.string()),  # blake2b of the file bytes or of the text
+    # what users filter images on, read from the file's header (indexer/metadata.py); null for texts, and
+    # for images of a format-2 index until a build or compaction migrates it (indexer/migrate.py)
+    ("width", pa.int32()),  # pixels, as the image is shown (EXIF rotation applied)
+    ("height", pa.int32()),
+    ("taken", pa.string()),  # EXIF capture time as the camera wrote it (local, no zone): YYYY-MM-DDTHH:MM:SS
+    ("camera_make", pa.string()),
+    ("camera_model", pa.string()),
+    ("gps_lat", pa.float64()),  # decimal degrees, north positive
+    ("gps_lon", pa.float64()),  # decimal degrees, east positive
 ])
 ROW_SCHEMA = pa.schema([("id", pa.int64()), *SEGMENT_SCHEMA, ("segment", pa.string()), ("offset", pa.int64())])
 SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reason", pa.string())])
@@ -81,10 +90,16 @@ def write_table(path: Path, table: pa.Table) -> None:
 
 
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
-    """A table of `schema`; older formats' text path columns come back as the bytes they encode."""
+    """A table of `schema`; older formats' text path columns come back as the bytes they encode, and the
+    columns they lack (format 2's metadata) as nulls."""
     with pq.ParquetFile(path) as f:  # one file: no dataset layer, which would import pyarrow.compute
         table = f.read()
-    return table if table.schema.equals(schema) else table.cast(schema)  # cast, too, imports pyarrow.compute
+    if table.schema.equals(schema):
+        return table
+    missing = [f for f in schema if f.name not in table.schema.names]
+    for f in missing:
+        table = table.append_column(f.name, pa.nulls(len(table), f.type))
+    return table.select(schema.names).cast(schema)  # cast, too, imports pyarrow.compute
 
 
 def write_ann(path: Path, index: faiss.Index) -> None:

@@ -14,6 +14,7 @@ _EXPORTS = {
     "train": "train", "TrainOptions": "train",
     "load_dataset": "data", "ImageCaptions": "data",
     "embed_dataset": "evaluate", "rank": "evaluate", "recall": "evaluate", "rerank_top": "rerank",
+    "Part": "query", "Filters": "query", "Refine": "query", "Calibration": "calibration",
     "SearchService": "service", "create_app": "server", "serve": "server", "find_server": "discovery",
 }
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ from indexer.options import DEVICE, PRECISION, default_index_dir
 
 from .discovery import find_server
 from .hits import Hit
+from .query import Filters, Part, Refine
 from .settings import DEFAULT_K, DEFAULT_RERANK_K, SERVER_MAX_K
 
 TIMEOUT_S = 120  # a first query after a large commit may wait for the server to open the new generation
@@ -31,6 +32,8 @@ class Reply:
     index: str  # real path of the index the server answered from
     generation: int | None  # index generation the query read
     error: str | None = None  # why the index refused the query (the in-process search raises QueryError there)
+    calibrated: bool = False  # whether the hits' probabilities come from a calibration fitted for the reranker
+    unmigrated: int = 0  # images without metadata, which metadata filters skip (a format-2 index not yet migrated)
 
     def check(self) -> None:
         """Raise the refusal as the in-process search would; itm-search warns about a missing reranker first."""
@@ -41,7 +44,8 @@ class Reply:
 def search(index_dir: Path | str | None, *, server: str | None = None, text: str | None = None,
            image: Path | None = None, k: int = DEFAULT_K, kind: str | None = None,
            rerank_k: int = DEFAULT_RERANK_K, rerank: bool = True, device: str = DEVICE,
-           precision: str = PRECISION) -> Reply | None:
+           precision: str = PRECISION, parts: tuple[Part, ...] = (), filters: Filters = Filters(),
+           refine: Refine = Refine()) -> Reply | None:
     """Ask the server at `server` (a URL), or else the one running for `index_dir` (default: the per-user
     index) if it runs its models as `device` and `precision` ask. None when the query is for in-process
     search: no server runs for the index, or it stopped, or the query is one a server does not take
@@ -58,15 +62,18 @@ def search(index_dir: Path | str | None, *, server: str | None = None, text: str
         server, max_upload = found.url, found.max_upload_bytes
     if max(k, rerank_k) > SERVER_MAX_K:
         return None
-    body = {"text": text, "k": k, "kind": kind, "rerank_k": rerank_k, "rerank": rerank}
+    body = {"text": text, "k": k, "kind": kind, "rerank_k": rerank_k, "rerank": rerank, "parts": [],
+            "filters": filters.to_json(), "min_prob": refine.min_prob, "sort": refine.sort, "dedup": refine.dedup}
     if image is not None:
-        try:
-            data = Path(image).read_bytes()
-        except OSError:
+        upload = _upload(str(image), max_upload)
+        if upload is None:
             return None
-        if max_upload is not None and len(data) > max_upload:
+        body.update(upload)
+    for part in parts:
+        upload = _upload(part.image, max_upload) if part.image is not None else {"text": part.text}
+        if upload is None:
             return None
-        body.update(image_base64=binascii.b2a_base64(data, newline=False).decode("ascii"), image_name=str(image))
+        body["parts"].append({"weight": part.weight, **upload})
     try:
         reply = _post(server, "/api/search", body)
     except _Refused as e:
@@ -81,7 +88,19 @@ def search(index_dir: Path | str | None, *, server: str | None = None, text: str
         raise ServerError(f"the itm server at {server} serves the index at {reply['index']}, not {index}; "
                           "pass that --index, or leave out --server")
     return Reply([Hit(**{f: h[f] for f in HIT_FIELDS}) for h in reply["hits"]], bool(reply["has_reranker"]),
-                 reply["index"], int(reply["generation"]))
+                 reply["index"], int(reply["generation"]), calibrated=bool(reply.get("calibrated")),
+                 unmigrated=int(reply.get("unmigrated") or 0))
+
+
+def _upload(path: str, max_upload: int | None) -> dict | None:
+    """An image file as the server takes it; None when it is for in-process search (unreadable, or over the cap)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    if max_upload is not None and len(data) > max_upload:
+        return None
+    return {"image_base64": binascii.b2a_base64(data, newline=False).decode("ascii"), "image_name": str(path)}
 
 
 def _post(url: str, path: str, body: dict) -> dict:

@@ -14,3 +14,5 @@ class Hit:
     match_logit: float | None  # fusion model's match logit, None when not reranked
     path: str  # image file, or the text file a text came from; os.fsencode(path) gives its exact bytes
     text: str | None  # the text, for text hits
+    probability: float | None = None  # calibrated probability that it matches the query (reranked hits)
+    duplicates: int = 0  # near-duplicates of it that --dedup hid

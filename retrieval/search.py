@@ -7,10 +7,12 @@ graphs by default, so a query from the shell imports neither torch nor open_clip
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -23,12 +25,19 @@ from indexer.manifest import check_model, check_reranker, read_manifest
 from indexer.models import ModelSpec, spec_for_index
 from indexer.options import DEVICE, PRECISION
 
+from . import calibration
+from .filtering import RowColumns
 from .fusion_scorer import load_fusion
 from .rerank import rerank_top
 from .hits import Hit  # the result type, torch-free for retrieval/client.py
+from .query import Filters, Part, Refine
 from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 KINDS = ("image", "text", "all")
+EXACT_FILTERED = 20_000  # a filter that passes at most this many rows of a kind scores them all exactly
+DEDUP_DEPTH = 4  # with --dedup, candidates recalled per result asked for
+NO_PROBABILITY = ("--min-prob needs the index's fusion reranker: a recall cosine is not a probability of match "
+                  "(build the index with a model that has a reranker, e.g. --model demo, and leave out --no-rerank)")
 
 
 @dataclass
@@ -59,6 +68,15 @@ class _Generation:
             ann[kind] = to_gpu_if_available(index)
         return cls(snapshot, ann, {kind: snapshot.kind_rows(kind) for kind in store.KINDS})
 
+    def columns(self) -> RowColumns:
+        """What filters and date sorting read, computed on the first query that needs it."""
+        return _columns(self.snapshot)
+
+
+@functools.lru_cache(maxsize=2)  # the generation served, and the one before it while queries finish on it
+def _columns(snapshot: store.Snapshot) -> RowColumns:
+    return RowColumns(snapshot.rows)
+
 
 class Searcher:
     """Answers queries against one committed generation of an index; `refresh` moves to the latest.
@@ -79,11 +97,16 @@ class Searcher:
         runtime = Runtime(backend, device, precision, threads)
         self._reranker_sha = manifest.reranker.sha256 if manifest.reranker else None
         reranker = self.index_dir / manifest.reranker.file if manifest.reranker else None
+        base = model or spec_for_index(manifest, self.index_dir)
         # queries get the index's store encoder, so that they are encoded as its items were
-        spec = dataclasses.replace(model or spec_for_index(manifest, self.index_dir), reranker=reranker)
+        spec = dataclasses.replace(base, reranker=reranker)
         self.encoder = load_item_encoder(spec, runtime, None if model else manifest.model, self._reranker_sha)
         check_model(manifest, self.encoder.identity, self.index_dir)
         self.scorer = load_fusion(reranker, self._reranker_sha, runtime) if rerank and reranker else None
+        # the calibration fitted for this reranker: beside the model's own checkpoint (a bundle's), else beside
+        # the one the index was built from (retrieval/calibration.py)
+        sources = [base.reranker, manifest.reranker.source if manifest.reranker else None]
+        self.calibration = calibration.load(sources, self._reranker_sha) if self.scorer else calibration.UNCALIBRATED
         self._gen = _Generation.of(snapshot, self.encoder.identity.embed_dim)
         self.timings = Timings()
 
@@ -94,6 +117,11 @@ class Searcher:
     @property
     def has_reranker(self) -> bool:
         return self.scorer is not None
+
+    @property
+    def reranker_sha256(self) -> str | None:
+        """The sha256 of the index's reranker checkpoint (what a calibration is fitted for)."""
+        return self._reranker_sha
 
     def refresh(self) -> bool:
         """Move to the index's latest committed generation, keeping the loaded models; False when already there.
@@ -110,60 +138,163 @@ class Searcher:
         return True
 
     def search(self, text: str | None = None, image: Path | str | None = None, k: int = DEFAULT_K,
-               kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K) -> list[Hit]:
-        """Text -> images (default kind "image"), or image -> texts and images (default kind "all")."""
-        if (text is None) == (image is None):
+               kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K, *, parts: Sequence[Part] = (),
+               filters: Filters | None = None, refine: Refine | None = None) -> list[Hit]:
+        """Text -> images (default kind "image"), or image -> texts and images (default kind "all").
+
+        `parts` adds weighted texts and images to the query (retrieval/query.py; the README says how
+        each stage uses them); `filters` restricts what may be returned before ranking, so that k
+        matching hits come back when k exist; `refine` cuts by probability of match, removes
+        near-duplicates, and sorts.
+
+        >>> s.search("a red circle", parts=[Part(-1.0, text="a square")], filters=Filters(path="*/2024/*"),
+        ...          refine=Refine(min_prob=0.5, sort="date"))
+        """
+        if (text is not None and image is not None) or (text is None and image is None and not parts):
             raise QueryError("give a text query or --image PATH, not both and not neither")
         if k < 1:
             raise QueryError(f"k must be at least 1, got {k}")
-        kind = kind or ("image" if text is not None else "all")
+        refine, filters = (refine or Refine()).checked(), filters or Filters()
+        main = [Part(1.0, text=text)] if text is not None else [Part(1.0, image=str(image))] if image is not None \
+            else []
+        query = main + list(parts)
+        if not any(p.weight > 0 for p in query):
+            raise QueryError("a query needs at least one part with a positive weight")
+        query_kind = "text" if next(p for p in query if p.weight > 0).text is not None else "image"
+        if refine.min_prob is not None and self.scorer is None:
+            raise QueryError(NO_PROBABILITY)
+        kind = kind or ("image" if query_kind == "text" else "text" if refine.min_prob is not None else "all")
         if kind not in KINDS:
             raise QueryError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
         t0 = time.perf_counter()
-        query = self._encode_text(text) if text is not None else self._encode_image(Path(image))
+        encoded = self._encode_parts(query)
+        emb = combine([p.weight for p, _ in encoded], np.concatenate([f.emb for _, f in encoded]))
         self.timings = Timings(encode_ms=1e3 * (time.perf_counter() - t0))
-        query_kind = "text" if text is not None else "image"
         gen = self._gen  # one generation for the whole query, whatever refresh does meanwhile
         hits: list[Hit] = []
         for target in (("text", "image") if kind == "all" else (kind,)):
-            hits += self._search_kind(gen, query, query_kind, target, k, rerank_k)
+            hits += self._search_kind(gen, emb, encoded, target, k, rerank_k, filters, refine)
         return hits
 
-    def _search_kind(self, gen: _Generation, query: ItemFeatures, query_kind: str, target: str, k: int,
-                     rerank_k: int) -> list[Hit]:
+    def unmigrated(self) -> int:
+        """Images of the generation read without metadata (indexed by format 2, not yet migrated by a build)."""
+        return self._gen.columns().unmigrated
+
+    def _search_kind(self, gen: _Generation, emb: np.ndarray, encoded: list[tuple[Part, ItemFeatures]], target: str,
+                     k: int, rerank_k: int, filters: Filters, refine: Refine) -> list[Hit]:
         if target not in gen.ann:
             return []
-        cross = query_kind != target
-        depth = max(k, rerank_k) if (cross and self.scorer is not None) else k
+        judges = [(p.weight, f) for p, f in encoded if (p.text is not None) == (target == "image")]  # other modality
+        rerank = self.scorer is not None and any(w > 0 for w, _ in judges)
+        if refine.min_prob is not None and not rerank:
+            raise QueryError(f"--min-prob judges {target} results against the query's "
+                             f"{'texts' if target == 'image' else 'images'}, and it has none with a positive weight; "
+                             f"pass --kind {'text' if target == 'image' else 'image'}")
+        depth = max(k, rerank_k) if rerank else k
+        if refine.dedup is not None:
+            depth = max(depth, DEDUP_DEPTH * k)  # room for k distinct results among the candidates
         t0 = time.perf_counter()
-        sims, pos = gen.ann[target].search(query.emb, min(depth, gen.ann[target].ntotal))
-        keep = pos[0] >= 0
-        sims, rows = sims[0][keep], gen.kind_rows[target][pos[0][keep]]
+        rows, sims = self._recall(gen, emb, target, depth, filters)
         self.timings.recall_ms += 1e3 * (time.perf_counter() - t0)
         hits = self._hits(gen.snapshot, rows, sims)
-        if cross and self.scorer is not None and len(rows):
+        if rerank and len(rows):
             t0 = time.perf_counter()
-            n = min(rerank_k, len(rows))  # only the top rerank_k are rescored; the rest keep recall order
-            logits = self._rerank(gen.snapshot, query, query_kind, rows[:n])
-            scores = sims[:n] + self.scorer.weight * logits  # recall + weight x logit, as BLIP combines them
-            hits = [dataclasses.replace(h, score=float(s), match_logit=float(g))
-                    for h, s, g in zip(hits, scores, logits)] + hits[n:]
-            hits = [hits[i] for i in rerank_top(np.arange(len(hits)), scores)]
+            # only the top rerank_k are rescored (the rest keep recall order); all of them when cut by probability
+            n = len(rows) if refine.min_prob is not None else min(rerank_k, len(rows))
+            logit, penalty, prob = self._judge(gen.snapshot, judges, target, rows[:n])
+            scores = sims[:n] + self.scorer.weight * (logit - penalty)  # recall + weight x logit, as BLIP combines them
+            hits = [dataclasses.replace(h, score=float(s), match_logit=float(g), probability=float(p))
+                    for h, s, g, p in zip(hits, scores, logit, prob)] + hits[n:]
+            order = rerank_top(np.arange(len(hits)), scores)
+            hits, rows = [hits[i] for i in order], rows[order]
             self.timings.rerank_ms += 1e3 * (time.perf_counter() - t0)
-        return hits[:k]
+        if refine.min_prob is not None:
+            keep = np.asarray([h.probability >= refine.min_prob for h in hits], bool)
+            hits, rows = [h for h, y in zip(hits, keep) if y], rows[keep] if len(rows) else rows
+        if refine.dedup is not None:
+            hits, rows = self._dedup(gen.snapshot, hits, rows, refine.dedup, k)
+        return sort_hits(hits[:k], rows[:k], refine.sort, gen)
 
-    def _rerank(self, snapshot: store.Snapshot, query: ItemFeatures, query_kind: str, rows: np.ndarray) -> np.ndarray:
-        """One batched forward pass over the k candidates; the query's features are shared, not copied, and
-        rounded to fp16 as stored items are, so that an item scores the same as a query and as a candidate."""
+    def _recall(self, gen: _Generation, emb: np.ndarray, target: str, depth: int,
+                filters: Filters) -> tuple[np.ndarray, np.ndarray]:
+        """The top `depth` rows of `target` that pass `filters`, by cosine, and their cosines.
+
+        When few rows pass, they are scored exactly; else the ANN index is asked for deeper and deeper
+        candidates until `depth` of them pass, or it has given all it holds.
+        """
+        index, kind_rows = gen.ann[target], gen.kind_rows[target]
+        if not filters.active:
+            sims, pos = index.search(emb, min(depth, index.ntotal))
+            keep = pos[0] >= 0
+            return kind_rows[pos[0][keep]], sims[0][keep]
+        allowed = gen.columns().mask(filters)[kind_rows]  # (n,) in the order the ANN index holds them
+        passing = int(allowed.sum())
+        if passing <= EXACT_FILTERED:
+            rows = kind_rows[allowed]
+            sims = gen.snapshot.gather(rows, "emb") @ emb[0] if passing else np.zeros(0, np.float32)
+            order = np.argsort(-sims, kind="stable")[:depth]
+            return rows[order], sims[order].astype(np.float32)
+        ask = min(index.ntotal, max(depth, 2 * depth * len(kind_rows) // passing))
+        while True:
+            sims, pos = index.search(emb, ask)
+            found = pos[0] >= 0
+            found[found] = allowed[pos[0][found]]
+            if found.sum() >= depth or ask >= index.ntotal:
+                return kind_rows[pos[0][found]][:depth], sims[0][found][:depth]
+            ask = min(index.ntotal, 4 * ask)
+
+    def _judge(self, snapshot: store.Snapshot, judges: list[tuple[float, ItemFeatures]], target: str,
+               rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fusion model's verdict on candidates `rows` against the query's parts of the other modality,
+        one batched forward pass per part: the weighted mean logit of the positive parts, the penalty from
+        the negative ones, and the calibrated probability of matching the positive parts and none of the
+        negative ones (taken as independent)."""
         cand = snapshot.gather(rows, "tok")  # (k, L, T, D) fp16
-        if query_kind == "text":
-            return self.scorer.logits(cand, query.tok, query.mask)
-        return self.scorer.logits(query.tok, cand, snapshot.gather(rows, "mask"))
+        cand_mask = snapshot.gather(rows, "mask") if target == "text" else None
+        total = sum(w for w, _ in judges if w > 0)
+        logit, penalty, miss = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32), np.ones(len(rows))
+        for w, f in judges:
+            part = self.scorer.logits(cand, f.tok, f.mask) if target == "image" else \
+                self.scorer.logits(f.tok, cand, cand_mask)
+            if w > 0:
+                logit += (w / total) * part
+            else:  # pushes down the candidates the reranker believes match what the query excludes
+                penalty += (-w / total) * np.maximum(part, 0.0)
+                miss *= 1.0 - self.calibration.probability(part)
+        return logit, penalty, self.calibration.probability(logit) * miss
 
-    def _encode_text(self, text: str) -> ItemFeatures:
-        if not text or not text.strip():
+    def _dedup(self, snapshot: store.Snapshot, hits: list[Hit], rows: np.ndarray, threshold: float,
+               k: int) -> tuple[list[Hit], np.ndarray]:
+        """Each hit in rank order is kept unless its embedding's cosine with a kept one reaches `threshold`;
+        then the most similar kept hit counts it as hidden. Stops once k are kept."""
+        if not hits:
+            return hits, rows
+        emb = snapshot.gather(rows, "emb")  # (n, E) unit vectors
+        kept: list[int] = []
+        hidden = [0] * len(hits)
+        for i in range(len(hits)):
+            sims = emb[kept] @ emb[i] if kept else np.zeros(0)
+            if len(sims) and sims.max() >= threshold:
+                hidden[kept[int(np.argmax(sims))]] += 1
+            elif len(kept) == k:
+                break
+            else:
+                kept.append(i)
+        return [dataclasses.replace(hits[i], duplicates=hidden[i]) for i in kept], rows[kept]
+
+    def _encode_parts(self, parts: list[Part]) -> list[tuple[Part, ItemFeatures]]:
+        """Each part's features: the texts in one batch, the images one by one."""
+        texts = [i for i, p in enumerate(parts) if p.text is not None]
+        if any(not parts[i].text.strip() for i in texts):
             raise QueryError("the query is empty; give some words to search for")
-        return self.encoder.encode_texts([text.strip()])
+        feats: dict[int, ItemFeatures] = {}
+        if texts:
+            batch = self.encoder.encode_texts([parts[i].text.strip() for i in texts])
+            feats = {i: _row(batch, j) for j, i in enumerate(texts)}
+        for i, p in enumerate(parts):
+            if p.image is not None:
+                feats[i] = self._encode_image(Path(p.image))
+        return [(p, feats[i]) for i, p in enumerate(parts)]
 
     def _encode_image(self, path: Path) -> ItemFeatures:
         try:
@@ -178,3 +309,28 @@ class Searcher:
         meta = [[c[int(r)].as_py() for c in cols] for r in rows]
         return [Hit(i, kind, float(s), float(s), None, os.fsdecode(path), text)
                 for (i, kind, path, text), s in zip(meta, sims)]
+
+
+def combine(weights: list[float], embs: np.ndarray) -> np.ndarray:
+    """The query's recall vector: the weighted sum of its parts' unit embeddings (n, E), made unit again. (1, E)"""
+    v = np.asarray(weights, np.float32) @ np.asarray(embs, np.float32)
+    norm = float(np.linalg.norm(v))
+    if norm < 1e-6:
+        raise QueryError("the weighted parts of the query cancel out; change their weights")
+    return (v / norm)[None].astype(np.float32)
+
+
+def sort_hits(hits: list[Hit], rows: np.ndarray, by: str, gen: _Generation) -> list[Hit]:
+    """Hits as ranked ("score"), by date newest first ("date"), or by path, then text ("path")."""
+    if by == "date" and hits:
+        dates = gen.columns().dates[rows]
+        order = sorted(range(len(hits)), key=lambda i: dates[i], reverse=True)  # stable: rank breaks ties
+        return [hits[i] for i in order]
+    if by == "path":
+        return sorted(hits, key=lambda h: (os.fsencode(h.path), h.text or ""))
+    return hits
+
+
+def _row(feats: ItemFeatures, i: int) -> ItemFeatures:
+    pick = lambda a: None if a is None else a[i:i + 1]  # noqa: E731
+    return ItemFeatures(feats.emb[i:i + 1], pick(feats.tok), pick(feats.mask))

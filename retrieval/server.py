@@ -3,7 +3,8 @@ and the web page (static files in retrieval/static), over one SearchService. Fas
 
     GET  /                          the web page
     GET  /api/search?q=...          text query; or image_id=N / image_path=P (an indexed image);
-                                    k, kind, rerank_k, rerank=false
+                                    k, kind, rerank_k, rerank=false; add=/sub= (more texts, `2:cat` weights);
+                                    path, date, camera, min_size, orientation (filters); min_prob, sort, dedup
     POST /api/search                the same as JSON, or an image as base64 (image_base64)
     POST /api/search/upload         an image file as multipart form data, with the same fields
     GET  /api/images/{id}           an indexed image's file, exactly as indexed
@@ -33,22 +34,47 @@ import uvicorn
 from fastapi import FastAPI, File, Form, Query as Param, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from indexer.errors import QueryError, ServerError
 
 from .discovery import ServerInfo, announce, withdraw
 from .gallery import media_type
 from .http_guards import JSON, BodyLimit, HostCheck, SecurityHeaders, add_error_handlers
-from .service import Answer, Query, SearchService
+from .query import SORTS, Filters, Part, Refine
+from .service import Answer, Query, QueryPart, SearchService
 from .settings import DEFAULT_K, DEFAULT_RERANK_K
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+class PartIn(BaseModel):
+    """One more weighted part of a query: exactly one of text, image_base64, image_id."""
+
+    weight: float = Field(1.0, description="Positive: more like this; negative: less like this.")
+    text: Optional[str] = None
+    image_base64: Optional[str] = Field(None, description="An image file, base64-encoded.")
+    image_name: Optional[str] = Field(None, description="How messages name the uploaded image.")
+    image_id: Optional[int] = Field(None, description="An indexed image, by row id.")
+
+
+class FiltersIn(BaseModel):
+    """Which items may be returned; every condition given must hold (see itm-search --help)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt filter must not silently filter nothing
+
+    path: Optional[str] = Field(None, description="Glob on the whole path, e.g. */2024/*.")
+    date_from: Optional[str] = Field(None, description="YYYY[-MM[-DD]], inclusive; capture date, else mtime.")
+    date_to: Optional[str] = Field(None, description="YYYY[-MM[-DD]], inclusive.")
+    camera: Optional[str] = Field(None, description="Words of the camera's make and model, any case.")
+    min_width: Optional[int] = None
+    min_height: Optional[int] = None
+    orientation: Optional[str] = Field(None, description="landscape, portrait or square.")
+
+
 class SearchRequest(BaseModel):
-    """One query: exactly one of text, image_base64, image_id, image_path."""
+    """One query: at most one of text, image_base64, image_id, image_path, and any further weighted parts."""
 
     text: Optional[str] = Field(None, description="Words to search for.")
     image_base64: Optional[str] = Field(None, description="A query image file, base64-encoded.")
@@ -59,6 +85,13 @@ class SearchRequest(BaseModel):
     kind: Optional[str] = Field(None, description="image, text or all (default: image for text, all for an image).")
     rerank_k: int = Field(DEFAULT_RERANK_K, description="Candidates the fusion model rescores.")
     rerank: bool = Field(True, description="False: rank by dual-encoder similarity alone.")
+    parts: list[PartIn] = Field([], description="More weighted texts and images.")
+    filters: FiltersIn = Field(FiltersIn(), description="Applied before ranking: k matching hits when k exist.")
+    min_prob: Optional[float] = Field(None, description="Keep hits whose calibrated probability of match is at "
+                                      "least this (needs the reranker); none pass: no hits.")
+    sort: str = Field("score", description=f"{', '.join(SORTS)} (date: newest first), after the cut.")
+    dedup: Optional[float] = Field(None, description="Hide results whose embedding cosine with a better one is at "
+                                   "least this (0.98 is itm-search --dedup's default).")
 
 
 class HitOut(BaseModel):
@@ -69,6 +102,8 @@ class HitOut(BaseModel):
     match_logit: Optional[float]
     path: str
     text: Optional[str]
+    probability: Optional[float] = Field(None, description="Calibrated probability of match (reranked hits)")
+    duplicates: int = Field(0, description="Near-duplicates of it that dedup hid")
     thumbnail: Optional[str] = Field(description="URL of the image's thumbnail (image hits)")
     image: Optional[str] = Field(description="URL of the image file (image hits)")
 
@@ -80,6 +115,10 @@ class SearchResponse(BaseModel):
     reranked: bool = Field(description="Whether this query used it")
     hits: list[HitOut]
     timings: dict[str, float] = Field(description="encode_ms, recall_ms, rerank_ms, total_ms")
+    calibrated: bool = Field(description="Whether probabilities come from a calibration fitted for the reranker "
+                             "(else the plain sigmoid of the match logit)")
+    unmigrated: int = Field(description="Images without metadata (an index of format 2 no build has migrated yet), "
+                            "which metadata filters skip")
 
 
 class ErrorOut(BaseModel):
@@ -111,16 +150,29 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
                    image_id: Optional[int] = Param(None, description="An indexed image, by row id."),
                    image_path: Optional[str] = Param(None, description="An indexed image, by path."),
                    k: int = DEFAULT_K, kind: Optional[str] = None, rerank_k: int = DEFAULT_RERANK_K,
-                   rerank: bool = True):
+                   rerank: bool = True, add: list[str] = Param([], description="More texts (`2:cat` weights)."),
+                   sub: list[str] = Param([], description="Texts to be less like."),
+                   path: Optional[str] = None, date: Optional[str] = Param(None, description="FROM..TO"),
+                   camera: Optional[str] = None, min_size: Optional[str] = Param(None, description="WxH or N"),
+                   orientation: Optional[str] = None, min_prob: Optional[float] = None, sort: str = "score",
+                   dedup: Optional[float] = None):
+        parts = tuple(QueryPart(p.weight, p.text) for p in
+                      [*(Part.parse(a) for a in add), *(Part.parse(x, -1.0) for x in sub)])
         return answer(Query(text=q, image_id=image_id, image_path=image_path, k=k, kind=kind, rerank_k=rerank_k,
-                            rerank=rerank))
+                            rerank=rerank, parts=parts,
+                            filters=Filters.parse(path, date, camera, min_size, orientation),
+                            refine=Refine(min_prob, sort, dedup)))
 
     @app.post("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search (JSON body)")
     def search_post(req: SearchRequest):
         image = _base64(req.image_base64) if req.image_base64 is not None else None
+        parts = tuple(QueryPart(p.weight, p.text, _base64(p.image_base64) if p.image_base64 is not None else None,
+                                p.image_name or QueryPart.image_name, p.image_id) for p in req.parts)
         return answer(Query(text=req.text, image=image, image_name=req.image_name or Query.image_name,
                             image_id=req.image_id, image_path=req.image_path, k=req.k, kind=req.kind,
-                            rerank_k=req.rerank_k, rerank=req.rerank))
+                            rerank_k=req.rerank_k, rerank=req.rerank, parts=parts,
+                            filters=Filters.from_json(req.filters.model_dump(exclude_none=True)),
+                            refine=Refine(req.min_prob, req.sort, req.dedup)))
 
     @app.post("/api/search/upload", response_model=SearchResponse, responses=ERRORS,
               summary="Search with an uploaded image (multipart form)")
@@ -252,7 +304,8 @@ def _answer(service: SearchService, query: Query, realpath: str) -> dict[str, An
             if h.kind == "image" else {"thumbnail": None, "image": None}
         hits.append({**asdict(h), **urls})
     return {"index": realpath, "generation": a.generation, "has_reranker": service.has_reranker,
-            "reranked": a.reranked, "hits": hits, "timings": a.timings}
+            "reranked": a.reranked, "hits": hits, "timings": a.timings, "calibrated": a.calibrated,
+            "unmigrated": a.unmigrated}
 
 
 def _base64(text: str) -> bytes:

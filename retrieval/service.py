@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +37,7 @@ from indexer.store import Snapshot
 
 from .gallery import IndexedImage, Thumbnails, find_image, find_image_by_path, read_image
 from .hits import Hit
+from .query import Filters, Part, Refine
 from .search import Searcher
 from .settings import DEFAULT_K, DEFAULT_RERANK_K, SERVER_MAX_K
 
@@ -48,6 +49,17 @@ class Limits:
     max_upload_bytes: int = 32 * 2**20  # largest query image accepted, in bytes
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest query image accepted, width x height (the decoder's cap at most)
     max_k: int = SERVER_MAX_K  # most results, and rerank candidates, per kind
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One more weighted part of a query: exactly one of text, image (a file's bytes), image_id."""
+
+    weight: float = 1.0  # negative: results less like this
+    text: str | None = None
+    image: bytes | None = None
+    image_name: str = UPLOAD_NAME
+    image_id: int | None = None  # an indexed image, by row id
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,9 @@ class Query:
     kind: str | None = None  # image, text or all (default: image for a text query, all for an image)
     rerank_k: int = DEFAULT_RERANK_K  # candidates the fusion model rescores
     rerank: bool = True  # False: rank by recall alone
+    parts: tuple[QueryPart, ...] = ()  # more weighted texts and images (retrieval/query.py)
+    filters: Filters = Filters()
+    refine: Refine = Refine()
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class Answer:
     generation: int  # the index generation the whole query read
     reranked: bool  # whether the fusion model was used (it rescores cross-modal candidates)
     timings: dict[str, float]  # encode_ms, recall_ms, rerank_ms, total_ms
+    calibrated: bool = False  # whether the hits' probabilities come from a calibration fitted for the reranker
+    unmigrated: int = 0  # images read without metadata (a format-2 index no build has migrated yet)
 
 
 class SearchService:
@@ -102,20 +119,28 @@ class SearchService:
         with self._counting:
             self.queries += 1
         self._check(query)
-        with self._query_image(query) as upload, self._lock:
+        with self._query_image(query.image) as upload, self._part_images(query.parts) as uploads, self._lock:
             s = self._current(query.rerank)
             image = upload or self._indexed(s, query)
+            parts = [self._part(s, p, uploads.get(i)) for i, p in enumerate(query.parts)]
             try:
-                hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind, rerank_k=query.rerank_k)
+                hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind, rerank_k=query.rerank_k,
+                                parts=parts, filters=query.filters, refine=query.refine)
             except QueryError as e:
-                if upload is None:
+                message = str(e)  # the temporary files' names mean nothing to the client: name its uploads
+                for path, name in [(upload, query.image_name), *((f, query.parts[i].image_name)
+                                                                 for i, f in uploads.items())]:
+                    message = message.replace(str(path), name) if path is not None else message
+                if message == str(e):
                     raise
-                raise QueryError(str(e).replace(str(upload), query.image_name)) from None
+                raise QueryError(message) from None
             t = s.timings
             timings = {"encode_ms": t.encode_ms, "recall_ms": t.recall_ms, "rerank_ms": t.rerank_ms,
                        "total_ms": 1e3 * (time.perf_counter() - start)}
             reranked = any(h.match_logit is not None for h in hits)
-            return Answer(hits, s.snapshot.manifest.generation, reranked, timings)
+            unmigrated = s.unmigrated() if query.filters.needs_metadata else 0
+            return Answer(hits, s.snapshot.manifest.generation, reranked, timings, s.calibration.calibrated,
+                          unmigrated)
 
     def info(self) -> dict[str, Any]:
         """What `itm-index info --json` shows, for the generation queries read now."""
@@ -142,8 +167,13 @@ class SearchService:
     # ---- inside ---------------------------------------------------------------------------
     def _check(self, query: Query) -> None:
         given = [x is not None for x in (query.text, query.image, query.image_id, query.image_path)]
-        if sum(given) != 1:
+        if sum(given) > 1 or (sum(given) == 0 and not query.parts):
             raise QueryError("give one query: a text, an image, or an indexed image's id or path")
+        for p in query.parts:
+            if sum(x is not None for x in (p.text, p.image, p.image_id)) != 1:
+                raise QueryError("each part of a query holds one of a text, an image, or an indexed image's id")
+            if p.image is not None:
+                self._check_upload(p.image, p.image_name)
         for name, value in (("k", query.k), ("rerank_k", query.rerank_k)):
             if not 1 <= value <= self.limits.max_k:
                 raise QueryError(f"{name} must be between 1 and {self.limits.max_k}, got {value}")
@@ -167,18 +197,31 @@ class SearchService:
                                 f"{self.limits.max_pixels}")
 
     @contextmanager
-    def _query_image(self, query: Query) -> Iterator[Path | None]:
+    def _query_image(self, data: bytes | None) -> Iterator[Path | None]:
         """An upload as a private temporary file for the Searcher to read, removed afterwards."""
-        if query.image is None:
+        if data is None:
             yield None
             return
         fd, name = tempfile.mkstemp(prefix="itm-query-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(query.image)
+                f.write(data)
             yield Path(name)
         finally:
             os.unlink(name)
+
+    @contextmanager
+    def _part_images(self, parts: tuple[QueryPart, ...]) -> Iterator[dict[int, Path]]:
+        """The uploaded images of a query's parts as temporary files, by part position."""
+        with ExitStack() as stack:
+            yield {i: stack.enter_context(self._query_image(p.image)) for i, p in enumerate(parts)
+                   if p.image is not None}
+
+    def _part(self, s: Searcher, part: QueryPart, upload: Path | None) -> Part:
+        """A part as the Searcher takes it: a text, or an image file (the upload's, or an indexed image's)."""
+        if part.text is not None:
+            return Part(part.weight, text=part.text)
+        return Part(part.weight, image=str(upload or find_image(s.snapshot, part.image_id).path))
 
     def _indexed(self, s: Searcher, query: Query) -> Path | None:
         """The file of the indexed image a query names; only an image in the index is ever read."""

@@ -86,6 +86,13 @@ QUERIES = [  # itm-search arguments, after the index
     ["a red square", "--kind", "video"],
     ["--image", "caps.txt"],  # not an image
     ["--image", "photos/none.png"],  # no such file: answered in-process either way
+    ["a red square", "--add", "2:a blue circle", "--sub", "a green triangle", "--add-image", "photos/img004.png",
+     "--json"],
+    ["2:a red square", "--sub-image", "0.5:photos/img001.png", "-k", "4"],
+    ["a red square", "--path", "*/img00[1-4].png", "--orientation", "landscape", "--date", "2000..", "--json"],
+    ["a red square", "--min-prob", "0.5", "--json"],  # refused without a reranker
+    ["a red square", "--min-prob", "1", "--camera", "canon"],  # no match
+    ["a red square", "--dedup", "--dedup-threshold", "0.9999", "--sort", "path", "-k", "3"],
 ]
 
 
@@ -107,6 +114,12 @@ def test_itm_search_answers_the_same_through_a_server(corpus, monkeypatch, capfd
             assert (w.returncode, w.stdout, w.stderr) == c, q
         assert (explicit.returncode, explicit.stdout, explicit.stderr) == cold[1]
         assert answered == len(QUERIES)  # all but the missing file (read here first), and the explicit --server
+        if name == "idx":  # nothing is certain enough: one line, no hits, exit 0
+            assert cold[14][0] == 0 and cold[14][1] == b"" and b"no match: nothing passes" in cold[14][2]
+            assert b"plain sigmoid" in cold[14][2]  # no calibration was fitted for this reranker
+        else:
+            assert cold[13][0] == 1 and b"needs the index's fusion reranker" in cold[13][2]
+        assert b"near-duplicates hidden" in cold[15][2] and len(cold[15][1].splitlines()) == 3
     assert b"no reranker" in cold[0][2] and b"caf\\udce9.png" in cold[1][1] + cold[4][1]
 
 

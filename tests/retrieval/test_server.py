@@ -258,3 +258,27 @@ def test_generations_committed_under_load_are_taken_whole(tmp_path, spec):
     for generation, got in answers:
         content = {os.fsencode(h["path"]) if h["kind"] == "image" else h["text"] for h in got}
         assert content <= w.committed[generation], f"generation {generation} answered with what it did not hold"
+
+
+def test_weighted_parts_filters_and_the_probability_cut_answer_as_the_searcher_does(url, index):
+    from retrieval.query import Filters, Part, Refine
+
+    oracle = Searcher(index)
+    photos = sorted((index.parent / "photos").glob("*.png"))
+    parts = [Part(2.0, "a green circle"), Part(-1.0, "a blue square"), Part(0.5, image=str(photos[1]))]
+    f, refine = Filters(path="*/photos/img*"), Refine(min_prob=0.3, sort="path")
+    expected = oracle.search("a red square", k=3, parts=parts, filters=f, refine=refine)
+    body = {"text": "a red square", "k": 3, "min_prob": 0.3, "sort": "path", "filters": {"path": "*/photos/img*"},
+            "parts": [{"weight": 2, "text": "a green circle"}, {"weight": -1, "text": "a blue square"},
+                      {"weight": 0.5, "image_base64": base64.b64encode(photos[1].read_bytes()).decode()}]}
+    r = post_json(url, "/api/search", body)
+    assert hits(r) == expected and r.json()["calibrated"] is False and r.json()["unmigrated"] == 0
+    row_id = next(h.id for h in oracle.search(image=photos[1], kind="image", k=1))
+    body["parts"][2] = {"weight": 0.5, "image_id": row_id}  # an indexed image, by id
+    assert hits(post_json(url, "/api/search", body)) == expected
+    got = get(url, "/api/search?q=a+red+square&k=3&add=2:a+green+circle&sub=a+blue+square&path=*/photos/img*"
+                   "&min_prob=0.3&sort=path")
+    assert hits(got) == oracle.search("a red square", k=3, parts=parts[:2], filters=f, refine=refine)
+    for bad in ({"filters": {"colour": "red"}}, {"min_prob": 2}, {"sort": "size"}, {"parts": [{"weight": 1}]}):
+        r = post_json(url, "/api/search", {"text": "a red square", **bad})
+        assert r.status in (400, 422) and "error" in r.json(), bad
