@@ -11,7 +11,8 @@ losses on mined, random and named negatives (false captions, twin images). Both 
 validated on the val split every EVAL_EVERY steps and stop when PATIENCE validations in a row
 bring nothing better; the best checkpoint of each is what the bundle holds. Stage "weight"
 picks the weight of the match logit in the final score (recall cosine + weight x logit) from
-WEIGHTS by the same validation figure, and the bundle's reranker carries it. Stage "curves"
+WEIGHTS by the same validation figure, and the bundle's reranker carries it. Stage "calibrate"
+fits the match probability (itm-calibrate, on val queries) beside the bundle. Stage "curves"
 plots both stages' log.jsonl (losses and validation figures) to training_curves.png.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +51,7 @@ STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps
                       num_negatives=2, random_negatives=1, hard_negatives="sample", seed=SEED, save_every=250,
                       eval_every=EVAL_EVERY, patience=PATIENCE, val_rerank_k=10, progress=True)
 WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-STAGES = ("data", "encoders", "reranker", "weight", "bundle", "curves")
+STAGES = ("data", "encoders", "reranker", "weight", "bundle", "calibrate", "curves")
 
 
 def main() -> None:
@@ -85,6 +87,11 @@ def main() -> None:
         weight_file.write_text(json.dumps(fit_score_weight(encoder, reranker, val), indent=1) + "\n")
     if run("bundle"):
         write_bundle(encoder, reranker, json.loads(weight_file.read_text())["score_weight"], args.out)
+    if run("calibrate"):  # the match probability behind --min-prob, fitted on val queries (itm-calibrate)
+        if args.out.resolve() == HERE:
+            subprocess.run([sys.executable, "-m", "retrieval.calibrate_cli", "--model", "demo"], check=True)
+        else:
+            print(f"calibrate: the bundle is not in {HERE}; copy it there and run itm-calibrate --model demo")
     if run("curves"):
         plot_curves(args.work, args.out / "training_curves.png")
     minutes = (time.time() - t0) / 60
