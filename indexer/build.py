@@ -338,7 +338,7 @@ class _Embedding:
         rows = pa.Table.from_pylist(others + mine, schema=store.ROW_SCHEMA)
         skipped = [s for s in self.writer.skipped.to_pylist() if s["source"] != os.fsencode(source)] + self.skips.rows
         return self.writer.commit(rows, pa.Table.from_pylist(skipped, schema=store.SKIP_SCHEMA), next_id,
-                                  self.options.faiss_factory)
+                                  self.options.faiss_factory, recall_target=self.options.recall_target)
 
 
 def _skip_key(row: dict) -> tuple[bytes, str]:

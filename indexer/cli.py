@@ -36,6 +36,8 @@ def build(
     include_hidden: bool = typer.Option(D.include_hidden, help="Also index dot-files and dot-folders."),
     max_pixels: int = typer.Option(D.max_pixels, help="Skip images with more pixels than this."),
     faiss_factory: Optional[str] = typer.Option(D.faiss_factory, help="FAISS factory string (default: by corpus size)."),
+    recall_target: float = typer.Option(D.recall_target, min=0.0, max=1.0, help="Recall@10 against exact search "
+                                        "that an IVF index's nprobe is chosen to reach."),
     text_column: Optional[str] = typer.Option(D.text_column, help="Text column of a jsonl/csv/parquet file."),
     id_column: Optional[str] = typer.Option(D.id_column, help="Id column of a jsonl/csv/parquet file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -50,8 +52,8 @@ def build(
             if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                             backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
-                            max_pixels=max_pixels,
-                            faiss_factory=faiss_factory, text_column=text_column, id_column=id_column)
+                            max_pixels=max_pixels, faiss_factory=faiss_factory, recall_target=recall_target,
+                            text_column=text_column, id_column=id_column)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
     typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
                f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
@@ -91,7 +93,9 @@ def info(index: Optional[Path] = IndexOpt,
     typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} fp16 per image"
                                  if rr else "none (recall only)"))
     for kind, a in m.ann.items():
-        typer.echo(f"faiss       {kind}: {a.factory}, {a.ntotal} vectors, recall@10 vs exact {a.recall_at_10:.3f}")
+        on_disk = f", on disk, nprobe {a.nprobe} for recall target {a.recall_target:.2f}" if a.ivfdata else ""
+        typer.echo(f"faiss       {kind}: {a.factory}{on_disk}, {a.ntotal} vectors, "
+                   f"recall@10 vs exact {a.recall_at_10:.3f}")
     typer.echo(f"on disk     {disk / 2**20:.1f} MiB")
     typer.echo(f"skipped     {len(skipped)}")
     for s in skipped:

@@ -19,6 +19,7 @@ from .durable import fsync_dir, write_durably
 from .errors import IndexFormatError, ModelMismatchError
 
 MANIFEST = "manifest.json"
+OPTIONAL_ANN = ("ivfdata", "nprobe", "recall_target")  # AnnInfo fields left out of the JSON when unset
 KINDS = ("image", "text")
 
 # Format history. Each change says why; MIGRATIONS holds one step up from each older format,
@@ -81,6 +82,10 @@ class AnnInfo:
     dim: int
     ntotal: int
     recall_at_10: float  # against exact search, measured at commit (indexer.ann.measured_recall)
+    # Optional fields, written only when set, so that an index without them reads as format 2 always did.
+    ivfdata: str | None = None  # an IVF index's inverted lists, memory-mapped from this file (indexer/ivf_disk.py)
+    nprobe: int | None = None  # lists an on-disk IVF index probes per query, chosen to reach recall_target
+    recall_target: float | None = None  # the recall@10 the nprobe was chosen for
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ class Manifest:
 
     def files(self) -> set[str]:
         """Every data file this generation needs (segment parts that were never written included)."""
-        names = {self.rows, self.skipped, *(a.file for a in self.ann.values())}
+        names = {self.rows, self.skipped, *(a.file for a in self.ann.values()),
+                 *(a.ivfdata for a in self.ann.values() if a.ivfdata)}
         for seg in (*self.segments, *self.staging):
             names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy"}
         if self.reranker:
@@ -111,7 +117,10 @@ class Manifest:
         return names
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["ann"] = {kind: {k: v for k, v in a.items() if v is not None or k not in OPTIONAL_ANN}
+                    for kind, a in d["ann"].items()}
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
@@ -122,7 +131,7 @@ class Manifest:
             reranker=RerankerInfo(**{**_known(RerankerInfo, rr), "image_shape": tuple(rr["image_shape"]),
                                      "text_shape": tuple(rr["text_shape"])}) if rr else None,
             generation=int(d["generation"]), rows=d["rows"], skipped=d["skipped"],
-            ann={kind: AnnInfo(**a) for kind, a in d["ann"].items()},
+            ann={kind: AnnInfo(**_known(AnnInfo, a)) for kind, a in d["ann"].items()},
             segments=dict(d["segments"]), staging=dict(d.get("staging", {})), next_id=int(d["next_id"]),
             counts={**dict.fromkeys(KINDS, 0), **d["counts"]}, faiss_factory=d.get("faiss_factory"),
             updated_at=d.get("updated_at"), format=int(d["format"]))

@@ -36,6 +36,7 @@ class BuildOptions:
     include_hidden: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     faiss_factory: str | None = None  # None: chosen from corpus size (or kept from the last build)
+    recall_target: float = 0.95  # recall@10 vs exact search an IVF index's nprobe is chosen to reach (indexer/ann.py)
     text_column: str | None = None
     id_column: str | None = None
     commit_every: int = SEGMENT_ROWS  # items per staged segment: what an interruption can lose at most

@@ -9,6 +9,7 @@ Layout of an index directory:
     seg-<id>.mask.npy          (n, T) bool token mask (text segments with a store)
     rows-g<N>.parquet          the live rows of generation N, each pointing at (segment, offset)
     ann-<kind>-g<N>.faiss      one FAISS index per kind over the live rows of that kind, in row order
+    ann-<kind>-g<N>.ivfdata    an IVF index's inverted lists, memory-mapped by searches (indexer/ivf_disk.py)
     skipped-g<N>.parquet       corpus items that could not be used, with the reason
     reranker-<sha>.safetensors the fusion reranker whose store encoder made the rerank store (+ .json)
     .lock                      held by the one build writing to the index (indexer/commit.py)
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .durable import is_temporary, write_durably
 from .errors import IndexFormatError, IndexNotFoundError, ItmError
-from .manifest import KINDS, MANIFEST, Manifest, read_manifest
+from .manifest import KINDS, MANIFEST, AnnInfo, Manifest, read_manifest
 from .options import default_index_dir
 
 __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
@@ -132,6 +133,14 @@ class SegmentArrays:
         return out
 
 
+def _open_on_disk(index_dir: Path, ann: AnnInfo) -> faiss.Index:
+    if not (index_dir / ann.ivfdata).is_file():  # faiss would fail later, at the first search
+        raise FileNotFoundError(2, "missing", str(index_dir / ann.ivfdata))
+    from .ivf_disk import open_on_disk  # faiss, only for an index that has one
+
+    return open_on_disk(index_dir / ann.file, ann.nprobe)
+
+
 class Snapshot:
     """One committed generation of an index, opened read-only and whole.
 
@@ -146,7 +155,8 @@ class Snapshot:
         self.rows = read_table(self.index_dir / manifest.rows, ROW_SCHEMA)
         self.skipped = read_table(self.index_dir / manifest.skipped, SKIP_SCHEMA)
         self._ann_bytes = {kind: np.memmap(self.index_dir / a.file, dtype=np.uint8, mode="r")
-                           for kind, a in manifest.ann.items()}
+                           for kind, a in manifest.ann.items() if not a.ivfdata}
+        self._on_disk = {kind: _open_on_disk(self.index_dir, a) for kind, a in manifest.ann.items() if a.ivfdata}
         self.arrays = SegmentArrays(self.index_dir)
         kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
         text_segments = set(self.rows.column("segment").to_numpy(zero_copy_only=False)[kinds == "text"])
@@ -177,7 +187,12 @@ class Snapshot:
         raise ItmError(f"index at {index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again")
 
     def ann(self, kind: str) -> faiss.Index:
-        """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them)."""
+        """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them).
+
+        An on-disk IVF index is the one object this snapshot opened (its lists mapped, not copied).
+        """
+        if kind in self._on_disk:
+            return self._on_disk[kind]
         import faiss
 
         from .ann import tune
