@@ -194,6 +194,29 @@ class _Decoded:
     error: str | None = None
 
 
+def decode_image(entry: FileEntry, prepare: Callable[[bytes], np.ndarray],
+                 stored: Callable[[str], bool] = lambda h: False) -> _Decoded:
+    """An image file read once and hashed, and prepared for the encoder (ItemEncoder.load_pixels) unless
+    `stored(hash)`; errors come back in the result, never raised."""
+    try:
+        data = read_file(Path(entry.path))
+    except DecodeError as e:
+        return _Decoded(entry, error=str(e))
+    h = content_hash(data)
+    if stored(h):
+        return _Decoded(entry, h)
+    try:
+        return _Decoded(entry, h, prepare(data))
+    except DecodeError as e:
+        return _Decoded(entry, h, error=str(e))
+
+
+def image_row(entry: FileEntry, h: str, source: bytes | None = None) -> dict:
+    """The row of an image file (store.SEGMENT_SCHEMA); segments leave the source out, the index's rows fill it."""
+    return {"kind": "image", "source": source, "path": os.fsencode(entry.path), "text": None, "source_id": None,
+            "size": entry.size, "mtime_ns": entry.mtime_ns, "hash": h}
+
+
 class _Batches:
     """Items waiting for a forward pass: full batches are encoded, and every `commit_every` items staged."""
 
@@ -244,14 +267,12 @@ class _Embedding:
 
     # ---- images -------------------------------------------------------------------------
     def images(self, root: Path) -> SourceChanges:
-        changes = SourceChanges.of(self.old_rows, os.fsencode(root), key="path")
-        todo: list[FileEntry] = []
-        for entry in scan_images(root, exclude=self.options.exclude, include_hidden=self.options.include_hidden,
-                                 on_skip=self.skips):
-            if changes.same_file(os.fsencode(entry.path), entry.size, entry.mtime_ns):
-                changes.keep(os.fsencode(entry.path))
-            else:
-                todo.append(entry)
+        changes, todo = self._changed_images(root)
+        if self.options.ray is not None:  # Ray Data's actors read, decode, encode and write the segments
+            from .ray_engine import encode_images
+
+            encode_images(self, root, changes, todo)
+            return changes
         self.on_progress(0, len(todo))
         batches = _Batches(self._encode_images, self)
         # decoded images waiting for the model: the next batch, decoded while this one is encoded, and no more
@@ -261,33 +282,31 @@ class _Embedding:
             if item.error is not None:
                 self.skips(item.entry.path, item.error)
                 continue
-            e = item.entry
-            row = {"kind": "image", "source": os.fsencode(root), "path": os.fsencode(e.path), "text": None,
-                   "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash}
-            if changes.add(row, self.content):
+            if changes.add(image_row(item.entry, item.hash, os.fsencode(root)), self.content):
                 batches.add(item)
         batches.close()
         return changes
 
+    def _changed_images(self, root: Path) -> tuple[SourceChanges, list[FileEntry]]:
+        """The folder scanned against the index: unchanged files kept, the others to prepare."""
+        changes = SourceChanges.of(self.old_rows, os.fsencode(root), key="path")
+        todo: list[FileEntry] = []
+        for entry in scan_images(root, exclude=self.options.exclude, include_hidden=self.options.include_hidden,
+                                 on_skip=self.skips):
+            if changes.same_file(os.fsencode(entry.path), entry.size, entry.mtime_ns):
+                changes.keep(os.fsencode(entry.path))
+            else:
+                todo.append(entry)
+        return changes, todo
+
     def _decode(self, entry: FileEntry) -> _Decoded:
         """Read once, hash, and decode only when no embedding exists for these bytes yet (in a worker thread)."""
-        try:
-            data = read_file(Path(entry.path))
-        except DecodeError as e:
-            return _Decoded(entry, error=str(e))
-        h = content_hash(data)
-        if h in self.content:
-            return _Decoded(entry, h)
-        try:
-            return _Decoded(entry, h, self.encoder().load_pixels(data, self.options.max_pixels))
-        except DecodeError as e:
-            return _Decoded(entry, h, error=str(e))
+        return decode_image(entry, lambda data: self.encoder().load_pixels(data, self.options.max_pixels),
+                            stored=self.content.__contains__)
 
     def _encode_images(self, batch: list[_Decoded]) -> tuple[list[dict], ItemFeatures]:
         feats = self.encoder().encode_images(np.stack([d.pixels for d in batch]))  # (B, 3, S, S) in
-        rows = [{"hash": d.hash, "kind": "image", "source": None, "path": os.fsencode(d.entry.path), "text": None,
-                 "source_id": None, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns} for d in batch]
-        return rows, feats
+        return [image_row(d.entry, d.hash) for d in batch], feats
 
     # ---- texts --------------------------------------------------------------------------
     def texts(self, path: Path) -> SourceChanges:
@@ -300,7 +319,8 @@ class _Embedding:
         items = read_texts(path, text_column=self.options.text_column, id_column=self.options.id_column,
                            on_skip=self.skips)
         self.on_progress(0, len(items))
-        batches = _Batches(self._encode_texts, self)
+        claimed: list[dict] = []  # texts to encode, for Ray's actors
+        batches = _Batches(self._encode_texts, self) if self.options.ray is None else None
         seen: set[str] = set()
         for done, item in enumerate(items, 1):
             self.on_progress(done, len(items))
@@ -315,9 +335,18 @@ class _Embedding:
                 continue
             row = {"kind": "text", "source": os.fsencode(path), "path": os.fsencode(path), "text": item.text,
                    "source_id": item.source_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": h}
-            if changes.add(row, self.content):
+            if not changes.add(row, self.content):
+                continue
+            if batches is None:
+                claimed.append(row)
+            else:
                 batches.add(row)
-        batches.close()
+        if batches is None:  # Ray Data's actors encode the claimed texts and write the segments
+            from .ray_engine import encode_texts
+
+            encode_texts(self, claimed)
+        else:
+            batches.close()
         return changes
 
     def _encode_texts(self, batch: list[dict]) -> tuple[list[dict], ItemFeatures]:

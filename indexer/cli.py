@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .cliutil import Progress, printable, user_errors
-from .options import BACKENDS, DEFAULT_MODEL, PRECISIONS, BuildOptions
+from .options import BACKENDS, DEFAULT_MODEL, PRECISIONS, BuildOptions, RayOptions
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
@@ -40,6 +40,12 @@ def build(
                                         "that an IVF index's nprobe is chosen to reach."),
     text_column: Optional[str] = typer.Option(D.text_column, help="Text column of a jsonl/csv/parquet file."),
     id_column: Optional[str] = typer.Option(D.id_column, help="Id column of a jsonl/csv/parquet file."),
+    engine: str = typer.Option("local", help="local: this process encodes; ray: a Ray Data job does "
+                               "(pip install 'itm[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on (default: a local one started for "
+                                              "the build)."),
+    ray_actors: Optional[int] = typer.Option(None, min=1, help="Encoder actors (default: one per CPU, or per GPU "
+                                             "with --device cuda)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
@@ -48,12 +54,15 @@ def build(
         from .build import build_index  # torch and open_clip load only to export or run a model
         from .models import resolve_model
 
+        if engine not in ("local", "ray"):
+            raise typer.BadParameter(f"unknown engine {engine!r}; choose local or ray", param_hint="--engine")
+        ray = RayOptions(address=ray_address, actors=ray_actors) if engine == "ray" else None
         spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
             if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                             backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
                             max_pixels=max_pixels, faiss_factory=faiss_factory, recall_target=recall_target,
-                            text_column=text_column, id_column=id_column)
+                            text_column=text_column, id_column=id_column, ray=ray)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
     typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
                f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "

@@ -84,9 +84,14 @@ class Writer:
               mask: np.ndarray | None = None) -> str:
         """Write a segment and commit it as staging: invisible to readers, reusable after a crash."""
         name = self.write_segment(rows, emb, tok, mask)
-        self.manifest = replace(self.manifest, staging={**self.manifest.staging, name: len(rows)})
-        write_manifest(self.index_dir, self.manifest)
+        self.adopt(name, len(rows))
         return name
+
+    def adopt(self, name: str, n: int) -> None:
+        """Stage a segment of `n` rows that another process wrote (store.write_segment: its parquet file last)."""
+        self.sizes[name] = n
+        self.manifest = replace(self.manifest, staging={**self.manifest.staging, name: n})
+        write_manifest(self.index_dir, self.manifest)
 
     def commit(self, rows: pa.Table, skipped: pa.Table, next_id: int, faiss_factory: str | None = None,
                ann: dict[str, AnnInfo] | None = None, recall_target: float | None = None) -> Manifest:

@@ -25,6 +25,16 @@ def default_index_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """A build whose encoding runs as a Ray Data job (indexer/ray_engine.py)."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://host:10001"); None: one started for the build
+    actors: int | None = None  # encoder actors; None: one per GPU with --device cuda, else one per cpus_per_actor
+    cpus_per_actor: int = 1  # CPUs each actor reserves; its forward pass runs this many threads
+    retries: int = 3  # restarts of a dead actor, and retries of its batch, before the build fails
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     batch_size: int = 16  # items per forward pass (on a CPU, 16 ran faster than 64, in half the memory)
     workers: int = max(1, (os.cpu_count() or 1))  # decoding threads (0: decode inline)
@@ -41,3 +51,4 @@ class BuildOptions:
     id_column: str | None = None
     commit_every: int = SEGMENT_ROWS  # items per staged segment: what an interruption can lose at most
     compact_at: float = COMPACT_AT  # dead share of stored rows that makes the build compact (above 1: never)
+    ray: RayOptions | None = None  # None: this process encodes; else Ray Data's actors do (pip install 'itm[ray]')
