@@ -25,7 +25,7 @@ from .changes import ContentIndex, SourceChanges, content_hash
 from .checkpoint import file_sha256
 from .commit import Writer, locked
 from .compact import compact, dead_share
-from .errors import CorpusError, DecodeError
+from .errors import CorpusError, DecodeError, ItmError
 from .images import read_file
 from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
 from .manifest import Manifest, RerankerInfo, check_model, check_reranker
@@ -88,7 +88,8 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         tower = "text" if is_text_corpus(source) else "image"
         encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)
         if writer.manifest is None:  # a new index records its model before the first segment is staged
-            writer.start(encoder().identity, _reranker_info(encoder.spec, encoder()))
+            writer.start(encoder().identity, _reranker_info(encoder.spec, encoder(), options.store_dtype))
+        _check_store_dtype(writer, options.store_dtype)
         job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
         with clock("embed_s"):
             changes = job.texts(source) if is_text_corpus(source) else job.images(source)
@@ -144,12 +145,22 @@ class _Encoder:
             return self._encoder
 
 
-def _reranker_info(spec: ModelSpec, encoder: ItemEncoder) -> RerankerInfo | None:
+def _reranker_info(spec: ModelSpec, encoder: ItemEncoder, store_dtype: str | None) -> RerankerInfo | None:
     if encoder.store is None:
         return None
     sha = encoder.store.sha256
     return RerankerInfo(sha256=sha, file=f"reranker-{sha[:16]}.safetensors", source=str(spec.reranker),
-                        image_shape=encoder.store.image_shape, text_shape=encoder.store.text_shape)
+                        image_shape=encoder.store.image_shape, text_shape=encoder.store.text_shape,
+                        store_dtype="int8" if store_dtype == "int8" else None)
+
+
+def _check_store_dtype(writer: Writer, asked: str | None) -> None:
+    """The store's dtype is chosen when the index is made; a build that asks for the other one is refused."""
+    if asked is not None and asked not in store.STORE_DTYPES:
+        raise ItmError(f"unknown rerank store dtype {asked!r}; choose one of {', '.join(store.STORE_DTYPES)}")
+    if asked is not None and writer.manifest.reranker is not None and asked != (writer.store_dtype or "fp16"):
+        raise ItmError(f"index at {writer.index_dir} keeps its rerank store as {writer.store_dtype or 'fp16'}; "
+                       f"build a new --index for {asked}")
 
 
 class _Clock:

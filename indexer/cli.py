@@ -40,6 +40,8 @@ def build(
                                         "that an IVF index's nprobe is chosen to reach."),
     text_column: Optional[str] = typer.Option(D.text_column, help="Text column of a jsonl/csv/parquet file."),
     id_column: Optional[str] = typer.Option(D.id_column, help="Id column of a jsonl/csv/parquet file."),
+    store_dtype: Optional[str] = typer.Option(None, help="Rerank store of a new index: fp16 (default), or int8 "
+                                              "with a scale per token (half the bytes)."),
     engine: str = typer.Option("local", help="local: this process encodes; ray: a Ray Data job does "
                                "(pip install 'itm[ray]')."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on (default: a local one started for "
@@ -62,7 +64,7 @@ def build(
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                             backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
                             max_pixels=max_pixels, faiss_factory=faiss_factory, recall_target=recall_target,
-                            text_column=text_column, id_column=id_column, ray=ray)
+                            text_column=text_column, id_column=id_column, store_dtype=store_dtype, ray=ray)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
     typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
                f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
@@ -99,7 +101,8 @@ def info(index: Optional[Path] = IndexOpt,
     typer.echo(f"index       {printable(str(snap.index_dir))} (format {m.format}, generation {m.generation})")
     typer.echo(f"items       {m.counts['image']} images, {m.counts['text']} texts")
     typer.echo(f"model       {m.model.label}, {m.model.embed_dim}-d")
-    typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} fp16 per image"
+    typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} "
+                                 f"{rr.store_dtype or 'fp16'} per image"
                                  if rr else "none (recall only)"))
     for kind, a in m.ann.items():
         on_disk = f", on disk, nprobe {a.nprobe} for recall target {a.recall_target:.2f}" if a.ivfdata else ""

@@ -46,16 +46,22 @@ class Writer:
     def __init__(self, index_dir: Path):
         self.index_dir = Path(index_dir)
         self.manifest: Manifest | None = read_manifest(self.index_dir)  # None until `start` for a new index
-        self.arrays = store.SegmentArrays(self.index_dir)
+        self.arrays = store.SegmentArrays(self.index_dir, self.store_dtype)
         self.sizes = {**self.manifest.segments, **self.manifest.staging} if self.manifest else {}  # rows by segment
         self.rows: pa.Table = store.read_table(self.index_dir / self.manifest.rows, store.ROW_SCHEMA) \
             if self.manifest else store.ROW_SCHEMA.empty_table()
         self.skipped: pa.Table = store.read_table(self.index_dir / self.manifest.skipped, store.SKIP_SCHEMA) \
             if self.manifest else store.SKIP_SCHEMA.empty_table()
 
+    @property
+    def store_dtype(self) -> str | None:
+        """How the rerank store keeps features (RerankerInfo.store_dtype); None: float16, or no store."""
+        return self.manifest.reranker.store_dtype if self.manifest and self.manifest.reranker else None
+
     def start(self, model: ModelIdentity, reranker: RerankerInfo | None) -> None:
         """Generation 0 of a new index: no rows yet, so that staged segments have a manifest to live in."""
         manifest = Manifest(model=model, reranker=reranker)
+        self.arrays = store.SegmentArrays(self.index_dir, reranker.store_dtype if reranker else None)
         store.write_table(self.index_dir / manifest.rows, self.rows)
         store.write_table(self.index_dir / manifest.skipped, self.skipped)
         if reranker is not None:  # the index carries the reranker its rerank store was made by
@@ -76,7 +82,7 @@ class Writer:
         """Write a segment that no manifest names yet; returns its name."""
         name = store.new_segment_name()
         store.write_segment(self.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
-                            emb, tok, mask)
+                            emb, tok, mask, self.store_dtype or "fp16")
         self.sizes[name] = len(rows)
         return name
 

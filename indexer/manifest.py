@@ -66,6 +66,10 @@ class RerankerInfo:
     source: str  # where it was copied from
     image_shape: tuple[int, int, int]  # (levels, tokens, width) stored per image, fp16
     text_shape: tuple[int, int, int]  # (levels, tokens, width) stored per text, fp16
+    # Optional, written only when set: "int8" keeps the features as int8 with a float16 scale per token
+    # (seg-*.tok8.npy, seg-*.tokscale.npy: files an older itm does not find, so it refuses the index
+    # rather than misread it); None: float16 (seg-*.tok.npy).
+    store_dtype: str | None = None
 
     @property
     def config_file(self) -> str:
@@ -111,7 +115,8 @@ class Manifest:
         names = {self.rows, self.skipped, *(a.file for a in self.ann.values()),
                  *(a.ivfdata for a in self.ann.values() if a.ivfdata)}
         for seg in (*self.segments, *self.staging):
-            names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy"}
+            names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy", f"{seg}.tok8.npy",
+                      f"{seg}.tokscale.npy"}
         if self.reranker:
             names |= {self.reranker.file, self.reranker.config_file}
         return names
@@ -120,6 +125,8 @@ class Manifest:
         d = asdict(self)
         d["ann"] = {kind: {k: v for k, v in a.items() if v is not None or k not in OPTIONAL_ANN}
                     for kind, a in d["ann"].items()}
+        if d["reranker"] and d["reranker"]["store_dtype"] is None:
+            del d["reranker"]["store_dtype"]
         return d
 
     @classmethod

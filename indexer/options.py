@@ -51,4 +51,5 @@ class BuildOptions:
     id_column: str | None = None
     commit_every: int = SEGMENT_ROWS  # items per staged segment: what an interruption can lose at most
     compact_at: float = COMPACT_AT  # dead share of stored rows that makes the build compact (above 1: never)
+    store_dtype: str | None = None  # rerank store of a new index: fp16 (None) or int8 with a scale per token
     ray: RayOptions | None = None  # None: this process encodes; else Ray Data's actors do (pip install 'itm[ray]')

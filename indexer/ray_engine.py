@@ -60,6 +60,7 @@ class _Task:
     batch_size: int
     workers: int
     max_pixels: int
+    store_dtype: str  # of the rerank store: fp16 or int8
     fault_after: int | None = None
 
 
@@ -115,7 +116,7 @@ class EncodeActor:
             if getattr(feats[0], part) is not None else None  # noqa: E731
         name = store.new_segment_name()
         store.write_segment(self.task.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
-                            join("emb"), join("tok"), join("mask"))
+                            join("emb"), join("tok"), join("mask"), self.task.store_dtype)
         return name
 
 
@@ -230,7 +231,8 @@ def _task(job: _Embedding, kind: str, opts: RayOptions) -> _Task:
                       enc.runtime.threads or opts.cpus_per_actor)
     return _Task(job.writer.index_dir.resolve(), kind, enc.spec, runtime, m.model,
                  m.reranker.sha256 if m.reranker else None, job.options.batch_size,
-                 min(job.options.workers, 2 * opts.cpus_per_actor), job.options.max_pixels, FAULT_AFTER_BATCHES)
+                 min(job.options.workers, 2 * opts.cpus_per_actor), job.options.max_pixels,
+                 job.writer.store_dtype or "fp16", FAULT_AFTER_BATCHES)
 
 
 @contextmanager
