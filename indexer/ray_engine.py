@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,11 +209,14 @@ def _run(job: _Embedding, kind: str, items: list[dict]) -> Iterator[dict[str, An
         resources = ray.cluster_resources()
         actors = opts.actors or max(1, int(resources.get("GPU", 0)) if gpu
                                     else int(resources.get("CPU", 1)) // opts.cpus_per_actor)
-        retries = {"max_restarts": opts.retries, "max_task_retries": opts.retries}
-        ds = ray.data.from_items(items).map_batches(
-            EncodeActor, fn_constructor_args=(task,), batch_size=job.options.commit_every, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=opts.cpus_per_actor,
-            num_gpus=1 if gpu else 0, ray_remote_args_fn=lambda: retries)
+        with warnings.catch_warnings():
+            # Ray Data restarts actors and retries their batches without end unless told otherwise, and the
+            # remote arguments that tell it (its own comments name max_restarts=0) warn of a coming rename
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ray.data.from_items(items).map_batches(
+                EncodeActor, fn_constructor_args=(task,), batch_size=job.options.commit_every, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=opts.cpus_per_actor,
+                num_gpus=1 if gpu else 0, max_restarts=opts.retries, max_task_retries=opts.retries)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 yield from batch.to_pylist()

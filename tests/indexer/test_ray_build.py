@@ -119,3 +119,11 @@ def test_a_killed_worker_leaves_the_index_as_it_was_and_the_next_build_resumes(t
         np.testing.assert_allclose(emb_r[k], emb_l[k], atol=1e-5)
     assert not [p for p in os.listdir(idx) if p.startswith("seg-") and p.endswith(".parquet")
                 and p[:-8] not in store.Snapshot.open(idx).manifest.segments]  # every written segment is used
+
+
+def test_a_killed_worker_is_restarted_and_its_batch_retried(tmp_path, tiny_spec, monkeypatch):
+    folder = tmp_path / "photos"
+    write_images(folder, 12)
+    monkeypatch.setattr(ray_engine, "FAULT_AFTER_BATCHES", 2)  # every life of the actor dies at its second batch
+    r, _ = build(folder, tmp_path / "idx", tiny_spec, RayOptions(actors=1, retries=5), commit_every=4)
+    assert (r.added, r.images) == (12, 12)
