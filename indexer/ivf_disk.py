@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .errors import ItmError
 Blocks = Callable[[], Iterator[Embeddings]]  # the vectors in row order, one shard at a time (each call starts over)
 TRAIN_PER_LIST = 50  # training vectors per coarse centroid (faiss warns below 39)
 TRAIN_MIN = 10_000  # and at least this many, for the SQ/PQ codebooks
+PLATEAU = 0.005  # recall@10 gained by doubling nprobe below which probing more is not worth it
 SHARD_ROWS = 1 << 20  # vectors added per shard: 2 GiB of float32 at 512-d, the most a build holds at once
 _IVF = re.compile(r"(?:^|,)IVF(\d+)")  # the IVF component of a factory string, e.g. "IVF1024_HNSW32,SQ8"
 READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # the .ivfdata is found beside the index
@@ -47,6 +49,7 @@ class OnDiskIvf:
     ivfdata: Path
     nprobe: int
     recall_at_10: float
+    seconds: dict[str, float]  # train, add (shards written), merge, tune (recall measured, nprobe chosen)
 
 
 def is_ivf(factory: str) -> bool:
@@ -76,12 +79,21 @@ def build_on_disk(blocks: Blocks, sample: Embeddings, factory: str, index_path: 
     if len(sample) < nlist:
         raise ItmError(f"FAISS index {factory!r} needs at least {nlist} vectors to train, the corpus has "
                        f"{len(sample)}; pass a smaller --faiss-factory or omit it")
+    clock = [time.perf_counter()]
+    seconds = {}
+
+    def lap(name: str) -> None:
+        clock.append(time.perf_counter())
+        seconds[name] = clock[-1] - clock[-2]
+
     index.train(np.ascontiguousarray(sample, np.float32))
+    lap("train")
     ivfdata = index_path.with_suffix(".ivfdata")
     with tempfile.TemporaryDirectory(prefix=".shards-", dir=index_path.parent) as tmp:
         trained = Path(tmp) / "trained.faiss"
         faiss.write_index(index, str(trained))
         shards = _write_shards(blocks, trained, Path(tmp))
+        lap("add")
         merged = faiss.read_index(str(trained))
         with quiet_stdout():  # faiss reports the file's growth on stdout, which is a command's output
             from faiss.contrib.ondisk import merge_ondisk
@@ -89,9 +101,11 @@ def build_on_disk(blocks: Blocks, sample: Embeddings, factory: str, index_path: 
             merge_ondisk(merged, [str(s) for s in shards], str(ivfdata))
     _fsync(ivfdata)
     fsync_dir(index_path.parent)
+    lap("merge")
     queries = held_out_queries(sample[:RECALL_SAMPLE], blocks, seed)
     nprobe, recall = choose_nprobe(merged, queries, blocks, recall_target)
-    return OnDiskIvf(merged, ivfdata, nprobe, recall)
+    lap("tune")
+    return OnDiskIvf(merged, ivfdata, nprobe, recall, seconds)
 
 
 def _write_shards(blocks: Blocks, trained: Path, folder: Path) -> list[Path]:
@@ -111,18 +125,22 @@ def choose_nprobe(index: faiss.Index, queries: Embeddings, blocks: Blocks, targe
                   k: int = 10) -> tuple[int, float]:
     """The smallest power-of-two nprobe whose recall@k against exact search reaches `target`.
 
-    When none does (a lossy code such as PQ caps recall), all lists are probed and the recall
-    reached is returned, so that `itm-index info` shows the shortfall.
+    A lossy code (SQ8, PQ) caps recall, maybe below the target: probing more lists then costs
+    time and gains nothing. So doubling stops, too, once it gains less than PLATEAU, and the
+    smaller nprobe is kept with the recall it reached, which `itm-index info` shows beside the target.
     """
     ivf = faiss.extract_index_ivf(index)
     truth = exact_neighbours(queries, blocks, k)
-    nprobe = 1
+    nprobe, last = 1, None
     while True:
         ivf.nprobe = nprobe
         recall = recall_of(index, queries, truth)
         if recall >= target or nprobe >= ivf.nlist:
             return nprobe, recall
-        nprobe = min(2 * nprobe, ivf.nlist)
+        if last is not None and recall - last[1] < PLATEAU:
+            ivf.nprobe = last[0]
+            return last
+        last, nprobe = (nprobe, recall), min(2 * nprobe, ivf.nlist)
 
 
 def open_on_disk(index_path: Path, nprobe: int) -> faiss.Index:

@@ -117,3 +117,13 @@ def test_manifest_without_on_disk_index_has_no_new_fields(tmp_path, image_folder
     build_index(image_folder, tmp_path / "idx", tiny_spec, BuildOptions(batch_size=4))
     ann = json.loads((tmp_path / "idx" / "manifest.json").read_text())["ann"]["image"]
     assert set(ann) == {"file", "factory", "metric", "dim", "ntotal", "recall_at_10"}
+
+
+def test_where_the_code_caps_recall_below_the_target_probing_stops_where_it_stops_paying(tmp_path):
+    data = clustered(12_000, dim=32, clusters=100)
+    blocks = blocks_of(data, 5_000)
+    built = ivf_disk.build_on_disk(blocks, data[:10_000], "IVF256,PQ4", tmp_path / "ann.faiss", recall_target=0.99)
+    assert built.recall_at_10 < 0.9 and built.nprobe < 256  # PQ4 codes: recall far below 0.99 at any nprobe
+    queries = held_out_queries(data[:ivf_disk.RECALL_SAMPLE], blocks, 0)
+    faiss.extract_index_ivf(built.index).nprobe = 256
+    assert recall_of(built.index, queries, exact_neighbours(queries, blocks, 10)) - built.recall_at_10 < 0.02
