@@ -1,6 +1,7 @@
 """FAISS indexes: chosen by corpus size, named by factory strings, recall measured against exact search."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterator
 
@@ -126,9 +127,15 @@ def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0 or on_disk(index):
         return index
     try:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        return faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     except RuntimeError:
-        return index  # index types without a GPU implementation stay on the CPU
+        return index  # index types without a GPU implementation (HNSW) stay on the CPU
+
+
+@functools.cache
+def _gpu_resources() -> faiss.StandardGpuResources:
+    """One set per process: each reserves scratch memory on the GPU, so every index shares it."""
+    return faiss.StandardGpuResources()
 
 
 def on_disk(index: faiss.Index) -> bool:

@@ -231,8 +231,9 @@ def _run(job: _Embedding, kind: str, items: list[dict]) -> Iterator[dict[str, An
 
 def _task(job: _Embedding, kind: str, opts: RayOptions) -> _Task:
     m, enc = job.writer.manifest, job.encoder
-    runtime = Runtime(enc.runtime.backend, enc.runtime.device, enc.runtime.precision,
-                      enc.runtime.threads or opts.cpus_per_actor)
+    # Ray gives each actor its own GPU, which it sees as the only one: cuda:1 means nothing there
+    device = "cuda" if enc.runtime.device.startswith("cuda") else enc.runtime.device
+    runtime = Runtime(enc.runtime.backend, device, enc.runtime.precision, enc.runtime.threads or opts.cpus_per_actor)
     return _Task(job.writer.index_dir.resolve(), kind, enc.spec, runtime, m.model,
                  m.reranker.sha256 if m.reranker else None, job.options.batch_size,
                  min(job.options.workers, 2 * opts.cpus_per_actor), job.options.max_pixels,
