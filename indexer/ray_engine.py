@@ -194,7 +194,8 @@ def _adopt_finished(job: _Embedding) -> dict[tuple[bytes, int, int], str]:
     staged = {}
     for seg in writer.manifest.staging:
         for r in store.read_table(writer.index_dir / f"{seg}.parquet", store.SEGMENT_SCHEMA).to_pylist():
-            staged[(r["path"], r["size"], r["mtime_ns"])] = r["hash"]
+            if r["kind"] == "image":  # a text's row names its text file, whose size and mtime say nothing of it
+                staged[(r["path"], r["size"], r["mtime_ns"])] = r["hash"]
     return staged
 
 

@@ -127,3 +127,18 @@ def test_a_killed_worker_is_restarted_and_its_batch_retried(tmp_path, tiny_spec,
     monkeypatch.setattr(ray_engine, "FAULT_AFTER_BATCHES", 2)  # every life of the actor dies at its second batch
     r, _ = build(folder, tmp_path / "idx", tiny_spec, RayOptions(actors=1, retries=5), commit_every=4)
     assert (r.added, r.images) == (12, 12)
+
+
+def test_the_command_takes_engine_ray(tmp_path):
+    """itm-index build --engine ray, in this process so that it joins the module's cluster."""
+    from typer.testing import CliRunner
+
+    from indexer.cli import app
+
+    write_images(tmp_path / "photos", 5)
+    args = ["build", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", "itm-tiny",
+            "--pretrained", "random", "-q", "--engine", "ray", "--ray-actors", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "5 added" in r.stdout, r.output
+    r = CliRunner().invoke(app, [*args[:-4], "--engine", "spark"])
+    assert r.exit_code == 2 and "unknown engine" in r.output
