@@ -25,7 +25,7 @@ from .changes import ContentIndex, SourceChanges, content_hash
 from .checkpoint import file_sha256
 from .commit import Writer, locked
 from .compact import compact, dead_share
-from .errors import CorpusError, DecodeError
+from .errors import CorpusError, DecodeError, ItmError
 from .images import read_file
 from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
 from .manifest import Manifest, RerankerInfo, check_model, check_reranker
@@ -90,7 +90,8 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         tower = "text" if is_text_corpus(source) else "image"
         encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)
         if writer.manifest is None:  # a new index records its model before the first segment is staged
-            writer.start(encoder().identity, _reranker_info(encoder.spec, encoder()))
+            writer.start(encoder().identity, _reranker_info(encoder.spec, encoder(), options.store_dtype))
+        _check_store_dtype(writer, options.store_dtype)
         migrate_rows(writer)  # a format-2 index gets its images' metadata (indexer/migrate.py)
         job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
         with clock("embed_s"):
@@ -147,12 +148,22 @@ class _Encoder:
             return self._encoder
 
 
-def _reranker_info(spec: ModelSpec, encoder: ItemEncoder) -> RerankerInfo | None:
+def _reranker_info(spec: ModelSpec, encoder: ItemEncoder, store_dtype: str | None) -> RerankerInfo | None:
     if encoder.store is None:
         return None
     sha = encoder.store.sha256
     return RerankerInfo(sha256=sha, file=f"reranker-{sha[:16]}.safetensors", source=str(spec.reranker),
-                        image_shape=encoder.store.image_shape, text_shape=encoder.store.text_shape)
+                        image_shape=encoder.store.image_shape, text_shape=encoder.store.text_shape,
+                        store_dtype="int8" if store_dtype == "int8" else None)
+
+
+def _check_store_dtype(writer: Writer, asked: str | None) -> None:
+    """The store's dtype is chosen when the index is made; a build that asks for the other one is refused."""
+    if asked is not None and asked not in store.STORE_DTYPES:
+        raise ItmError(f"unknown rerank store dtype {asked!r}; choose one of {', '.join(store.STORE_DTYPES)}")
+    if asked is not None and writer.manifest.reranker is not None and asked != (writer.store_dtype or "fp16"):
+        raise ItmError(f"index at {writer.index_dir} keeps its rerank store as {writer.store_dtype or 'fp16'}; "
+                       f"build a new --index for {asked}")
 
 
 class _Clock:
@@ -196,6 +207,31 @@ class _Decoded:
     pixels: np.ndarray | None = None  # (3, S, S) float32; None when reused or skipped
     error: str | None = None
     meta: dict = field(default_factory=no_metadata)  # indexer/metadata.py's columns
+
+
+def decode_image(entry: FileEntry, prepare: Callable[[bytes], np.ndarray],
+                 stored: Callable[[str], bool] = lambda h: False) -> _Decoded:
+    """An image file read once and hashed, and prepared for the encoder (ItemEncoder.load_pixels) unless
+    `stored(hash)`; errors come back in the result, never raised."""
+    try:
+        data = read_file(Path(entry.path))
+    except DecodeError as e:
+        return _Decoded(entry, error=str(e))
+    h = content_hash(data)
+    meta = read_metadata(data)
+    if stored(h):
+        return _Decoded(entry, h, meta=meta)
+    try:
+        return _Decoded(entry, h, prepare(data), meta=meta)
+    except DecodeError as e:
+        return _Decoded(entry, h, error=str(e))
+
+
+def image_row(entry: FileEntry, h: str, source: bytes | None = None, meta: dict | None = None) -> dict:
+    """The row of an image file (store.SEGMENT_SCHEMA); segments leave the source out, the index's rows fill it.
+    `meta`: indexer/metadata.py's columns, read from the file (null when not given)."""
+    return {"kind": "image", "source": source, "path": os.fsencode(entry.path), "text": None, "source_id": None,
+            "size": entry.size, "mtime_ns": entry.mtime_ns, "hash": h, **(meta if meta is not None else no_metadata())}
 
 
 class _Batches:
@@ -248,14 +284,12 @@ class _Embedding:
 
     # ---- images -------------------------------------------------------------------------
     def images(self, root: Path) -> SourceChanges:
-        changes = SourceChanges.of(self.old_rows, os.fsencode(root), key="path")
-        todo: list[FileEntry] = []
-        for entry in scan_images(root, exclude=self.options.exclude, include_hidden=self.options.include_hidden,
-                                 on_skip=self.skips):
-            if changes.same_file(os.fsencode(entry.path), entry.size, entry.mtime_ns):
-                changes.keep(os.fsencode(entry.path))
-            else:
-                todo.append(entry)
+        changes, todo = self._changed_images(root)
+        if self.options.ray is not None:  # Ray Data's actors read, decode, encode and write the segments
+            from .ray_engine import encode_images
+
+            encode_images(self, root, changes, todo)
+            return changes
         self.on_progress(0, len(todo))
         batches = _Batches(self._encode_images, self)
         # decoded images waiting for the model: the next batch, decoded while this one is encoded, and no more
@@ -265,34 +299,31 @@ class _Embedding:
             if item.error is not None:
                 self.skips(item.entry.path, item.error)
                 continue
-            e = item.entry
-            row = {"kind": "image", "source": os.fsencode(root), "path": os.fsencode(e.path), "text": None,
-                   "source_id": None, "size": e.size, "mtime_ns": e.mtime_ns, "hash": item.hash, **item.meta}
-            if changes.add(row, self.content):
+            if changes.add(image_row(item.entry, item.hash, os.fsencode(root), item.meta), self.content):
                 batches.add(item)
         batches.close()
         return changes
 
+    def _changed_images(self, root: Path) -> tuple[SourceChanges, list[FileEntry]]:
+        """The folder scanned against the index: unchanged files kept, the others to prepare."""
+        changes = SourceChanges.of(self.old_rows, os.fsencode(root), key="path")
+        todo: list[FileEntry] = []
+        for entry in scan_images(root, exclude=self.options.exclude, include_hidden=self.options.include_hidden,
+                                 on_skip=self.skips):
+            if changes.same_file(os.fsencode(entry.path), entry.size, entry.mtime_ns):
+                changes.keep(os.fsencode(entry.path))
+            else:
+                todo.append(entry)
+        return changes, todo
+
     def _decode(self, entry: FileEntry) -> _Decoded:
         """Read once, hash, and decode only when no embedding exists for these bytes yet (in a worker thread)."""
-        try:
-            data = read_file(Path(entry.path))
-        except DecodeError as e:
-            return _Decoded(entry, error=str(e))
-        h = content_hash(data)
-        meta = read_metadata(data)
-        if h in self.content:
-            return _Decoded(entry, h, meta=meta)
-        try:
-            return _Decoded(entry, h, self.encoder().load_pixels(data, self.options.max_pixels), meta=meta)
-        except DecodeError as e:
-            return _Decoded(entry, h, error=str(e))
+        return decode_image(entry, lambda data: self.encoder().load_pixels(data, self.options.max_pixels),
+                            stored=self.content.__contains__)
 
     def _encode_images(self, batch: list[_Decoded]) -> tuple[list[dict], ItemFeatures]:
         feats = self.encoder().encode_images(np.stack([d.pixels for d in batch]))  # (B, 3, S, S) in
-        rows = [{"hash": d.hash, "kind": "image", "source": None, "path": os.fsencode(d.entry.path), "text": None,
-                 "source_id": None, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns, **d.meta} for d in batch]
-        return rows, feats
+        return [image_row(d.entry, d.hash, meta=d.meta) for d in batch], feats
 
     # ---- texts --------------------------------------------------------------------------
     def texts(self, path: Path) -> SourceChanges:
@@ -305,7 +336,8 @@ class _Embedding:
         items = read_texts(path, text_column=self.options.text_column, id_column=self.options.id_column,
                            on_skip=self.skips)
         self.on_progress(0, len(items))
-        batches = _Batches(self._encode_texts, self)
+        claimed: list[dict] = []  # texts to encode, for Ray's actors
+        batches = _Batches(self._encode_texts, self) if self.options.ray is None else None
         seen: set[str] = set()
         for done, item in enumerate(items, 1):
             self.on_progress(done, len(items))
@@ -320,9 +352,18 @@ class _Embedding:
                 continue
             row = {"kind": "text", "source": os.fsencode(path), "path": os.fsencode(path), "text": item.text,
                    "source_id": item.source_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": h}
-            if changes.add(row, self.content):
+            if not changes.add(row, self.content):
+                continue
+            if batches is None:
+                claimed.append(row)
+            else:
                 batches.add(row)
-        batches.close()
+        if batches is None:  # Ray Data's actors encode the claimed texts and write the segments
+            from .ray_engine import encode_texts
+
+            encode_texts(self, claimed)
+        else:
+            batches.close()
         return changes
 
     def _encode_texts(self, batch: list[dict]) -> tuple[list[dict], ItemFeatures]:
@@ -343,7 +384,7 @@ class _Embedding:
         rows = pa.Table.from_pylist(others + mine, schema=store.ROW_SCHEMA)
         skipped = [s for s in self.writer.skipped.to_pylist() if s["source"] != os.fsencode(source)] + self.skips.rows
         return self.writer.commit(rows, pa.Table.from_pylist(skipped, schema=store.SKIP_SCHEMA), next_id,
-                                  self.options.faiss_factory)
+                                  self.options.faiss_factory, recall_target=self.options.recall_target)
 
 
 def _skip_key(row: dict) -> tuple[bytes, str]:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .cliutil import Progress, printable, user_errors
-from .options import BACKENDS, DEFAULT_MODEL, PRECISIONS, BuildOptions
+from .options import BACKENDS, DEFAULT_MODEL, PRECISIONS, BuildOptions, RayOptions
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
@@ -36,8 +36,18 @@ def build(
     include_hidden: bool = typer.Option(D.include_hidden, help="Also index dot-files and dot-folders."),
     max_pixels: int = typer.Option(D.max_pixels, help="Skip images with more pixels than this."),
     faiss_factory: Optional[str] = typer.Option(D.faiss_factory, help="FAISS factory string (default: by corpus size)."),
+    recall_target: float = typer.Option(D.recall_target, min=0.0, max=1.0, help="Recall@10 against exact search "
+                                        "that an IVF index's nprobe is chosen to reach."),
     text_column: Optional[str] = typer.Option(D.text_column, help="Text column of a jsonl/csv/parquet file."),
     id_column: Optional[str] = typer.Option(D.id_column, help="Id column of a jsonl/csv/parquet file."),
+    store_dtype: Optional[str] = typer.Option(None, help="Rerank store of a new index: fp16 (default), or int8 "
+                                              "with a scale per token (half the bytes)."),
+    engine: str = typer.Option("local", help="local: this process encodes; ray: a Ray Data job does "
+                               "(pip install 'itm[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on (default: a local one started for "
+                                              "the build)."),
+    ray_actors: Optional[int] = typer.Option(None, min=1, help="Encoder actors (default: one per CPU, or per GPU "
+                                             "with --device cuda)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
@@ -46,12 +56,15 @@ def build(
         from .build import build_index  # torch and open_clip load only to export or run a model
         from .models import resolve_model
 
+        if engine not in ("local", "ray"):
+            raise typer.BadParameter(f"unknown engine {engine!r}; choose local or ray", param_hint="--engine")
+        ray = RayOptions(address=ray_address, actors=ray_actors) if engine == "ray" else None
         spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
             if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                             backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
-                            max_pixels=max_pixels,
-                            faiss_factory=faiss_factory, text_column=text_column, id_column=id_column)
+                            max_pixels=max_pixels, faiss_factory=faiss_factory, recall_target=recall_target,
+                            text_column=text_column, id_column=id_column, store_dtype=store_dtype, ray=ray)
         r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
     typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
                f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
@@ -88,10 +101,13 @@ def info(index: Optional[Path] = IndexOpt,
     typer.echo(f"index       {printable(str(snap.index_dir))} (format {m.format}, generation {m.generation})")
     typer.echo(f"items       {m.counts['image']} images, {m.counts['text']} texts")
     typer.echo(f"model       {m.model.label}, {m.model.embed_dim}-d")
-    typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} fp16 per image"
+    typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} "
+                                 f"{rr.store_dtype or 'fp16'} per image"
                                  if rr else "none (recall only)"))
     for kind, a in m.ann.items():
-        typer.echo(f"faiss       {kind}: {a.factory}, {a.ntotal} vectors, recall@10 vs exact {a.recall_at_10:.3f}")
+        on_disk = f", on disk, nprobe {a.nprobe} for recall target {a.recall_target:.2f}" if a.ivfdata else ""
+        typer.echo(f"faiss       {kind}: {a.factory}{on_disk}, {a.ntotal} vectors, "
+                   f"recall@10 vs exact {a.recall_at_10:.3f}")
     typer.echo(f"on disk     {disk / 2**20:.1f} MiB")
     typer.echo(f"skipped     {len(skipped)}")
     for s in skipped:

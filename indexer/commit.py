@@ -46,16 +46,22 @@ class Writer:
     def __init__(self, index_dir: Path):
         self.index_dir = Path(index_dir)
         self.manifest: Manifest | None = read_manifest(self.index_dir)  # None until `start` for a new index
-        self.arrays = store.SegmentArrays(self.index_dir)
+        self.arrays = store.SegmentArrays(self.index_dir, self.store_dtype)
         self.sizes = {**self.manifest.segments, **self.manifest.staging} if self.manifest else {}  # rows by segment
         self.rows: pa.Table = store.read_table(self.index_dir / self.manifest.rows, store.ROW_SCHEMA) \
             if self.manifest else store.ROW_SCHEMA.empty_table()
         self.skipped: pa.Table = store.read_table(self.index_dir / self.manifest.skipped, store.SKIP_SCHEMA) \
             if self.manifest else store.SKIP_SCHEMA.empty_table()
 
+    @property
+    def store_dtype(self) -> str | None:
+        """How the rerank store keeps features (RerankerInfo.store_dtype); None: float16, or no store."""
+        return self.manifest.reranker.store_dtype if self.manifest and self.manifest.reranker else None
+
     def start(self, model: ModelIdentity, reranker: RerankerInfo | None) -> None:
         """Generation 0 of a new index: no rows yet, so that staged segments have a manifest to live in."""
         manifest = Manifest(model=model, reranker=reranker)
+        self.arrays = store.SegmentArrays(self.index_dir, reranker.store_dtype if reranker else None)
         store.write_table(self.index_dir / manifest.rows, self.rows)
         store.write_table(self.index_dir / manifest.skipped, self.skipped)
         if reranker is not None:  # the index carries the reranker its rerank store was made by
@@ -76,7 +82,7 @@ class Writer:
         """Write a segment that no manifest names yet; returns its name."""
         name = store.new_segment_name()
         store.write_segment(self.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
-                            emb, tok, mask)
+                            emb, tok, mask, self.store_dtype or "fp16")
         self.sizes[name] = len(rows)
         return name
 
@@ -84,17 +90,22 @@ class Writer:
               mask: np.ndarray | None = None) -> str:
         """Write a segment and commit it as staging: invisible to readers, reusable after a crash."""
         name = self.write_segment(rows, emb, tok, mask)
-        self.manifest = replace(self.manifest, staging={**self.manifest.staging, name: len(rows)})
-        write_manifest(self.index_dir, self.manifest)
+        self.adopt(name, len(rows))
         return name
 
+    def adopt(self, name: str, n: int) -> None:
+        """Stage a segment of `n` rows that another process wrote (store.write_segment: its parquet file last)."""
+        self.sizes[name] = n
+        self.manifest = replace(self.manifest, staging={**self.manifest.staging, name: n})
+        write_manifest(self.index_dir, self.manifest)
+
     def commit(self, rows: pa.Table, skipped: pa.Table, next_id: int, faiss_factory: str | None = None,
-               ann: dict[str, AnnInfo] | None = None) -> Manifest:
+               ann: dict[str, AnnInfo] | None = None, recall_target: float | None = None) -> Manifest:
         """Commit the next generation: `rows` (store.ROW_SCHEMA) and `skipped` (store.SKIP_SCHEMA).
 
         An ANN index per kind is built over the rows (with `faiss_factory`, else the index's own
-        choice), unless `ann` holds indexes that stay valid: the same vectors in the same row
-        order. Returns the new manifest.
+        choice; an IVF index on disk, probing enough lists to reach `recall_target`), unless `ann`
+        holds indexes that stay valid: the same vectors in the same row order. Returns the new manifest.
         """
         old = self.manifest
         gen = old.generation + 1
@@ -102,7 +113,7 @@ class Writer:
         kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
         manifest = replace(
             old, generation=gen, rows=f"rows-g{gen}.parquet", skipped=f"skipped-g{gen}.parquet",
-            ann=self._build_ann(rows, factory, gen) if ann is None else ann,
+            ann=self._build_ann(rows, factory, gen, recall_target) if ann is None else ann,
             segments={s: self.sizes[s] for s in sorted(set(rows.column("segment").to_pylist()))}, staging={},
             next_id=next_id,
             counts={kind: int((kinds == kind).sum()) for kind in KINDS}, faiss_factory=factory,
@@ -114,21 +125,53 @@ class Writer:
         self.manifest, self.rows, self.skipped = manifest, rows, skipped
         return manifest
 
-    def _build_ann(self, rows: pa.Table, factory: str | None, gen: int) -> dict[str, AnnInfo]:
-        from .ann import build_ann, measured_recall  # faiss, which a build that commits nothing never needs
+    def _build_ann(self, rows: pa.Table, factory: str | None, gen: int,
+                   recall_target: float | None) -> dict[str, AnnInfo]:
+        from .ann import RECALL_TARGET, choose_factory  # faiss, which a build that commits nothing never needs
+        from .ivf_disk import is_ivf
 
         kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
         segments = np.asarray(rows.column("segment").to_pylist(), dtype=object)
         offsets = rows.column("offset").to_numpy()
+        target = recall_target or RECALL_TARGET
         ann = {}
         for kind in KINDS:
             sel = kinds == kind
             if not sel.any():
                 continue
-            vectors = self.arrays.gather(segments[sel], offsets[sel], "emb")
-            index, used = build_ann(vectors, factory)
-            recall = 1.0 if used == "Flat" else measured_recall(index, vectors)
-            ann[kind] = AnnInfo(file=f"ann-{kind}-g{gen}.faiss", factory=used, metric="inner_product",
-                                dim=int(vectors.shape[1]), ntotal=int(index.ntotal), recall_at_10=recall)
-            store.write_ann(self.index_dir / ann[kind].file, index)
+            file = f"ann-{kind}-g{gen}.faiss"
+            used = factory or choose_factory(int(sel.sum()), self.manifest.model.embed_dim, target)
+            build = self._on_disk if is_ivf(used) else self._in_memory
+            ann[kind] = build(segments[sel], offsets[sel], used, file, target)
         return ann
+
+    def _in_memory(self, segments: np.ndarray, offsets: np.ndarray, factory: str, file: str,
+                   recall_target: float) -> AnnInfo:
+        from .ann import build_ann, measured_recall
+
+        vectors = self.arrays.gather(segments, offsets, "emb")
+        index, used = build_ann(vectors, factory)
+        recall = 1.0 if used == "Flat" else measured_recall(index, vectors)
+        store.write_ann(self.index_dir / file, index)
+        return AnnInfo(file=file, factory=used, metric="inner_product", dim=int(vectors.shape[1]),
+                       ntotal=int(index.ntotal), recall_at_10=recall)
+
+    def _on_disk(self, segments: np.ndarray, offsets: np.ndarray, factory: str, file: str,
+                 recall_target: float) -> AnnInfo:
+        """An IVF index filled shard by shard from the memory-mapped segments, its lists merged on disk."""
+        from . import ivf_disk
+
+        n, shard = len(segments), ivf_disk.SHARD_ROWS
+        rng = np.random.default_rng(0)
+
+        def blocks():
+            for start in range(0, n, shard):
+                yield self.arrays.gather(segments[start:start + shard], offsets[start:start + shard], "emb")
+
+        pick = np.sort(rng.choice(n, size=min(n, ivf_disk.train_size(factory, n)), replace=False))
+        sample = rng.permutation(self.arrays.gather(segments[pick], offsets[pick], "emb"))  # random order
+        built = ivf_disk.build_on_disk(blocks, sample, factory, self.index_dir / file, recall_target)
+        store.write_ann(self.index_dir / file, built.index)
+        return AnnInfo(file=file, factory=factory, metric="inner_product", dim=int(sample.shape[1]),
+                       ntotal=int(built.index.ntotal), recall_at_10=built.recall_at_10, ivfdata=built.ivfdata.name,
+                       nprobe=built.nprobe, recall_target=recall_target)

@@ -19,6 +19,7 @@ from .durable import fsync_dir, write_durably
 from .errors import IndexFormatError, ModelMismatchError
 
 MANIFEST = "manifest.json"
+OPTIONAL_ANN = ("ivfdata", "nprobe", "recall_target")  # AnnInfo fields left out of the JSON when unset
 KINDS = ("image", "text")
 
 # Format history. Each change says why; MIGRATIONS holds one step up from each older format,
@@ -69,6 +70,10 @@ class RerankerInfo:
     source: str  # where it was copied from
     image_shape: tuple[int, int, int]  # (levels, tokens, width) stored per image, fp16
     text_shape: tuple[int, int, int]  # (levels, tokens, width) stored per text, fp16
+    # Optional, written only when set: "int8" keeps the features as int8 with a float16 scale per token
+    # (seg-*.tok8.npy, seg-*.tokscale.npy: files an older itm does not find, so it refuses the index
+    # rather than misread it); None: float16 (seg-*.tok.npy).
+    store_dtype: str | None = None
 
     @property
     def config_file(self) -> str:
@@ -85,6 +90,10 @@ class AnnInfo:
     dim: int
     ntotal: int
     recall_at_10: float  # against exact search, measured at commit (indexer.ann.measured_recall)
+    # Optional fields, written only when set, so that an index without them reads as format 2 always did.
+    ivfdata: str | None = None  # an IVF index's inverted lists, memory-mapped from this file (indexer/ivf_disk.py)
+    nprobe: int | None = None  # lists an on-disk IVF index probes per query, chosen to reach recall_target
+    recall_target: float | None = None  # the recall@10 the nprobe was chosen for
 
 
 @dataclass(frozen=True)
@@ -107,15 +116,22 @@ class Manifest:
 
     def files(self) -> set[str]:
         """Every data file this generation needs (segment parts that were never written included)."""
-        names = {self.rows, self.skipped, *(a.file for a in self.ann.values())}
+        names = {self.rows, self.skipped, *(a.file for a in self.ann.values()),
+                 *(a.ivfdata for a in self.ann.values() if a.ivfdata)}
         for seg in (*self.segments, *self.staging):
-            names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy"}
+            names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy", f"{seg}.tok8.npy",
+                      f"{seg}.tokscale.npy"}
         if self.reranker:
             names |= {self.reranker.file, self.reranker.config_file}
         return names
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["ann"] = {kind: {k: v for k, v in a.items() if v is not None or k not in OPTIONAL_ANN}
+                    for kind, a in d["ann"].items()}
+        if d["reranker"] and d["reranker"]["store_dtype"] is None:
+            del d["reranker"]["store_dtype"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
@@ -126,7 +142,7 @@ class Manifest:
             reranker=RerankerInfo(**{**_known(RerankerInfo, rr), "image_shape": tuple(rr["image_shape"]),
                                      "text_shape": tuple(rr["text_shape"])}) if rr else None,
             generation=int(d["generation"]), rows=d["rows"], skipped=d["skipped"],
-            ann={kind: AnnInfo(**a) for kind, a in d["ann"].items()},
+            ann={kind: AnnInfo(**_known(AnnInfo, a)) for kind, a in d["ann"].items()},
             segments=dict(d["segments"]), staging=dict(d.get("staging", {})), next_id=int(d["next_id"]),
             counts={**dict.fromkeys(KINDS, 0), **d["counts"]}, faiss_factory=d.get("faiss_factory"),
             updated_at=d.get("updated_at"), format=int(d["format"]))

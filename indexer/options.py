@@ -25,6 +25,16 @@ def default_index_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """A build whose encoding runs as a Ray Data job (indexer/ray_engine.py)."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://host:10001"); None: one started for the build
+    actors: int | None = None  # encoder actors; None: one per GPU with --device cuda, else one per cpus_per_actor
+    cpus_per_actor: int = 1  # CPUs each actor reserves; its forward pass runs this many threads
+    retries: int = 3  # restarts of a dead actor, and retries of its batch, before the build fails
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     batch_size: int = 16  # items per forward pass (on a CPU, 16 ran faster than 64, in half the memory)
     workers: int = max(1, (os.cpu_count() or 1))  # decoding threads (0: decode inline)
@@ -36,7 +46,10 @@ class BuildOptions:
     include_hidden: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     faiss_factory: str | None = None  # None: chosen from corpus size (or kept from the last build)
+    recall_target: float = 0.95  # recall@10 vs exact search an IVF index's nprobe is chosen to reach (indexer/ann.py)
     text_column: str | None = None
     id_column: str | None = None
     commit_every: int = SEGMENT_ROWS  # items per staged segment: what an interruption can lose at most
     compact_at: float = COMPACT_AT  # dead share of stored rows that makes the build compact (above 1: never)
+    store_dtype: str | None = None  # rerank store of a new index: fp16 (None) or int8 with a scale per token
+    ray: RayOptions | None = None  # None: this process encodes; else Ray Data's actors do (pip install 'itm[ray]')

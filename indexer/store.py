@@ -6,9 +6,12 @@ Layout of an index directory:
     seg-<id>.parquet           rows of one segment (one kind: image or text), as encoded
     seg-<id>.emb.npy           (n, E) float32 unit embeddings of those rows
     seg-<id>.tok.npy           (n, L, T, D) float16 rerank-store token features (when a reranker is set)
+    seg-<id>.tok8.npy          ... or, in an index whose store is int8, (n, L, T, D) int8 token features
+    seg-<id>.tokscale.npy      and (n, L, T) float16 scales: a feature is tok8 x its token's scale
     seg-<id>.mask.npy          (n, T) bool token mask (text segments with a store)
     rows-g<N>.parquet          the live rows of generation N, each pointing at (segment, offset)
     ann-<kind>-g<N>.faiss      one FAISS index per kind over the live rows of that kind, in row order
+    ann-<kind>-g<N>.ivfdata    an IVF index's inverted lists, memory-mapped by searches (indexer/ivf_disk.py)
     skipped-g<N>.parquet       corpus items that could not be used, with the reason
     reranker-<sha>.safetensors the fusion reranker whose store encoder made the rerank store (+ .json)
     .lock                      held by the one build writing to the index (indexer/commit.py)
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 
 from .durable import is_temporary, write_durably
 from .errors import IndexFormatError, IndexNotFoundError, ItmError
-from .manifest import KINDS, MANIFEST, Manifest, read_manifest
+from .manifest import KINDS, MANIFEST, AnnInfo, Manifest, read_manifest
 from .options import default_index_dir
 
 __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
@@ -63,6 +66,8 @@ SEGMENT_SCHEMA = pa.schema([
 ROW_SCHEMA = pa.schema([("id", pa.int64()), *SEGMENT_SCHEMA, ("segment", pa.string()), ("offset", pa.int64())])
 SKIP_SCHEMA = pa.schema([("source", pa.binary()), ("path", pa.binary()), ("reason", pa.string())])
 PARTS = ("emb", "tok", "mask")  # the arrays of a segment, as seg-<id>.<part>.npy
+INT8_TOK = ("tok8", "tokscale")  # the files that hold "tok" in an index whose store is int8
+STORE_DTYPES = ("fp16", "int8")  # how the rerank store keeps token features (RerankerInfo.store_dtype)
 OPEN_ATTEMPTS = 20  # generations a reader may see committed while it opens one, before it gives up
 
 if TYPE_CHECKING:  # faiss loads when an ANN index is read or written, not for a rebuild with nothing to do
@@ -74,15 +79,36 @@ def new_segment_name() -> str:
 
 
 def write_segment(index_dir: Path, name: str, rows: pa.Table, emb: np.ndarray,
-                  tok: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
-    """Write one immutable segment; all its files are durable before any manifest names them."""
+                  tok: np.ndarray | None = None, mask: np.ndarray | None = None, store_dtype: str = "fp16") -> None:
+    """Write one immutable segment; all its files are durable before any manifest names them (the parquet last)."""
     d = Path(index_dir)
     write_durably(d / f"{name}.emb.npy", lambda f: np.save(f, np.ascontiguousarray(emb, np.float32)))
-    if tok is not None:
+    if tok is not None and store_dtype == "int8":
+        q, scale = quantize_int8(tok)
+        write_durably(d / f"{name}.tok8.npy", lambda f: np.save(f, q))
+        write_durably(d / f"{name}.tokscale.npy", lambda f: np.save(f, scale))
+    elif tok is not None:
         write_durably(d / f"{name}.tok.npy", lambda f: np.save(f, np.ascontiguousarray(tok, np.float16)))
     if mask is not None:
         write_durably(d / f"{name}.mask.npy", lambda f: np.save(f, np.ascontiguousarray(mask, bool)))
     write_durably(d / f"{name}.parquet", lambda f: pq.write_table(rows.cast(SEGMENT_SCHEMA), f))
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., D) features -> (..., D) int8 and (...,) float16 scales, one per D-vector: x ~ q * scale.
+
+    The scale is rounded to float16 before quantizing, so that quantizing dequantized features
+    gives the same bytes again (compaction rewrites segments without losing more).
+    """
+    x = np.asarray(x, np.float32)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float16)  # (...,)
+    div = np.where(scale > 0, scale, 1).astype(np.float32)[..., None]
+    return np.clip(np.rint(x / div), -127, 127).astype(np.int8), scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 features and their per-vector scales -> float16 features, as the reranker takes them."""
+    return (q.astype(np.float32) * scale.astype(np.float32)[..., None]).astype(np.float16)
 
 
 def write_table(path: Path, table: pa.Table) -> None:
@@ -123,10 +149,11 @@ def collect_garbage(index_dir: Path, keep: Iterable[Manifest]) -> None:
 
 
 class SegmentArrays:
-    """The arrays of an index's segments, memory-mapped on first use."""
+    """The arrays of an index's segments, memory-mapped on first use; an int8 store is read back as float16."""
 
-    def __init__(self, index_dir: Path):
+    def __init__(self, index_dir: Path, store_dtype: str | None = None):
         self.index_dir = Path(index_dir)
+        self.int8 = store_dtype == "int8"
         self._maps: dict[str, np.ndarray] = {}
 
     def array(self, segment: str, part: str) -> np.ndarray:
@@ -135,8 +162,18 @@ class SegmentArrays:
             self._maps[key] = np.load(self.index_dir / f"{key}.npy", mmap_mode="r")
         return self._maps[key]
 
+    def open(self, segment: str, part: str) -> None:
+        """Map the files of one part of a segment now (an int8 "tok" is two files)."""
+        for name in (INT8_TOK if part == "tok" and self.int8 else (part,)):
+            self.array(segment, name)
+
     def gather(self, segments: np.ndarray, offsets: np.ndarray, part: str) -> np.ndarray:
         """Stack one part ("emb", "tok", "mask") of the rows at (segments[i], offsets[i]), in order."""
+        if part == "tok" and self.int8:
+            return dequantize_int8(*(self._gather(segments, offsets, name) for name in INT8_TOK))
+        return self._gather(segments, offsets, part)
+
+    def _gather(self, segments: np.ndarray, offsets: np.ndarray, part: str) -> np.ndarray:
         if len(segments) == 0:
             return np.zeros((0,), np.float32)
         first = self.array(segments[0], part)
@@ -145,6 +182,14 @@ class SegmentArrays:
             sel = segments == seg
             out[sel] = self.array(seg, part)[offsets[sel]]
         return out
+
+
+def _open_on_disk(index_dir: Path, ann: AnnInfo) -> faiss.Index:
+    if not (index_dir / ann.ivfdata).is_file():  # faiss would fail later, at the first search
+        raise FileNotFoundError(2, "missing", str(index_dir / ann.ivfdata))
+    from .ivf_disk import open_on_disk  # faiss, only for an index that has one
+
+    return open_on_disk(index_dir / ann.file, ann.nprobe)
 
 
 class Snapshot:
@@ -161,16 +206,17 @@ class Snapshot:
         self.rows = read_table(self.index_dir / manifest.rows, ROW_SCHEMA)
         self.skipped = read_table(self.index_dir / manifest.skipped, SKIP_SCHEMA)
         self._ann_bytes = {kind: np.memmap(self.index_dir / a.file, dtype=np.uint8, mode="r")
-                           for kind, a in manifest.ann.items()}
-        self.arrays = SegmentArrays(self.index_dir)
+                           for kind, a in manifest.ann.items() if not a.ivfdata}
+        self._on_disk = {kind: _open_on_disk(self.index_dir, a) for kind, a in manifest.ann.items() if a.ivfdata}
+        self.arrays = SegmentArrays(self.index_dir, manifest.reranker.store_dtype if manifest.reranker else None)
         kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
         text_segments = set(self.rows.column("segment").to_numpy(zero_copy_only=False)[kinds == "text"])
         for seg in manifest.segments:
-            self.arrays.array(seg, "emb")
+            self.arrays.open(seg, "emb")
             if manifest.reranker:
-                self.arrays.array(seg, "tok")
+                self.arrays.open(seg, "tok")
                 if seg in text_segments:
-                    self.arrays.array(seg, "mask")
+                    self.arrays.open(seg, "mask")
 
     @classmethod
     def open(cls, index_dir: Path) -> Snapshot:
@@ -192,7 +238,12 @@ class Snapshot:
         raise ItmError(f"index at {index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again")
 
     def ann(self, kind: str) -> faiss.Index:
-        """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them)."""
+        """The FAISS index over the rows of `kind`, search parameters set (faiss does not save them).
+
+        An on-disk IVF index is the one object this snapshot opened (its lists mapped, not copied).
+        """
+        if kind in self._on_disk:
+            return self._on_disk[kind]
         import faiss
 
         from .ann import tune

@@ -29,7 +29,10 @@ class TorchItemEncoder:
         if threads is not None:
             torch.set_num_threads(threads)
         dual = DualEncoder.load(spec, device, precision)
-        return cls(dual, load_store_encoder(spec.reranker, dual) if spec.reranker else None)
+        store = load_store_encoder(spec.reranker, dual) if spec.reranker else None
+        if store is not None:
+            store.module.to(dual.device)  # beside the towers whose tokens it projects (a GPU's, with --device cuda)
+        return cls(dual, store)
 
     def open(self, tower: str) -> None:
         """Both towers are ready once loaded."""
@@ -41,10 +44,10 @@ class TorchItemEncoder:
         layers = self.store_encoder.image_layers if self.store_encoder else ()
         out = self.dual.encode_images(torch.from_numpy(np.ascontiguousarray(pixels)), layers)
         tok = self.store_encoder.images(out.tokens, out.grid) if self.store_encoder else None
-        return ItemFeatures(out.embeddings.cpu().numpy(), tok)
+        return ItemFeatures(out.embeddings.float().cpu().numpy(), tok)  # float32 also from fp16 towers
 
     def encode_texts(self, texts: Sequence[str]) -> ItemFeatures:
         layers = self.store_encoder.text_layers if self.store_encoder else ()
         out = self.dual.encode_texts(list(texts), layers)
         tok, mask = self.store_encoder.texts(out.tokens, out.mask) if self.store_encoder else (None, None)
-        return ItemFeatures(out.embeddings.cpu().numpy(), tok, mask)
+        return ItemFeatures(out.embeddings.float().cpu().numpy(), tok, mask)

@@ -50,9 +50,10 @@ class TorchFusion:
     def logits(self, image: np.ndarray, text: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 
+        device = next(self.model.parameters()).device  # the store's features come from memory: moved to a GPU
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(image), torch.from_numpy(text), torch.from_numpy(mask))
-        return out.float().numpy()
+            out = self.model(*(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (image, text, mask)))
+        return out.float().cpu().numpy()
 
 
 def load_fusion(reranker: Path, sha256: str, runtime: Runtime = Runtime()) -> FusionScorer:

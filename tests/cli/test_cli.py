@@ -163,3 +163,16 @@ def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch(tmp_path)
     assert json.loads(r.stdout.splitlines()[0])["match_logit"] is not None  # reranked by the exported graph
     r, loaded = probe("itm-search", "a red square", "--index", idx, "--backend", "torch")
     assert r.returncode == 0 and loaded == ["torch", "open_clip", "torchvision"]  # the probe sees them when they load
+
+
+def test_an_on_disk_ivf_index_shows_in_info_and_faiss_prints_nothing_into_the_output(tmp_path):
+    images = write_images(tmp_path / "photos", 12)
+    idx = tmp_path / "idx"
+    r = run("itm-index", "build", tmp_path / "photos", "--index", idx, "--model", "itm-tiny", "--pretrained", "random",
+            "-q", "--faiss-factory", "IVF4,Flat", "--recall-target", "0.9")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1 and " added," in r.stdout, r.stdout + r.stderr
+    r = run("itm-index", "info", "--index", idx)
+    assert "image: IVF4,Flat, on disk, nprobe " in r.stdout and "for recall target 0.90" in r.stdout, r.stdout
+    r = run("itm-search", "--image", images[1], "--kind", "image", "-k", "3", "--index", idx, "--json")
+    hits = [json.loads(line) for line in r.stdout.splitlines()]  # faiss's "updating ondisk filename" line kept out
+    assert r.returncode == 0 and len(hits) == 3 and hits[0]["path"] == str(images[1]), r.stdout
