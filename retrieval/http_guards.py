@@ -75,6 +75,17 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "malformed request"))
 
 
+DRAIN_LIMIT = 64 * 2**20  # a refused body up to this size is read and dropped before the 413 goes out
+
+
+async def _drain(receive) -> None:
+    """Read and drop the rest of a request's body."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
 class BodyLimit:
     """Refuse a request body over `max_bytes` with 413, whether or not it says its length up front."""
 
@@ -87,6 +98,8 @@ class BodyLimit:
         too_large = HTTPException(413, f"the request is over this server's cap of {self.max_bytes} bytes")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if length.isdigit() and int(length) <= DRAIN_LIMIT:
+                await _drain(receive)  # a client still sending when the socket closes would see a reset, not 413
             response = JSON({"error": too_large.detail}, status_code=413, headers={"connection": "close"})
             return await response(scope, receive, send)
         seen = 0
