@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from .cliutil import Progress, printable, user_errors
-from .options import BACKENDS, DEFAULT_MODEL, PRECISIONS, BuildOptions, RayOptions
+from .cliutil import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, Progress, printable, user_errors
+from .options import DEFAULT_MODEL, BuildOptions, RayOptions
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
@@ -26,12 +26,10 @@ def build(
     reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint whose rerank store to build."),
     batch_size: int = typer.Option(D.batch_size, min=1),
     workers: int = typer.Option(D.workers, min=0, help="Decoding threads (0: decode inline)."),
-    device: str = typer.Option(D.device, help="cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option(D.precision, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
-    backend: str = typer.Option(D.backend, help=f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch "
-                                "(auto: onnx on a CPU in fp32)."),
-    threads: Optional[int] = typer.Option(D.threads, min=1, help="Threads of the model's forward pass (default: "
-                                          "the cores this process may use)."),
+    device: str = typer.Option(D.device, help=DEVICE_HELP),
+    precision: str = typer.Option(D.precision, help=PRECISION_HELP),
+    backend: str = typer.Option(D.backend, help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(D.threads, min=1, help=THREADS_HELP),
     exclude: List[str] = typer.Option([], help="Glob to leave out, relative to the folder (repeatable)."),
     include_hidden: bool = typer.Option(D.include_hidden, help="Also index dot-files and dot-folders."),
     max_pixels: int = typer.Option(D.max_pixels, help="Skip images with more pixels than this."),

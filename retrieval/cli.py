@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from indexer.cliutil import printable, user_errors, warn, write_raw_path
-from indexer.options import BACKEND, BACKENDS, DEVICE, PRECISION, PRECISIONS
+from indexer.cliutil import (BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, printable, user_errors,
+                             warn, write_raw_path)
+from indexer.options import BACKEND, DEVICE, PRECISION
 
 from .hits import Hit
 from .query import DEFAULT_DEDUP, ORIENTATIONS, SORTS, Filters, Part, Refine
@@ -52,12 +53,10 @@ def search(
     rerank_k: int = typer.Option(DEFAULT_RERANK_K, min=1, help="Candidates the fusion model rescores."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Recall only: rank by dual-encoder similarity."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
-    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option(PRECISION, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
-    backend: str = typer.Option(BACKEND, help=f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch "
-                                "(auto: onnx on a CPU in fp32)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Threads of the model's forward pass (default: the cores "
-                                          "this process may use)."),
+    device: str = typer.Option(DEVICE, help=DEVICE_HELP),
+    precision: str = typer.Option(PRECISION, help=PRECISION_HELP),
+    backend: str = typer.Option(BACKEND, help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result, with both score parts "
                                  "(a path's bytes that are not UTF-8 appear as \\udcXX, as Python's os.fsdecode "
                                  "gives them)."),

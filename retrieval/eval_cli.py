@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from indexer.cliutil import user_errors, warn
+from indexer.cliutil import DEVICE_HELP, user_errors, warn
 from indexer.options import DEVICE
 
 PROG = "itm-eval"
@@ -22,7 +22,7 @@ def eval_command(
     checkpoint: Optional[Path] = typer.Option(None),
     reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint (default: the bundle's)."),
     rerank_k: List[int] = typer.Option([10, 50], help="Two-stage depths to evaluate (repeatable)."),
-    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate retrieval on the DATASET split."""

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from indexer.cliutil import printable, user_errors, warn
+from indexer.cliutil import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, printable, user_errors, warn
 from indexer.errors import ItmError
-from indexer.options import BACKEND, BACKENDS, DEVICE, PRECISION, PRECISIONS, default_index_dir
+from indexer.options import BACKEND, DEVICE, PRECISION, default_index_dir
 
 from .settings import DEFAULT_PORT
 
@@ -23,12 +23,10 @@ def serve(
     index: Optional[Path] = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback lets others in."),
     port: int = typer.Option(DEFAULT_PORT, min=0, max=65535, help="Port (0: any free one)."),
-    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option(PRECISION, help=f"{', '.join(PRECISIONS)} (fp16 on a GPU only)."),
-    backend: str = typer.Option(BACKEND, help=f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch "
-                                "(auto: onnx on a CPU in fp32)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Threads of the model's forward pass (default: the cores "
-                                          "this process may use)."),
+    device: str = typer.Option(DEVICE, help=DEVICE_HELP),
+    precision: str = typer.Option(PRECISION, help=PRECISION_HELP),
+    backend: str = typer.Option(BACKEND, help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     max_upload_mb: float = typer.Option(32, min=0.01, help="Largest query image accepted, in MiB."),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Largest query image accepted, width x height "
                                    "(default: the builder's cap)."),

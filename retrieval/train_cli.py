@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from indexer.cliutil import user_errors, warn
+from indexer.cliutil import DEVICE_HELP, user_errors, warn
 from indexer.options import DEVICE
 
 PROG = "itm-train"
@@ -35,7 +35,7 @@ def train_command(
     num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
     seed: int = typer.Option(0),
-    device: str = typer.Option(DEVICE, help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     workers: int = typer.Option(2, min=0),
     save_every: int = typer.Option(200, min=1),
     resume: bool = typer.Option(False, help="Continue from the checkpoints in --out."),
