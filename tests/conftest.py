@@ -46,6 +46,20 @@ def tiny_spec():
 
 
 @pytest.fixture(scope="session")
+def tiny_rerank_spec(tmp_path_factory):
+    """itm-tiny with a fusion-tiny reranker of fixed random weights."""
+    import torch
+
+    from retrieval.checkpoint import save_reranker
+    from retrieval.fusion import FusionReranker, get_fusion_config
+
+    torch.manual_seed(0)
+    model = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval()
+    path = save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker.safetensors")
+    return resolve_model("itm-tiny", "random", reranker=path)
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tiny_spec):
     from indexer.encoder import DualEncoder
     return DualEncoder.load(tiny_spec)

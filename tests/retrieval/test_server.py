@@ -9,12 +9,8 @@ import threading
 import time
 
 import pytest
-import torch
 
 from indexer.build import BuildOptions, build_index
-from indexer.models import resolve_model
-from retrieval.checkpoint import save_reranker
-from retrieval.fusion import FusionReranker, get_fusion_config
 from retrieval.hits import Hit
 from retrieval.search import Searcher
 from retrieval.service import Limits, SearchService
@@ -28,21 +24,13 @@ ODD = b"caf\xe9.png"  # a name that is not UTF-8 (Latin-1)
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    torch.manual_seed(0)
-    model = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval()
-    path = save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker.safetensors")
-    return resolve_model("itm-tiny", "random", reranker=path)
-
-
-@pytest.fixture(scope="module")
-def index(tmp_path_factory, spec):
+def index(tmp_path_factory, tiny_rerank_spec):
     root = tmp_path_factory.mktemp("corpus")
     write_images(root / "photos", 8)
     os.replace(write_images(root / "tmp", 1, seed=9)[0], os.fsencode(root / "photos") + b"/" + ODD)
     (root / "captions.txt").write_text("a red square\na green circle\na blue square\na yellow circle\n")
-    build_index(root / "photos", root / "idx", spec, BuildOptions(workers=1))
-    build_index(root / "captions.txt", root / "idx", spec, BuildOptions(workers=1))
+    build_index(root / "photos", root / "idx", tiny_rerank_spec, BuildOptions(workers=1))
+    build_index(root / "captions.txt", root / "idx", tiny_rerank_spec, BuildOptions(workers=1))
     return root / "idx"
 
 
@@ -217,10 +205,10 @@ def test_page_openapi_info_and_health(url, index):
     assert health["status"] == "ok" and health["generation"] == 2 and health["has_reranker"]
 
 
-def test_generations_committed_under_load_are_taken_whole(tmp_path, spec):
+def test_generations_committed_under_load_are_taken_whole(tmp_path, tiny_rerank_spec):
     """Clients query without pause while builds commit (and compact): every answer holds only what the writer
     committed in the generation it names, nothing fails, and the server ends on the last generation."""
-    w = _Writer(tmp_path, spec, seed=3)
+    w = _Writer(tmp_path, tiny_rerank_spec, seed=3)
     w.build()
     upload = base64.b64encode(w.query_image.read_bytes()).decode()
     answers, failures, stop = [], [], threading.Event()

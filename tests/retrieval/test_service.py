@@ -3,33 +3,22 @@ import io
 import threading
 
 import pytest
-import torch
 from PIL import Image
 
 from indexer.build import BuildOptions, build_index
 from indexer.errors import EmptyIndexError, NotInIndexError, QueryError, TooLargeError
 from indexer.models import resolve_model
-from retrieval.checkpoint import save_reranker
-from retrieval.fusion import FusionReranker, get_fusion_config
 from retrieval.search import Searcher
 from retrieval.service import Limits, Query, SearchService
 from tests.conftest import write_images
 from tests.fixtures_broken import _huge_header_png
 
 
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    torch.manual_seed(0)
-    model = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval()
-    path = save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker.safetensors")
-    return resolve_model("itm-tiny", "random", reranker=path)
-
-
 @pytest.fixture
-def index(tmp_path, image_folder, text_file, spec):
+def index(tmp_path, image_folder, text_file, tiny_rerank_spec):
     idx = tmp_path / "idx"
-    build_index(image_folder, idx, spec, BuildOptions(batch_size=6, workers=1))
-    build_index(text_file, idx, spec, BuildOptions(batch_size=6, workers=1))
+    build_index(image_folder, idx, tiny_rerank_spec, BuildOptions(batch_size=6, workers=1))
+    build_index(text_file, idx, tiny_rerank_spec, BuildOptions(batch_size=6, workers=1))
     return idx
 
 
@@ -86,12 +75,13 @@ def write_png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
-def test_takes_each_newer_generation_and_keeps_the_last_good_one(index, image_folder, spec, tiny_encoder, tmp_path):
+def test_takes_each_newer_generation_and_keeps_the_last_good_one(index, image_folder, tiny_rerank_spec, tiny_encoder,
+                                                                 tmp_path):
     service = SearchService(index)
     first = service.search(Query(text="x", k=100))
     assert service.search(Query(text="x", k=100, rerank=False)).generation == first.generation
     new = write_images(image_folder / "new", 2, seed=7)
-    build_index(image_folder, index, spec, BuildOptions(workers=1))
+    build_index(image_folder, index, tiny_rerank_spec, BuildOptions(workers=1))
     later = service.search(Query(text="x", k=100))
     assert later.generation == first.generation + 1 and len(later.hits) == len(first.hits) + 2
     recall_only = service.search(Query(text="x", k=100, rerank=False))  # the second Searcher moves too
@@ -109,15 +99,15 @@ def test_takes_each_newer_generation_and_keeps_the_last_good_one(index, image_fo
     assert "was built with itm-tiny/checkpoint" in service.refresh_error
 
 
-def test_an_empty_index_is_served_until_it_has_items(tmp_path, spec):
+def test_an_empty_index_is_served_until_it_has_items(tmp_path, tiny_rerank_spec):
     (tmp_path / "photos").mkdir()
-    build_index(tmp_path / "photos", tmp_path / "idx", spec)
+    build_index(tmp_path / "photos", tmp_path / "idx", tiny_rerank_spec)
     service = SearchService(tmp_path / "idx")
     with pytest.raises(EmptyIndexError, match="is empty; add images with `itm-index build FOLDER`"):
         service.search(Query(text="a red square"))
     assert service.info()["counts"] == {"image": 0, "text": 0} and service.generation() is None
     write_images(tmp_path / "photos", 3)
-    build_index(tmp_path / "photos", tmp_path / "idx", spec)
+    build_index(tmp_path / "photos", tmp_path / "idx", tiny_rerank_spec)
     assert len(service.search(Query(text="a red square")).hits) == 3
 
 
