@@ -16,11 +16,21 @@ OnSkip = Callable[[Path, str], None]
 
 
 @dataclass(frozen=True)
+class Phrase:
+    """A span of a caption and the box of the image it names, as phrase-grounding data gives them."""
+
+    start: int  # first character of the phrase in the caption
+    end: int  # one past its last character
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image's width and height
+
+
+@dataclass(frozen=True)
 class ImageCaptions:
     image: Path  # absolute path of the image file
     captions: tuple[str, ...]  # every caption of this image
     negatives: tuple[str | None, ...] = ()  # a false caption worded like each caption, where the data has one
     hard_images: tuple[Path, ...] = ()  # images known to be confusable with this one (none of its captions fit)
+    phrases: tuple[tuple[Phrase, ...], ...] = ()  # per caption, its grounded phrases, where the data has them
 
 
 def load_dataset(path: Path | str, image_root: Path | str | None = None, split: str = "train",
@@ -31,8 +41,10 @@ def load_dataset(path: Path | str, image_root: Path | str | None = None, split: 
     and a caption column (caption/text), one row per caption; its `split` column, if any, is
     filtered on. Relative image paths are taken from `image_root` (default: the file's folder).
     Karpathy split "train" includes "restval", as is usual. Karpathy sentences may carry a
-    "negative" (a false caption of the image, used as a hard negative in training) and images a
-    "twin" (a confusable image of the same split, used as a hard negative image). A line or
+    "negative" (a false caption of the image, used as a hard negative in training) and "phrases"
+    ([{"span": [start, end], "box": [x0, y0, x1, y1]}]: character spans of the raw sentence and the
+    boxes they name, as fractions of the image size, as Flickr30k Entities grounds phrases), and
+    images a "twin" (a confusable image of the same split, used as a hard negative image). A line or
     entry that cannot be used is reported as on_skip(path, "line N: reason") and left out.
 
     >>> load_dataset("captions.jsonl", split="test")[0].captions
@@ -103,7 +115,7 @@ def _karpathy(path: Path, root: Path, split: str, report: Callable[[str], None])
             out.append(_karpathy_image(im, root))
         except KeyError as e:
             report(f"image {number}: no {e}")
-        except (TypeError, AttributeError) as e:
+        except (TypeError, AttributeError, ValueError) as e:
             report(f"image {number}: malformed ({e})")
     return out
 
@@ -112,6 +124,22 @@ def _karpathy_image(im: dict[str, Any], root: Path) -> ImageCaptions:
     folder = root / im.get("filepath", "")
     sentences = im["sentences"]
     negatives = tuple(s.get("negative") for s in sentences)
+    phrases = tuple(_phrases(s) for s in sentences)
     twin = (folder / im["twin"]).resolve() if im.get("twin") else None
     return ImageCaptions((folder / im["filename"]).resolve(), tuple(s["raw"].strip() for s in sentences),
-                         negatives if any(negatives) else (), (twin,) if twin else ())
+                         negatives if any(negatives) else (), (twin,) if twin else (),
+                         phrases if any(phrases) else ())
+
+
+def _phrases(sentence: dict[str, Any]) -> tuple[Phrase, ...]:
+    """A Karpathy sentence's grounded phrases, with spans moved to its stripped caption; TypeError if malformed."""
+    raw = sentence["raw"]
+    lead, n = len(raw) - len(raw.lstrip()), len(raw.strip())
+    out = []
+    for p in sentence.get("phrases") or ():
+        (start, end), box = p["span"], tuple(float(v) for v in p["box"])
+        start, end = int(start) - lead, int(end) - lead
+        if not (0 <= start < end <= n and len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise TypeError(f"phrase {p} does not fit its sentence or the unit square")
+        out.append(Phrase(start, end, box))  # type: ignore[arg-type]
+    return tuple(out)

@@ -141,7 +141,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(d, d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None = None,
+                weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Attended values (B*, Tq, D); with `weights`, also the attention averaged over heads (B*, Tq, Tk)."""
         b, tq, d = x.shape  # x (B, Tq, D); ctx (B', Tk, D); ctx_mask (B', Tk), True = attend
         q = self.q(x).view(b, tq, self.heads, -1).transpose(1, 2)  # (B, h, Tq, dh)
         k, v = self.kv(ctx).view(*ctx.shape[:2], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B', h, Tk, dh)
@@ -149,8 +151,9 @@ class Attention(nn.Module):
         if ctx_mask is not None:
             # finfo.min rather than -inf: masked keys get exactly zero weight, and no row can turn NaN
             att = att.masked_fill(~ctx_mask[:, None, None, :], torch.finfo(att.dtype).min)
-        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(att.shape[0], tq, d)  # (B*, Tq, D)
-        return self.drop(self.out(y))
+        att = att.softmax(-1)
+        y = self.drop(self.out((att @ v).transpose(1, 2).reshape(att.shape[0], tq, d)))  # (B*, Tq, D)
+        return (y, att.mean(1)) if weights else y
 
 
 def feed_forward(d: int, mult: int, dropout: float) -> nn.Sequential:
@@ -175,16 +178,18 @@ class TwoWayBlock(nn.Module):
         self.text_ff_norm, self.image_ff_norm = nn.LayerNorm(d), nn.LayerNorm(d)
         self.text_ff, self.image_ff = feed_forward(d, cfg.ff_mult, p), feed_forward(d, cfg.ff_mult, p)
 
-    def forward(self, t: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, t: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """New text and image states, and where each text token looked: (B, Tt, Ti), averaged over heads."""
         # t (B, Tt, D) text states; v (B, Ti, D) image states; mask (B, Tt) True for real text tokens
         if self.self_attention:
             tn, vn = self.text_self_norm(t), self.image_self_norm(v)
             t, v = t + self.text_self(tn, tn, mask), v + self.image_self(vn, vn)
         tn, vn = self.text_norm(t), self.image_norm(v)
-        t, v = t + self.text_from_image(tn, vn), v + self.image_from_text(vn, tn, mask)
+        seen, looked = self.text_from_image(tn, vn, weights=True)
+        t, v = t + seen, v + self.image_from_text(vn, tn, mask)
         t = t + self.text_ff(self.text_ff_norm(t))  # (B, Tt, D)
         v = v + self.image_ff(self.image_ff_norm(v))  # (B, Ti, D)
-        return t, v
+        return t, v, looked
 
 
 class LevelGate(nn.Module):
@@ -275,12 +280,15 @@ class FusionReranker(nn.Module):
         """
         return self.store.encode_texts(tokens, mask)
 
-    def forward(self, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor) -> Tensor:
+    def forward(self, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
+                attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Match logits (B,) for row-aligned pairs of store features.
 
         image_feats (B, Lv, Ti, D), text_feats (B, Lt, Tt, D), text_mask (B, Tt) bool. Either side
         may have batch 1 and is then shared by every row (pass the query once, not k copies). Inputs
-        are cast to the parameters' dtype, so fp16 store tensors can be passed as they are.
+        are cast to the parameters' dtype, so fp16 store tensors can be passed as they are. With
+        `attention`, also each level's text-to-image attention, (B, Tt', Ti) averaged over heads,
+        Tt' the stored text length cut after the last real token (what a grounding loss supervises).
         """
         dtype = self.image_pos.dtype
         image_feats, text_feats, text_mask = image_feats.to(dtype), text_feats.to(dtype), text_mask.bool()
@@ -291,11 +299,13 @@ class FusionReranker(nn.Module):
         pos = self.image_pos + self.box_embed(self.boxes.to(dtype)) if self.cfg.region_boxes else self.image_pos
         v = image_feats[:, first] + pos  # (B, Ti, D)
         t = text_feats[:, first] + self.text_pos[:tt]  # (B, Tt, D)
-        t, v = self.blocks[0](t, v, text_mask)
+        t, v, looked = self.blocks[0](t, v, text_mask)
+        maps = [looked]
         for step, level in enumerate(rest, 1):
             t = self.text_gates[step - 1](t, text_feats[:, level])  # (B, Tt, D)
             v = self.image_gates[step - 1](v, image_feats[:, level])  # (B, Ti, D)
-            t, v = self.blocks[step](t, v, text_mask)
+            t, v, looked = self.blocks[step](t, v, text_mask)
+            maps.append(looked)
         real = text_mask[..., None]  # (B, Tt, 1)
         text_vec = t.masked_fill(~real, 0).sum(1) / real.sum(1).clamp_min(1)  # (B, D)
         v0, tv = torch.broadcast_tensors(v[:, 0], text_vec)  # (B, D) each
@@ -304,7 +314,8 @@ class FusionReranker(nn.Module):
         joint = [v0, tv, v0 * tv, (v0 - tv).abs()]  # 4 x (B, D)
         if self.relations is not None:
             joint.append(self.relations(v[:, 1:], tv))  # (B, D)
-        return self.head(torch.cat(joint, -1)).squeeze(-1)  # (B,)
+        logits = self.head(torch.cat(joint, -1)).squeeze(-1)  # (B,)
+        return (logits, maps) if attention else logits
 
     def score(self, match_logit: Tensor, recall_sim: Tensor, weight: float | None = None) -> Tensor:
         """Final ranking score: recall_sim + weight * match_logit (weight defaults to cfg.score_weight).

@@ -7,6 +7,11 @@
   negatives mined from the in-batch dual similarity, in both directions, plus each image's
   known false caption and each caption's known confusable image.
 - ranking: VSE++ max-violation margin loss on the same fusion logits.
+- grounding (where the data grounds phrases in boxes): cross-entropy between each grounded text
+  token's attention over image regions, at every fusion level, and the share of the phrase's box
+  in each region, as supervised-attention grounding does. Without it, a reranker trained from
+  scratch learns which object a phrase names but not where it is, and cannot tell "A left of B"
+  from "A right of B".
 
 >>> loss_fn = ItmLoss(hard_negatives="hardest")
 >>> parts = loss_fn(model, image_feats, text_feats, text_mask, image_emb, text_emb)  # doctest: +SKIP
@@ -67,6 +72,26 @@ class KnownNegatives:
     text_emb: Tensor | None = None
     text_valid: Tensor | None = None
     images: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """Grounded text tokens of a batch's positive pairs: token tokens[n] of pair rows[n] names an object
+    whose box covers the image tokens in proportion targets[n] (N, Ti), rows summing to 1."""
+
+    rows: Tensor  # (N,)
+    tokens: Tensor  # (N,)
+    targets: Tensor  # (N, Ti)
+
+
+def grounding_loss(maps: list[Tensor], grounding: Grounding) -> Tensor:
+    """Mean over levels and grounded tokens of the cross-entropy of attention maps (B, Tt, Ti) to the targets."""
+    keep = grounding.tokens < maps[0].shape[1]  # tokens past the cut text length are not stored
+    rows, tokens, targets = grounding.rows[keep], grounding.tokens[keep], grounding.targets[keep]
+    if not len(rows):
+        return maps[0].new_zeros(())
+    losses = [-(targets * m[rows, tokens].clamp_min(1e-6).log()).sum(-1).mean() for m in maps]
+    return sum(losses) / len(losses)
 
 
 @dataclass(frozen=True)
@@ -156,15 +181,18 @@ class ItmLoss(nn.Module):
         hard_negatives: "sample" (proportional to softmax of the dual similarity) or "hardest".
         init_temperature, max_logit_scale: the contrastive temperature starts at init_temperature;
             its inverse (the logit scale) is clamped to at most max_logit_scale.
+        grounding_weight: weight of the grounding part, computed for batches that come with a Grounding.
     """
 
     def __init__(self, contrastive_weight: float = 1.0, matching_weight: float = 1.0, ranking_weight: float = 1.0,
                  margin: float = 1.0, num_negatives: int = 1, hard_negatives: str = "sample",
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, random_negatives: int = 0):
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, random_negatives: int = 0,
+                 grounding_weight: float = 0.0):
         super().__init__()
         if hard_negatives not in MINING_MODES:
             raise ValueError(f"hard_negatives must be one of {', '.join(MINING_MODES)}, not {hard_negatives!r}")
-        self.weights = {"contrastive": contrastive_weight, "matching": matching_weight, "ranking": ranking_weight}
+        self.weights = {"contrastive": contrastive_weight, "matching": matching_weight, "ranking": ranking_weight,
+                        "grounding": grounding_weight}
         self.margin = margin
         self.num_negatives = num_negatives
         self.random_negatives = random_negatives
@@ -180,7 +208,7 @@ class ItmLoss(nn.Module):
     def forward(self, model: FusionReranker | None, image_feats: Tensor | None, text_feats: Tensor | None,
                 text_mask: Tensor | None, image_emb: Tensor, text_emb: Tensor, image_ids: Tensor | None = None,
                 text_ids: Tensor | None = None, generator: torch.Generator | None = None,
-                known: KnownNegatives | None = None) -> dict[str, Tensor]:
+                known: KnownNegatives | None = None, grounding: Grounding | None = None) -> dict[str, Tensor]:
         """Loss parts for a batch of B matching pairs (row i of every input belongs to pair i).
 
         image_feats (B, Lv, Ti, D) and text_feats (B, Lt, Tt, D), text_mask (B, Tt): the model's
@@ -189,6 +217,7 @@ class ItmLoss(nn.Module):
         sharing an id are all positives of each other (one image with several captions, a
         caption repeated for several images), so none is mined or pushed away as a negative.
         known: negatives the data names (false captions, confusable images), used by every part.
+        grounding: grounded text tokens of the B positive pairs (the grounding part).
         Without a model, only the contrastive part is computed (dual-encoder training).
         """
         b = len(image_emb)
@@ -200,13 +229,14 @@ class ItmLoss(nn.Module):
             extra = (self.scale * image_emb @ known.text_emb.T).masked_fill(~known.text_valid[None], float("-inf"))
         parts = {"contrastive": contrastive_loss(sim, positives, extra)}
         if model is not None:
-            parts |= self._fusion_parts(model, image_feats, text_feats, text_mask, sim, positives, known, generator)
+            parts |= self._fusion_parts(model, image_feats, text_feats, text_mask, sim, positives, known, generator,
+                                        grounding)
         parts["total"] = sum((w * parts[k] for k, w in self.weights.items() if w and k in parts), sim.new_zeros(()))
         return parts
 
     def _fusion_parts(self, model: FusionReranker, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
                       sim: Tensor, positives: Tensor, known: KnownNegatives,
-                      generator: torch.Generator | None) -> dict[str, Tensor]:
+                      generator: torch.Generator | None, grounding: Grounding | None) -> dict[str, Tensor]:
         b = len(sim)
         neg = mine_hard_negatives(sim.detach(), positives, self.num_negatives, self.hard_negatives, generator,
                                   self.random_negatives)
@@ -219,7 +249,7 @@ class ItmLoss(nn.Module):
             has = known.images >= 0
             image_idx = torch.cat([image_idx, torch.where(has, known.images, anchors)])
             text_idx = torch.cat([text_idx, anchors])
-        logits = model(*fusion_pairs(image_feats, text_feats, text_mask, image_idx, text_idx))
+        logits, maps = model(*fusion_pairs(image_feats, text_feats, text_mask, image_idx, text_idx), attention=True)
         pos, neg_texts, neg_images, hard_images = logits.split([b, b * m, b * m, len(logits) - b * (1 + 2 * m)])
         neg_texts, neg_images = neg_texts.view(b, m), neg_images.view(b, m)
         if known.images is not None:
@@ -236,4 +266,6 @@ class ItmLoss(nn.Module):
                       for n, v in ((neg_texts, texts_valid), (neg_images, images_valid))]
         anchors_with = texts_valid.any(-1).sum() + images_valid.any(-1).sum()
         parts["ranking"] = sum(violations) / anchors_with.clamp_min(1)
+        if grounding is not None:  # the first B pairs are the positives
+            parts["grounding"] = grounding_loss([m[:b] for m in maps], grounding)
         return parts

@@ -19,10 +19,10 @@ from indexer.models import ModelSpec
 from indexer.parallel import ordered_map
 
 from .checkpoint import load_reranker, save_reranker
-from .data import ImageCaptions
+from .data import ImageCaptions, Phrase
 from .evaluate import embed_dataset, rank, recall, swap_accuracy
 from .fusion import FusionReranker, get_fusion_config
-from .loss import ItmLoss, KnownNegatives
+from .loss import Grounding, ItmLoss, KnownNegatives
 
 STATE_KIND = "train_state"
 RERANKER_FILE, ENCODER_FILE, STATE_FILE = "reranker.safetensors", "encoder.safetensors", "train_state.safetensors"
@@ -51,6 +51,7 @@ class TrainOptions:
     neighbours: int = 0  # batch each image with its N nearest images (frozen encoders), so in-batch negatives confuse
     caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
     hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
+    grounding_weight: float = 1.0  # weight of the grounding loss, for data whose captions ground phrases in boxes
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
     val_rerank_k: int = 10  # candidates reranked when validating a reranker
@@ -110,7 +111,8 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
                                if resuming and opts.train_encoders else spec, opts.device)
     reranker = _make_reranker(encoder, opts, out_dir, resume)
     loss_fn = ItmLoss(opts.contrastive_weight, opts.matching_weight, opts.ranking_weight, opts.margin,
-                      opts.num_negatives, opts.hard_negatives, random_negatives=opts.random_negatives).to(opts.device)
+                      opts.num_negatives, opts.hard_negatives, random_negatives=opts.random_negatives,
+                      grounding_weight=opts.grounding_weight).to(opts.device)
     groups = [{"params": list(loss_fn.parameters()), "lr": opts.lr}]
     if reranker is not None:
         groups[0]["params"] += list(reranker.parameters())
@@ -298,8 +300,51 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     if hard is not None:
         known = replace(known, images=hard.to(opts.device))
     generator = torch.Generator(device=opts.device).manual_seed(opts.seed * 1_000_003 + step)
+    grounding = _grounding(encoder, reranker.cfg, data, rows, opts.device) if opts.grounding_weight else None
     return loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
-                   image_ids=image_ids, generator=generator, known=known)
+                   image_ids=image_ids, generator=generator, known=known, grounding=grounding)
+
+
+def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[_Row],
+               device: str) -> Grounding | None:
+    """The grounded tokens of a batch's captions: every token of each phrase, with its box's share of each region."""
+    pairs, tokens, targets = [], [], []
+    for i, r in enumerate(rows):
+        item = data[r.item]
+        if not item.phrases:
+            continue
+        text = item.captions[r.caption]
+        for phrase in item.phrases[r.caption]:
+            share = region_shares(phrase.box, cfg.regions)
+            for k in phrase_tokens(encoder.tokenizer, text, phrase):
+                if k < cfg.max_text_tokens - 1:  # the store keeps the first Tt-1 tokens, then the end token
+                    pairs.append(i)
+                    tokens.append(k)
+                    targets.append(share)
+    if not pairs:
+        return None
+    return Grounding(torch.tensor(pairs, device=device), torch.tensor(tokens, device=device),
+                     torch.stack(targets).to(device))
+
+
+def phrase_tokens(tokenizer, text: str, phrase: Phrase) -> range:
+    """Positions of a phrase's tokens in the text's token ids (start token at 0), for tokenizers that split
+    words before BPE as CLIP's does, so that a prefix ending at a word boundary encodes as a prefix."""
+    if not hasattr(tokenizer, "encode"):
+        raise ItmError("grounded phrases need a tokenizer with encode() (CLIP's BPE); train with "
+                       "--grounding-weight 0 for this model")
+    return range(1 + len(tokenizer.encode(text[:phrase.start])), 1 + len(tokenizer.encode(text[:phrase.end])))
+
+
+def region_shares(box: tuple[float, float, float, float], regions: int) -> torch.Tensor:
+    """(1 + regions**2,) the share of `box` (fractions of the image) in each region of the grid, row by row,
+    after a zero for the CLS token: the attention a phrase naming that box should pay."""
+    edges = torch.linspace(0, 1, regions + 1)
+    x0, y0, x1, y1 = box
+    wx = (torch.clamp(edges[1:], max=x1) - torch.clamp(edges[:-1], min=x0)).clamp_min(0)  # (R,)
+    wy = (torch.clamp(edges[1:], max=y1) - torch.clamp(edges[:-1], min=y0)).clamp_min(0)
+    area = (wy[:, None] * wx[None]).flatten()  # (R*R,)
+    return torch.cat([torch.zeros(1), area / area.sum()])
 
 
 def _hard_image_rows(data: list[ImageCaptions], rows: list[_Row]) -> torch.Tensor | None:

@@ -32,6 +32,7 @@ def train_command(
     matching_weight: float = typer.Option(1.0),
     ranking_weight: float = typer.Option(1.0),
     margin: float = typer.Option(1.0, help="Ranking-loss margin (match-logit units)."),
+    grounding_weight: float = typer.Option(1.0, help="Grounding-loss weight, for data with grounded phrases."),
     num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
     seed: int = typer.Option(0),
@@ -53,6 +54,7 @@ def train_command(
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,
+                            grounding_weight=grounding_weight,
                             num_negatives=num_negatives, hard_negatives=hard_negatives, seed=seed, device=device,
                             workers=workers, save_every=save_every, progress=True)
         r = train(spec, data, out, opts, resume=resume, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))

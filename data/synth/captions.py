@@ -214,6 +214,18 @@ def _parse_mentions(tokens: list[str]) -> list[tuple[int, int, Mention]]:
     return found
 
 
+def grounded_phrases(scene: Scene, text: str) -> list[tuple[int, int, Obj]]:
+    """(start, end, object): the character span of each colour-shape mention of a true caption, and the
+    object of `scene` it names (in a scene every colour-shape pair picks out one object)."""
+    words = list(re.finditer(r"[a-z]+", text.lower()))
+    out = []
+    for first, end, m in _parse_mentions([w.group() for w in words]):
+        obj = next((o for o in scene.objects if _fits(m, o)), None)
+        if obj is not None:
+            out.append((words[first].start(), words[end - 1].end(), obj))  # the noun phrase, size included
+    return out
+
+
 def _parse_position(tail: list[str]) -> Position | None:
     rows = {"top": 0, "middle": 1, "bottom": 2}
     cols = {"left": 0, "centre": 1, "right": 2}

@@ -7,8 +7,10 @@ Layout under --out:
     captions.jsonl          {"image", "caption", "split"} per caption
     hard_negatives.jsonl    {"image", "caption", "negative", "held_out", "kind"} per test caption
     dataset_karpathy.json   COCO/Flickr30k Karpathy layout; each sentence also carries
-                            its hard negative ("negative", "negative_kind"), each image
-                            its scene (for truth checks) and its twin, if any
+                            its hard negative ("negative", "negative_kind") and its
+                            grounded phrases ("phrases": span and grid cell of each
+                            mention), each image its scene (for truth checks) and its
+                            twin, if any
 
 --twin-fraction makes that share of train and val image pairs confusable twins (hard
 negative images for training); the test split is the same whatever it is.
@@ -24,9 +26,9 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from .captions import parse_caption
+from .captions import grounded_phrases, parse_caption
 from .dataset import SPLITS, Sample, generate_split
-from .world import Obj, Scene
+from .world import GRID, Obj, Scene
 
 CHUNK = 500            # images per job; even, so test twin pairs never straddle jobs
 PNG_OPTIONS = {"compress_level": 3}   # faster than the default and no larger here
@@ -71,7 +73,7 @@ def _karpathy(samples: list[Sample]) -> dict:
         sentences = []
         for raw, neg, kind in zip(s.captions, s.hard_negatives, s.negative_kinds):
             sentences.append({"raw": raw, "tokens": _tokens(raw), "imgid": imgid, "sentid": sentid,
-                              "negative": neg, "negative_kind": kind})
+                              "negative": neg, "negative_kind": kind, "phrases": _phrases(s.scene, raw)})
             sentid += 1
         images.append({
             "filepath": f"images/{s.split}", "filename": f"{s.image_id}.png", "split": s.split,
@@ -80,6 +82,12 @@ def _karpathy(samples: list[Sample]) -> dict:
             "twin_kind": s.twin_kind, "scene": scene_to_dict(s.scene),
         })
     return {"dataset": "synth", "images": images}
+
+
+def _phrases(scene: Scene, raw: str) -> list[dict]:
+    """Each mention's character span and the grid cell of its object, as fractions of the image."""
+    return [{"span": [start, end], "box": [obj.col / GRID, obj.row / GRID, (obj.col + 1) / GRID, (obj.row + 1) / GRID]}
+            for start, end, obj in grounded_phrases(scene, raw)]
 
 
 def _write_metadata(out: Path, samples: list[Sample]) -> None:

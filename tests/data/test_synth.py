@@ -287,3 +287,22 @@ def test_karpathy_scenes_round_trip_and_truth_table_matches_the_checker(tmp_path
     expected = [[caption_matches(sc, parse_caption(t)) for sc in scenes] for t in texts]
     assert table.tolist() == expected
     assert table.sum() > len(samples) * 5  # every caption is true of its own image, some of others too
+
+
+def test_grounded_phrases_name_their_objects_and_cells(tmp_path):
+    """Each phrase of a written caption spans one mention, and its box is the named object's cell."""
+    from data.synth.prepare import scene_from_dict
+    from retrieval.data import load_dataset
+
+    prepare(tmp_path, {"train": 30}, 3)
+    images = json.loads((tmp_path / "dataset_karpathy.json").read_text())["images"]
+    data = load_dataset(tmp_path / "dataset_karpathy.json")
+    assert len(data) == 30
+    for im, item in zip(images, data):
+        scene = scene_from_dict(im["scene"])
+        for caption, phrases in zip(item.captions, item.phrases):
+            assert len(phrases) == len(parse_caption(caption).mentions)
+            for ph in phrases:
+                words = caption[ph.start:ph.end].split()
+                (obj,) = [o for o in scene.objects if o.colour in words and o.shape == words[-1]]
+                assert ph.box == (obj.col / 3, obj.row / 3, (obj.col + 1) / 3, (obj.row + 1) / 3)

@@ -66,3 +66,26 @@ def test_karpathy_negatives_twins_and_broken_entries(tmp_path):
     assert data[0].captions == ("a red circle", "a blue star") and data[0].negatives == (None, "a red star")
     assert data[0].hard_images == (tmp_path / "imgs" / "1.png",) and data[1].negatives == ()
     assert skips == ["image 3: no 'filename'"]
+
+
+def test_karpathy_grounded_phrases(tmp_path):
+    box = [0.0, 0.5, 0.5, 1.0]
+    images = [
+        {"filename": "0.png", "split": "train",
+         "sentences": [{"raw": "  a red circle left of a star", "phrases": [{"span": [2, 14], "box": box}]},
+                       {"raw": "a star"}]},
+        {"filename": "1.png", "split": "train",
+         "sentences": [{"raw": "a red circle", "phrases": [{"span": [2, 40], "box": box}]}]},
+        {"filename": "2.png", "split": "train",
+         "sentences": [{"raw": "a red circle", "phrases": [{"span": [2, 12], "box": [0.5, 0, 0.2, 1]}]}]},
+        {"filename": "3.png", "split": "train", "sentences": [{"raw": "a red circle", "phrases": [{"box": box}]}]},
+    ]
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"images": images}))
+    skips = []
+    data = load_dataset(path, on_skip=lambda p, why: skips.append(why))
+    assert len(data) == 1
+    (phrase,), none = data[0].phrases
+    assert data[0].captions[0][phrase.start:phrase.end] == "a red circle" and phrase.box == tuple(box) and none == ()
+    assert [s.split(":")[0] for s in skips] == ["image 2", "image 3", "image 4"]
+    assert "does not fit" in skips[0] and "does not fit" in skips[1] and skips[2] == "image 4: no 'span'"

@@ -196,3 +196,34 @@ def test_random_negatives_are_drawn_beside_the_hard_ones():
         for row, (idx, ok) in enumerate(zip(neg.texts, neg.texts_valid)):
             assert ok.all() and len(set(idx.tolist())) == 5  # distinct, none a positive
             assert not positives[row, idx].any()
+
+
+def test_grounding_loss_teaches_text_tokens_where_to_look(model, batch):
+    """Trained on the grounding part alone, each grounded token ends up attending to its target region."""
+    from retrieval.loss import Grounding
+
+    torch.manual_seed(0)
+    m = FusionReranker(model.cfg)
+    images, texts, mask, ie, te = batch
+    ti = m.cfg.image_tokens
+    target_region = 1 + torch.arange(B) % (ti - 1)  # pair n's token 1 names region target_region[n]
+    grounding = Grounding(torch.arange(B), torch.ones(B, dtype=torch.long), F.one_hot(target_region, ti).float())
+    loss_fn = ItmLoss(contrastive_weight=0, matching_weight=0, ranking_weight=0, grounding_weight=1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+
+    def looked() -> torch.Tensor:
+        with torch.no_grad():
+            img, (txt, txt_mask) = m.encode_image_store(images, GRID), m.encode_text_store(texts, mask)
+            _, maps = m(img, txt, txt_mask, attention=True)
+        return maps[-1][torch.arange(B), 1]  # (B, Ti)
+
+    assert (looked().argmax(-1) == target_region).float().mean() < 0.5
+    first = None
+    for _ in range(60):
+        parts = run_loss(loss_fn, m, batch, grounding=grounding)
+        first = float(parts["grounding"].detach()) if first is None else first
+        opt.zero_grad()
+        parts["total"].backward()
+        opt.step()
+    assert float(parts["grounding"].detach()) < first / 4
+    assert (looked().argmax(-1) == target_region).all()

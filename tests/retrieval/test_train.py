@@ -203,3 +203,56 @@ def test_validation_keeps_the_best_checkpoint_and_patience_stops(tmp_path, karpa
     assert [x["step"] for x in log if "val" in x] == [2, 4, 6]
     with pytest.raises(ItmError, match="validation"):
         train(tiny_spec, data, tmp_path / "x", opts, val_data=[])
+
+
+def test_region_shares_split_a_box_over_the_grid():
+    centre = train_mod.region_shares((1 / 3, 1 / 3, 2 / 3, 2 / 3), 3)
+    assert centre.shape == (10,) and int(centre.argmax()) == 5 and centre[0] == 0
+    torch.testing.assert_close(centre.sum(), torch.tensor(1.0))
+    corner = train_mod.region_shares((0.0, 0.0, 0.5, 0.5), 2)  # exactly the top-left of a 2x2 grid
+    torch.testing.assert_close(corner, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+    half = train_mod.region_shares((0.0, 0.0, 1.0, 0.5), 2)  # the top row
+    torch.testing.assert_close(half, torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0]))
+
+
+def test_phrase_tokens_are_the_phrases_own_ids():
+    import open_clip
+
+    from retrieval.data import Phrase
+
+    tok = open_clip.SimpleTokenizer(context_length=32)
+    text = "there is a large blue square, and also a small red circle"
+    start = text.index("small red circle")
+    span = train_mod.phrase_tokens(tok, text, Phrase(start, start + len("small red circle"), (0, 0, 1, 1)))
+    ids = tok([text])[0].tolist()
+    assert ids[span.start:span.stop] == tok.encode("small red circle")
+
+
+def test_grounded_phrases_reach_the_loss(tmp_path, tiny_spec, monkeypatch):
+    paths = write_images(tmp_path / "imgs", 6, size=(32, 32))
+    box = [0.5, 0.0, 1.0, 0.5]  # top right
+    images = [{"filepath": str(p.parent.relative_to(tmp_path)), "filename": p.name, "split": "train",
+               "sentences": [{"raw": f"a red circle number {i}", "phrases": [{"span": [2, 12], "box": box}]}]}
+              for i, p in enumerate(paths)]
+    (tmp_path / "d.json").write_text(json.dumps({"images": images}))
+    data = load_dataset(tmp_path / "d.json")
+    seen = []
+    real = train_mod.ItmLoss.forward
+
+    def spy(self, *args, grounding=None, **kwargs):
+        parts = real(self, *args, grounding=grounding, **kwargs)
+        seen.append((grounding, parts))
+        return parts
+
+    monkeypatch.setattr(train_mod.ItmLoss, "forward", spy)
+    r = train(tiny_spec, data, tmp_path / "r", TrainOptions(**{**OPTS, "max_steps": 2, "batch_size": 4}))
+    grounding, parts = seen[0]
+    regions = get_fusion_config("fusion-tiny").regions
+    expected = train_mod.region_shares(tuple(box), regions)
+    assert grounding.rows.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # "red" and "circle" of each caption
+    assert grounding.tokens.tolist() == [2, 3] * 4  # after the start token and "a"
+    torch.testing.assert_close(grounding.targets, expected.expand(8, -1))
+    assert torch.isfinite(parts["grounding"]) and parts["grounding"] > 0 and "grounding" in r.losses
+    seen.clear()
+    train(tiny_spec, data, tmp_path / "r0", TrainOptions(**{**OPTS, "max_steps": 1, "grounding_weight": 0.0}))
+    assert seen[0][0] is None and "grounding" not in seen[0][1]
