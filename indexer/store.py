@@ -115,6 +115,38 @@ def write_table(path: Path, table: pa.Table) -> None:
     write_durably(path, lambda f: pq.write_table(table, f))
 
 
+def integers(column: pa.ChunkedArray) -> np.ndarray:
+    """An integer column without nulls as a numpy array, read from its buffer (see categories)."""
+    chunk = column.combine_chunks()
+    dtype = np.dtype(chunk.type.to_pandas_dtype())
+    if len(chunk) == 0:
+        return np.zeros(0, dtype)
+    return np.frombuffer(chunk.buffers()[1], dtype)[chunk.offset:chunk.offset + len(chunk)].copy()
+
+
+def categories(column: pa.ChunkedArray) -> np.ndarray:
+    """A string column with few distinct values (kinds, segment names) as a numpy array of str.
+
+    Read from the column's own buffers: pyarrow's to_numpy goes through its pandas layer, and
+    importing pandas costs a cold query about a tenth of a second. Only distinct values are decoded.
+    """
+    chunk = column.combine_chunks()
+    if len(chunk) == 0:
+        return np.array([], dtype=object)
+    _, offsets_buf, data_buf = chunk.buffers()
+    wide = pa.types.is_large_string(chunk.type)
+    offsets = np.frombuffer(offsets_buf, np.int64 if wide else np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    width = max(1, int(lengths.max()))
+    cols = np.arange(width)
+    inside = cols[None] < lengths[:, None]  # (N, width)
+    padded = np.zeros((len(chunk), width), np.uint8)
+    padded[inside] = data[(offsets[:-1, None] + cols[None])[inside]]
+    names, which = np.unique(padded.view(f"S{width}").ravel(), return_inverse=True)
+    return np.array([n.decode() for n in names], dtype=object)[which]
+
+
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
     """A table of `schema`; older formats' text path columns come back as the bytes they encode, and the
     columns they lack (format 2's metadata) as nulls."""
@@ -209,8 +241,9 @@ class Snapshot:
                            for kind, a in manifest.ann.items() if not a.ivfdata}
         self._on_disk = {kind: _open_on_disk(self.index_dir, a) for kind, a in manifest.ann.items() if a.ivfdata}
         self.arrays = SegmentArrays(self.index_dir, manifest.reranker.store_dtype if manifest.reranker else None)
-        kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
-        text_segments = set(self.rows.column("segment").to_numpy(zero_copy_only=False)[kinds == "text"])
+        self._kinds, self._segments = (categories(self.rows.column(name)) for name in ("kind", "segment"))
+        self._offsets = integers(self.rows.column("offset"))
+        text_segments = set(self._segments[self._kinds == "text"])
         for seg in manifest.segments:
             self.arrays.open(seg, "emb")
             if manifest.reranker:
@@ -254,11 +287,8 @@ class Snapshot:
 
     def gather(self, row_ids: np.ndarray, part: str) -> np.ndarray:
         """Stack one array part ("emb", "tok", "mask") for the given row positions, in order."""
-        segs = self.rows.column("segment").to_numpy(zero_copy_only=False)[row_ids]
-        offs = self.rows.column("offset").to_numpy()[row_ids]
-        return self.arrays.gather(segs, offs, part)
+        return self.arrays.gather(self._segments[row_ids], self._offsets[row_ids], part)
 
     def kind_rows(self, kind: str) -> np.ndarray:
         """Row positions of one kind, in the order the FAISS index of that kind holds them."""
-        kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
-        return np.flatnonzero(kinds == kind)
+        return np.flatnonzero(self._kinds == kind)

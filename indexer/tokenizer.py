@@ -39,10 +39,18 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def clean(text: str) -> str:
     """SimpleTokenizer's 'lower' cleaning: ftfy, HTML entities unescaped twice, whitespace collapsed, lower case."""
-    import ftfy  # only when there is text to clean: it takes a tenth of a second to import
+    if not plain(text):
+        import ftfy  # only for text it could change: its import costs a cold query tens of milliseconds
 
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
     return " ".join(text.split()).strip().lower()
+
+
+def plain(text: str) -> bool:
+    """Printable ASCII without '&': nothing that ftfy.fix_text changes (its fixes need other characters:
+    mojibake, curly quotes, ligatures, wide forms, control and escape characters, HTML entities)."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 class ClipTokenizer:

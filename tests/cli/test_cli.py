@@ -117,7 +117,7 @@ def test_a_name_that_is_not_utf8_survives_every_output(tmp_path):
     assert [os.fsencode(s["path"]) for s in skipped] == [os.fsencode(folder) + b"/bad \x80.png"]
 
 
-HEAVY = ("torch", "open_clip", "torchvision")
+HEAVY = ("torch", "open_clip", "torchvision", "pandas")  # pandas: what pyarrow's to_numpy of strings imports
 PROBE = ("import atexit, sys\n"
          "atexit.register(lambda: print('loaded:', *[m for m in {heavy!r} if m in sys.modules], file=sys.stderr))\n"
          "import {module} as m\n"
@@ -133,7 +133,7 @@ def probe(cmd, *args):
     return r, loaded[-1].split()[1:]
 
 
-def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch(tmp_path):
+def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch_nor_pandas(tmp_path):
     import torch
 
     from retrieval.checkpoint import save_reranker
@@ -162,7 +162,7 @@ def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch(tmp_path)
         assert loaded == [], f"{cmd} {args[0]} imported {loaded}"
     assert json.loads(r.stdout.splitlines()[0])["match_logit"] is not None  # reranked by the exported graph
     r, loaded = probe("itm-search", "a red square", "--index", idx, "--backend", "torch")
-    assert r.returncode == 0 and loaded == ["torch", "open_clip", "torchvision"]  # the probe sees them when they load
+    assert r.returncode == 0 and loaded[:3] == ["torch", "open_clip", "torchvision"]  # the probe sees them load
 
 
 def test_an_on_disk_ivf_index_shows_in_info_and_faiss_prints_nothing_into_the_output(tmp_path):

@@ -44,3 +44,17 @@ def test_long_texts_are_cut_and_end_with_end_of_text(pair):
     ids = ours(["word " * 100])[0]
     assert ids[0] == ours.sot_id and ids[-1] == ours.eot_id and (ids != 0).all()
     assert ours(["a"])[0, :3].tolist() == [ours.sot_id, ours.encode("a")[0], ours.eot_id]
+
+
+def test_text_that_skips_ftfy_is_text_ftfy_leaves_alone():
+    import string
+
+    import ftfy
+
+    from indexer.tokenizer import plain
+
+    rng = random.Random(1)
+    texts = ["".join(rng.choice(string.printable) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    skipped = [t for t in texts + HAND_PICKED if plain(t)]
+    assert len(skipped) > 500 and all(ftfy.fix_text(t) == t for t in skipped)
+    assert not plain("a &amp; b") and not plain("tab\there") and not plain("café")
