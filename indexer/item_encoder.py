@@ -81,6 +81,7 @@ class Runtime:
     device: str = DEVICE  # cpu, cuda, ... (a GPU runs the torch backend)
     precision: str = PRECISION  # fp32 | bf16 | fp16 (not fp32: the torch backend)
     threads: int | None = None  # threads of the forward pass; None: default_threads()
+    quick_start: bool = False  # a short-lived process (one query): start graphs fast rather than run them fast
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -107,7 +108,8 @@ def load_item_encoder(spec: ModelSpec, runtime: Runtime = Runtime(), known: Mode
         from . import onnx_items
 
         try:
-            return onnx_items.load(spec, runtime.threads or default_threads(), known, reranker_sha256)
+            return onnx_items.load(spec, runtime.threads or default_threads(), known, reranker_sha256,
+                                   runtime.quick_start)
         except ExportError:
             if runtime.backend == "onnx":
                 raise

@@ -35,7 +35,7 @@ META = "encoder.json"
 
 
 def load(spec: ModelSpec, threads: int, known: ModelIdentity | None = None,
-         reranker_sha256: str | None = None) -> OnnxItemEncoder:
+         reranker_sha256: str | None = None, quick_start: bool = False) -> OnnxItemEncoder:
     """The model's export from the cache, made first (with torch) when it is not there yet.
 
     Raises ExportError when the model cannot be exported (that is remembered beside the cache).
@@ -46,7 +46,7 @@ def load(spec: ModelSpec, threads: int, known: ModelIdentity | None = None,
         export_encoder(spec, folder)
 
     folder = export_cache.exported(KIND, encoder_key(spec, known, reranker_sha256), export)
-    return OnnxItemEncoder(folder, spec, threads)
+    return OnnxItemEncoder(folder, spec, threads, quick_start)
 
 
 def encoder_key(spec: ModelSpec, known: ModelIdentity | None = None, reranker_sha256: str | None = None) -> str:
@@ -64,8 +64,8 @@ def encoder_key(spec: ModelSpec, known: ModelIdentity | None = None, reranker_sh
 class OnnxItemEncoder:
     """Exported graphs behind the ItemEncoder interface (indexer/item_encoder.py)."""
 
-    def __init__(self, folder: Path, spec: ModelSpec, threads: int):
-        self.folder, self.threads = Path(folder), threads
+    def __init__(self, folder: Path, spec: ModelSpec, threads: int, quick_start: bool = False):
+        self.folder, self.threads, self.quick_start = Path(folder), threads, quick_start
         meta = json.loads((self.folder / META).read_text())
         self.identity = with_spec_names(ModelIdentity(**meta["identity"]), spec)
         store = meta["store"]
@@ -110,7 +110,7 @@ class OnnxItemEncoder:
         """The tower's session, opened on first use (most of a cold command's model set-up)."""
         with self._lock:
             if tower not in self._sessions:
-                self._sessions[tower] = open_session(self.folder / f"{tower}.onnx", self.threads)
+                self._sessions[tower] = open_session(self.folder / f"{tower}.onnx", self.threads, self.quick_start)
             return self._sessions[tower]
 
     def _run(self, tower: str, **inputs: np.ndarray) -> list[np.ndarray]:

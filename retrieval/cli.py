@@ -92,7 +92,7 @@ def search(
             from .search import Searcher  # torch and open_clip load only when a model must be exported or run
 
             searcher = Searcher(index, rerank=not no_rerank, device=device, precision=precision, backend=backend,
-                                threads=threads)
+                                threads=threads, quick_start=True)  # one query: start fast rather than run fast
             if not no_rerank and not searcher.has_reranker:
                 warn(PROG, NO_RERANKER)
             hits = searcher.search(text=text, image=image, k=k, kind=kind, rerank_k=rerank_k, parts=parts,

@@ -29,10 +29,10 @@ class FusionScorer(Protocol):
 class OnnxFusion:
     """The reranker's exported forward pass (retrieval/fusion_export.py)."""
 
-    def __init__(self, folder: Path, threads: int):
+    def __init__(self, folder: Path, threads: int, quick_start: bool = False):
         meta = json.loads((Path(folder) / "fusion.json").read_text())
         self.weight = float(meta["score_weight"])
-        self.session = open_session(Path(folder) / "fusion.onnx", threads)
+        self.session = open_session(Path(folder) / "fusion.onnx", threads, quick_start)
 
     def logits(self, image: np.ndarray, text: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feed = {"image": np.ascontiguousarray(image, np.float16), "text": np.ascontiguousarray(text, np.float16),
@@ -62,7 +62,7 @@ def load_fusion(reranker: Path, sha256: str, runtime: Runtime = Runtime()) -> Fu
         key = export_cache.export_key(reranker_sha256=sha256)
         try:
             folder = export_cache.exported(KIND, key, lambda folder: _export(reranker, sha256, folder))
-            return OnnxFusion(folder, runtime.threads or default_threads())
+            return OnnxFusion(folder, runtime.threads or default_threads(), runtime.quick_start)
         except ExportError:
             if runtime.backend == "onnx":
                 raise

@@ -88,13 +88,14 @@ class Searcher:
 
     def __init__(self, index_dir: Path | str | None = None, *, model: ModelSpec | None = None,
                  rerank: bool = True, device: str = DEVICE, precision: str = PRECISION, backend: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, quick_start: bool = False):
+        """quick_start: for a process that answers one query (Runtime.quick_start)."""
         self.index_dir = Path(index_dir) if index_dir else store.default_index_dir()
         snapshot = store.Snapshot.open(self.index_dir)
         manifest = snapshot.manifest
         if not sum(manifest.counts.values()):
             raise EmptyIndexError(f"index at {self.index_dir} is empty; add images with `itm-index build FOLDER`")
-        runtime = Runtime(backend, device, precision, threads)
+        runtime = Runtime(backend, device, precision, threads, quick_start)
         self._reranker_sha = manifest.reranker.sha256 if manifest.reranker else None
         reranker = self.index_dir / manifest.reranker.file if manifest.reranker else None
         base = model or spec_for_index(manifest, self.index_dir)

@@ -23,10 +23,11 @@ def reranker_path(tmp_path_factory):
     return save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker.safetensors")
 
 
-@pytest.mark.parametrize("with_store", [False, True])
-def test_exported_graphs_give_torch_features(tmp_path, reranker_path, with_store):
+@pytest.mark.parametrize("with_store,quick_start", [(False, False), (True, False), (True, True)])
+def test_exported_graphs_give_torch_features(tmp_path, reranker_path, with_store, quick_start):
     spec = resolve_model("itm-tiny", "random", reranker=reranker_path if with_store else None)
-    ours, theirs = load_item_encoder(spec, Runtime("onnx")), load_item_encoder(spec, Runtime("torch"))
+    ours = load_item_encoder(spec, Runtime("onnx", quick_start=quick_start))
+    theirs = load_item_encoder(spec, Runtime("torch"))
     assert isinstance(ours, OnnxItemEncoder) and isinstance(theirs, TorchItemEncoder)
     assert ours.identity == theirs.identity and ours.store == theirs.store
     paths = write_images(tmp_path, 5, size=(45, 70))
