@@ -6,7 +6,9 @@
 - matching: binary cross-entropy on fusion match logits for the positive pairs and for hard
   negatives mined from the in-batch dual similarity, in both directions, plus each image's
   known false caption and each caption's known confusable image.
-- ranking: VSE++ max-violation margin loss on the same fusion logits.
+- ranking: VSE++ max-violation margin loss on the same fusion logits, plus the same margin between
+  each caption and its own known false caption on its image (the one negative that differs from
+  it in nothing but a binding or a relation, which a max over many negatives may pass over).
 - grounding (where the data grounds phrases in boxes): cross-entropy between each grounded text
   token's attention over image regions, at every fusion level, and the share of the phrase's box
   in each region, as supervised-attention grounding does. Without it, a reranker trained from
@@ -265,6 +267,10 @@ class ItmLoss(nn.Module):
         violations = [ranking_loss(pos, n, v, self.margin) * v.any(-1).sum()
                       for n, v in ((neg_texts, texts_valid), (neg_images, images_valid))]
         anchors_with = texts_valid.any(-1).sum() + images_valid.any(-1).sum()
+        if known.text_feats is not None:  # and each caption above its own false caption, by the margin
+            valid = known.text_valid[:, None]
+            violations.append(ranking_loss(pos, false_caps[:, None], valid, self.margin) * valid.sum())
+            anchors_with = anchors_with + valid.sum()
         parts["ranking"] = sum(violations) / anchors_with.clamp_min(1)
         if grounding is not None:  # the first B pairs are the positives
             parts["grounding"] = grounding_loss([m[:b] for m in maps], grounding)

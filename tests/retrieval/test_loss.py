@@ -178,6 +178,7 @@ def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch):
     torch.testing.assert_close(parts["matching"], F.binary_cross_entropy_with_logits(logits, labels))
     violations = [F.relu(0.7 - pos[a] + torch.stack(negs).max()) for negs_list in (image_negs, text_negs)
                   for a, negs in enumerate(negs_list)]
+    violations += [F.relu(0.7 - pos[i] + score(img[i], false_txt[i], false_mask[i])) for i in range(B) if valid[i]]
     torch.testing.assert_close(parts["ranking"], torch.stack(violations).mean())
     extra = (loss_fn.scale * ie @ false_emb.T).masked_fill(~valid[None], float("-inf"))
     target = torch.arange(B)
