@@ -28,6 +28,7 @@ from .compact import compact, dead_share
 from .errors import CorpusError, DecodeError, ItmError
 from .images import read_file
 from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
+from .listing import Listing, record
 from .manifest import Manifest, RerankerInfo, check_model, check_reranker
 from .metadata import empty as no_metadata, read_metadata
 from .migrate import migrate_rows
@@ -308,8 +309,10 @@ class _Embedding:
         """The folder scanned against the index: unchanged files kept, the others to prepare."""
         changes = SourceChanges.of(self.old_rows, os.fsencode(root), key="path")
         todo: list[FileEntry] = []
+        self.listing = Listing(root, self.options)
         for entry in scan_images(root, exclude=self.options.exclude, include_hidden=self.options.include_hidden,
                                  on_skip=self.skips):
+            self.listing.add(entry.path, entry.size, entry.mtime_ns)
             if changes.same_file(os.fsencode(entry.path), entry.size, entry.mtime_ns):
                 changes.keep(os.fsencode(entry.path))
             else:
@@ -328,6 +331,8 @@ class _Embedding:
     # ---- texts --------------------------------------------------------------------------
     def texts(self, path: Path) -> SourceChanges:
         st = path.stat()
+        self.listing = Listing(path, self.options)
+        self.listing.add(str(path), st.st_size, st.st_mtime_ns)
         changes = SourceChanges.of(self.old_rows, os.fsencode(path), key="source_id")
         if changes.old and all(changes.same_file(k, st.st_size, st.st_mtime_ns) for k in changes.old):
             for key in changes.old:
@@ -383,8 +388,14 @@ class _Embedding:
         others = [r for r in self.old_rows if r["source"] != os.fsencode(source)]
         rows = pa.Table.from_pylist(others + mine, schema=store.ROW_SCHEMA)
         skipped = [s for s in self.writer.skipped.to_pylist() if s["source"] != os.fsencode(source)] + self.skips.rows
+        # the source's listing, for the next build to find nothing changed without reading the rows; none when
+        # something was skipped, so that the next build tries it again
+        listings = {k: v for k, v in self.writer.manifest.listings.items() if k != os.fsdecode(source)}
+        if not self.skips.rows:
+            listings[os.fsdecode(source)] = record(self.listing, len(mine))
         return self.writer.commit(rows, pa.Table.from_pylist(skipped, schema=store.SKIP_SCHEMA), next_id,
-                                  self.options.faiss_factory, recall_target=self.options.recall_target)
+                                  self.options.faiss_factory, recall_target=self.options.recall_target,
+                                  listings=listings)
 
 
 def _skip_key(row: dict) -> tuple[bytes, str]:

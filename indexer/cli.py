@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .cliutil import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, Progress, printable, user_errors
-from .options import DEFAULT_MODEL, BuildOptions, RayOptions
+from .options import DEFAULT_MODEL, BuildOptions, RayOptions, default_index_dir
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
@@ -49,24 +50,40 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
+    t0 = time.perf_counter()
     progress = Progress(PROG, "embedding", enabled=not quiet)
     with user_errors(PROG), progress:
-        from .build import build_index  # torch and open_clip load only to export or run a model
-        from .models import resolve_model
-
         if engine not in ("local", "ray"):
             raise typer.BadParameter(f"unknown engine {engine!r}; choose local or ray", param_hint="--engine")
         ray = RayOptions(address=ray_address, actors=ray_actors) if engine == "ray" else None
-        spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
-            if (model or pretrained or checkpoint or reranker) else None
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                             backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
                             max_pixels=max_pixels, faiss_factory=faiss_factory, recall_target=recall_target,
                             text_column=text_column, id_column=id_column, store_dtype=store_dtype, ray=ray)
-        r = build_index(source, index, spec, opts, on_skip=progress.skip, on_progress=progress.update)
-    typer.echo(f"{printable(str(r.index_dir))}: {r.added} added, {r.updated} updated, {r.removed} removed, "
-               f"{r.unchanged} unchanged, {r.skipped} skipped ({r.reused} reused by content hash); "
-               f"{r.images} images, {r.texts} texts in {r.seconds:.1f}s")
+        index_dir = index or default_index_dir()
+        if not (model or pretrained or checkpoint or reranker or store_dtype):
+            from .listing import unchanged  # neither NumPy nor pyarrow
+
+            found = unchanged(index_dir, source.expanduser().resolve(), opts)
+            if found is not None:
+                manifest, items = found
+                _summary(index_dir, 0, 0, 0, items, 0, 0, manifest.counts, time.perf_counter() - t0)
+                return
+        from .build import build_index  # torch and open_clip load only to export or run a model
+        from .models import resolve_model
+
+        spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
+            if (model or pretrained or checkpoint or reranker) else None
+        r = build_index(source, index_dir, spec, opts, on_skip=progress.skip, on_progress=progress.update)
+    _summary(r.index_dir, r.added, r.updated, r.removed, r.unchanged, r.skipped, r.reused,
+             {"image": r.images, "text": r.texts}, r.seconds)
+
+
+def _summary(index_dir: Path, added: int, updated: int, removed: int, unchanged: int, skipped: int, reused: int,
+             counts: dict[str, int], seconds: float) -> None:
+    typer.echo(f"{printable(str(index_dir))}: {added} added, {updated} updated, {removed} removed, "
+               f"{unchanged} unchanged, {skipped} skipped ({reused} reused by content hash); "
+               f"{counts['image']} images, {counts['text']} texts in {seconds:.1f}s")
 
 
 @app.command()

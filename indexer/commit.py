@@ -100,12 +100,15 @@ class Writer:
         write_manifest(self.index_dir, self.manifest)
 
     def commit(self, rows: pa.Table, skipped: pa.Table, next_id: int, faiss_factory: str | None = None,
-               ann: dict[str, AnnInfo] | None = None, recall_target: float | None = None) -> Manifest:
+               ann: dict[str, AnnInfo] | None = None, recall_target: float | None = None,
+               listings: dict[str, dict] | None = None) -> Manifest:
         """Commit the next generation: `rows` (store.ROW_SCHEMA) and `skipped` (store.SKIP_SCHEMA).
 
         An ANN index per kind is built over the rows (with `faiss_factory`, else the index's own
         choice; an IVF index on disk, probing enough lists to reach `recall_target`), unless `ann`
-        holds indexes that stay valid: the same vectors in the same row order. Returns the new manifest.
+        holds indexes that stay valid: the same vectors in the same row order. `listings` replaces
+        the sources' listing fingerprints (indexer/listing.py); None keeps them, for a commit that
+        leaves every source's rows as they were. Returns the new manifest.
         """
         old = self.manifest
         gen = old.generation + 1
@@ -117,7 +120,7 @@ class Writer:
             segments={s: self.sizes[s] for s in sorted(set(rows.column("segment").to_pylist()))}, staging={},
             next_id=next_id,
             counts={kind: int((kinds == kind).sum()) for kind in KINDS}, faiss_factory=factory,
-            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), listings=old.listings if listings is None else listings)
         store.write_table(self.index_dir / manifest.rows, rows)
         store.write_table(self.index_dir / manifest.skipped, skipped)
         write_manifest(self.index_dir, manifest)

@@ -11,7 +11,6 @@ default) so truncated files raise instead of decoding to grey.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 from pathlib import Path
 
@@ -19,20 +18,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from indexer.errors import DecodeError
+from indexer.formats import HEIF_AVAILABLE, IMAGE_EXTENSIONS
 from indexer.options import DEFAULT_MAX_PIXELS
 
 __all__ = ["DEFAULT_MAX_PIXELS", "HEIF_AVAILABLE", "IMAGE_EXTENSIONS", "load_image"]
 
 Image.MAX_IMAGE_PIXELS = None  # replaced by the per-call ``max_pixels`` check below
 
-HEIF_AVAILABLE = importlib.util.find_spec("pillow_heif") is not None
-"""True when the optional ``pillow-heif`` package (``pip install 'itm[heic]'``) is installed."""
-
-_BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif")
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    _BASE_EXTENSIONS + ((".heic", ".heif") if HEIF_AVAILABLE else ())
-)
-"""Lower-case file suffixes, with the dot, that the scanner treats as images."""
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})

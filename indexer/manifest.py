@@ -113,6 +113,10 @@ class Manifest:
     faiss_factory: str | None = None  # forced by the user; None: chosen from the corpus size at each commit
     updated_at: str | None = None  # time of the commit
     format: int = FORMAT_VERSION
+    # source path -> {"sha256": fingerprint of its listing at its last commit, "items": its live rows}
+    # (indexer/listing.py); absent for a source whose build skipped anything. Optional: an index
+    # without it reads as before, and an older itm ignores it.
+    listings: dict[str, dict] = field(default_factory=dict)
 
     def files(self) -> set[str]:
         """Every data file this generation needs (segment parts that were never written included)."""
@@ -145,7 +149,7 @@ class Manifest:
             ann={kind: AnnInfo(**_known(AnnInfo, a)) for kind, a in d["ann"].items()},
             segments=dict(d["segments"]), staging=dict(d.get("staging", {})), next_id=int(d["next_id"]),
             counts={**dict.fromkeys(KINDS, 0), **d["counts"]}, faiss_factory=d.get("faiss_factory"),
-            updated_at=d.get("updated_at"), format=int(d["format"]))
+            updated_at=d.get("updated_at"), format=int(d["format"]), listings=dict(d.get("listings", {})))
 
 
 def _known(cls, d: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from indexer.errors import CorpusError
-from indexer.images import IMAGE_EXTENSIONS
+from indexer.formats import IMAGE_EXTENSIONS
 
 __all__ = [
     "TABLE_EXTENSIONS",

@@ -124,10 +124,10 @@ PROBE = ("import atexit, sys\n"
          "m.main()")
 
 
-def probe(cmd, *args):
-    """The command, reporting which of HEAVY it imported."""
+def probe(cmd, *args, heavy=HEAVY):
+    """The command, reporting which of `heavy` it imported."""
     module = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli"}[cmd]
-    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY, module=module), *map(str, args)],
+    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=heavy, module=module), *map(str, args)],
                        capture_output=True, text=True, timeout=300)
     loaded = [line for line in r.stderr.splitlines() if line.startswith("loaded:")]
     return r, loaded[-1].split()[1:]
@@ -161,6 +161,9 @@ def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch_nor_panda
         assert r.returncode == 0 and out in r.stdout, r.stderr
         assert loaded == [], f"{cmd} {args[0]} imported {loaded}"
     assert json.loads(r.stdout.splitlines()[0])["match_logit"] is not None  # reranked by the exported graph
+    for source in (tmp_path / "photos", tmp_path / "caps.txt"):  # told from the listing: not even the rows are read
+        r, loaded = probe("itm-index", "build", source, "--index", idx, "-q", heavy=("numpy", "pyarrow"))
+        assert r.returncode == 0 and " 0 added, 0 updated, 0 removed, " in r.stdout and loaded == [], r.stderr
     r, loaded = probe("itm-search", "a red square", "--index", idx, "--backend", "torch")
     assert r.returncode == 0 and loaded[:3] == ["torch", "open_clip", "torchvision"]  # the probe sees them load
 

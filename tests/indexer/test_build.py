@@ -257,3 +257,32 @@ def test_a_rebuild_with_nothing_to_do_loads_no_model_and_commits_nothing(tmp_pat
     r = build_index(text_file, idx)
     assert (r.added, r.updated, r.unchanged) == (0, 0, 4)
     assert json.loads((idx / "manifest.json").read_text())["generation"] == json.loads(before)["generation"] + 1
+
+
+def test_a_listing_fingerprint_tells_an_unchanged_source_and_nothing_else(tmp_path, image_folder, text_file, tiny_spec):
+    from indexer.listing import unchanged
+
+    idx, opts = tmp_path / "idx", BuildOptions(batch_size=4)
+    build(image_folder, idx, tiny_spec)
+    build(text_file, idx, tiny_spec)
+    for source, items in ((image_folder, 12), (text_file, 4)):
+        manifest, found = unchanged(idx, source.resolve(), opts)
+        assert found == items and manifest.counts == {"image": 12, "text": 4}
+    assert unchanged(idx, image_folder.resolve(), BuildOptions(exclude=("*.png",))) is None  # other options
+    assert unchanged(tmp_path / "nothing-here", image_folder.resolve(), opts) is None
+
+    first = sorted(image_folder.rglob("*.png"))[0]
+    os.utime(first, ns=(1, 1))  # touched: the listing differs, and the full comparison runs
+    assert unchanged(idx, image_folder.resolve(), opts) is None
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert (r.added, r.updated, r.unchanged) == (0, 1, 11) and unchanged(idx, image_folder.resolve(), opts)
+    write_images(image_folder / "new", 1, seed=7)  # a new file
+    assert unchanged(idx, image_folder.resolve(), opts) is None
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert r.added == 1 and unchanged(idx, image_folder.resolve(), opts)[1] == 13
+    (image_folder / "broken.png").write_bytes(b"not an image")  # a source with a skip keeps no fingerprint
+    r, _ = build(image_folder, idx, tiny_spec)
+    assert r.skipped == 1 and unchanged(idx, image_folder.resolve(), opts) is None
+    r, _ = build(image_folder, idx, tiny_spec)  # so each build tries the skipped file again
+    assert r.skipped == 1 and r.unchanged == 13
+    assert unchanged(idx, text_file.resolve(), opts)[1] == 4  # the other source's fingerprint is kept
