@@ -96,6 +96,34 @@ QUERIES = [  # itm-search arguments, after the index
 ]
 
 
+def same_answer(a: tuple[int, bytes, bytes], b: tuple[int, bytes, bytes]) -> bool:
+    """The same exit code, messages and hits in the same order, scores equal to float tolerance: a cold query
+    runs its graphs without repacked weights (Runtime.quick_start), whose sums may differ in the last bits."""
+    def close(x, y) -> bool:
+        if isinstance(x, float) or isinstance(y, float):
+            return isinstance(x, (int, float)) and isinstance(y, (int, float)) and abs(x - y) <= 1e-5 + 1e-5 * abs(y)
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
+        if isinstance(x, list) and isinstance(y, list):
+            return len(x) == len(y) and all(map(close, x, y))
+        return x == y
+
+    def parsed(line: bytes):
+        if line.startswith(b"{"):
+            return json.loads(line)
+        return [float(w) if w.replace(b".", b"", 1).lstrip(b"-").isdigit() else w for w in line.split()]
+
+    def near(x, y) -> bool:  # printed scores have 4 decimals: one may round the other way
+        if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            return all(abs(u - v) <= 1.5e-4 if isinstance(u, float) and isinstance(v, float) else u == v
+                       for u, v in zip(x, y))
+        return close(x, y)
+
+    (ca, oa, ea), (cb, ob, eb) = a, b
+    la, lb = oa.splitlines(), ob.splitlines()
+    return ca == cb and ea == eb and len(la) == len(lb) and all(near(parsed(x), parsed(y)) for x, y in zip(la, lb))
+
+
 def test_itm_search_answers_the_same_through_a_server(corpus, monkeypatch, capfdbinary):
     monkeypatch.chdir(corpus)  # --image paths as a user types them, relative
     for name in ("idx", "plain"):
@@ -111,8 +139,8 @@ def test_itm_search_answers_the_same_through_a_server(corpus, monkeypatch, capfd
         finally:
             stop(proc)
         for q, c, w in zip(QUERIES, cold, warm):
-            assert (w.returncode, w.stdout, w.stderr) == c, q
-        assert (explicit.returncode, explicit.stdout, explicit.stderr) == cold[1]
+            assert same_answer((w.returncode, w.stdout, w.stderr), c), q
+        assert same_answer((explicit.returncode, explicit.stdout, explicit.stderr), cold[1])
         assert answered == len(QUERIES)  # all but the missing file (read here first), and the explicit --server
         if name == "idx":  # nothing is certain enough: one line, no hits, exit 0
             assert cold[14][0] == 0 and cold[14][1] == b"" and b"no match: nothing passes" in cold[14][2]
