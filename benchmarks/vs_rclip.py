@@ -1,8 +1,13 @@
 """itm against rclip, the same architecture (open_clip ViT-B-32-256, random weights) on the same images.
 
     python -m venv /tmp/rclip-venv && /tmp/rclip-venv/bin/pip install rclip
-    python benchmarks/vs_rclip.py --rclip-python /tmp/rclip-venv/bin/python [--runs 5] [--build-runs 3]
-        [--cache DIR] [--out benchmarks/results/vs_rclip.json]
+    python -m venv /tmp/itm-venv && /tmp/itm-venv/bin/pip install .
+    python benchmarks/vs_rclip.py --rclip-python /tmp/rclip-venv/bin/python [--itm-venv /tmp/itm-venv]
+        [--runs 5] [--build-runs 3] [--cache DIR] [--out benchmarks/results/vs_rclip.json]
+
+With --itm-venv, itm's commands are that environment's, installed as a user installs them, as
+rclip's are; without it, this interpreter's (a development install pays for every .pth file of
+its site-packages and for the editable-install finder at each start).
 
 Each row times whole commands as a user runs them, itm and rclip in turn (A B A B ...), each in a
 new process, and gives medians and the median of the pair-by-pair ratios (itm / rclip for times,
@@ -13,6 +18,8 @@ itm / rclip for rates), so that a comparison holds while the machine's speed dri
 - rebuild with nothing changed (itm-index build against rclip's own indexing entry point);
 - build from scratch of 300 JPEGs of 640x480 and of 48 JPEGs of 12 MP (index and database
   deleted before each run; the exported model files of both are kept, as a second build finds them);
+- on a CPU with native bf16 arithmetic, the 300-JPEG build again with itm's --precision bf16 (the
+  torch backend; not the default, as bf16 embeddings differ from fp32's by about 1e-4 in cosine);
 - 12 MP: the build's rate (its scan/decode/encode loop, BuildReport.timings.embed_s less the
   model's set-up within it, as build_throughput.py counts it) against the
   model-only forward rate on already prepared pixels in the same batches, in this process,
@@ -163,16 +170,19 @@ def paired(name: str, itm, rclip, runs: int, items: int | None = None) -> dict:
 class Tools:
     """The two programs, each with its index of one folder."""
 
-    def __init__(self, rclip_python: Path, work: Path):
-        self.itm_index, self.itm_search = _command("itm-index", "indexer.cli"), _command("itm-search", "retrieval.cli")
+    def __init__(self, rclip_python: Path, work: Path, itm_venv: Path | None = None):
+        self.itm_index, self.itm_search = (
+            _command(name, module, itm_venv) for name, module in (("itm-index", "indexer.cli"),
+                                                                  ("itm-search", "retrieval.cli")))
         self.rclip_python, self.work = rclip_python, work
         self.rclip = [str(rclip_python), "-c", "from rclip.main import main; main()"]
         self.rclip_data = work / "rclip-data"
 
-    def itm_build(self, folder: Path, index: Path, fresh: bool = False):
+    def itm_build(self, folder: Path, index: Path, fresh: bool = False, *extra: str):
         if fresh:
             shutil.rmtree(index, ignore_errors=True)
-        return run(self.itm_index + ["build", str(folder), "--index", str(index), "-q"] + (MODEL if fresh else []))
+        return run(self.itm_index + ["build", str(folder), "--index", str(index), "-q", *extra]
+                   + (MODEL if fresh else []))
 
     def rclip_build(self, folder: Path, fresh: bool = False):
         if fresh:
@@ -189,7 +199,9 @@ class Tools:
         return {"RCLIP_DATADIR": str(self.rclip_data), "HF_HUB_OFFLINE": "1"}
 
 
-def _command(name: str, module: str) -> list[str]:
+def _command(name: str, module: str, venv: Path | None = None) -> list[str]:
+    if venv is not None:
+        return [str(venv / "bin" / name)]
     exe = shutil.which(name)
     return [exe] if exe else [sys.executable, "-c", f"import {module} as m; m.main()"]
 
@@ -229,6 +241,12 @@ def forward_ratio(folder: Path, builds: int) -> dict:
             "forward_rate": statistics.median(fwd), "ratio": statistics.median(ratios), "ratios": ratios}
 
 
+def _native_bf16() -> bool:
+    from indexer.encoder import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 def compile_itm() -> None:
     """Bytecode for itm's modules, as an install writes it (an editable checkout may have none, and a
     process that finds none compiles every module it imports, each run)."""
@@ -242,6 +260,7 @@ def compile_itm() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rclip-python", type=Path, required=True, help="python of a virtual environment with rclip")
+    ap.add_argument("--itm-venv", type=Path, help="virtual environment with itm installed (pip install .)")
     ap.add_argument("--runs", type=int, default=5, help="counted runs of each query and no-op row")
     ap.add_argument("--build-runs", type=int, default=3, help="counted runs of each build row, and 12 MP builds")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "itm-vs-rclip")
@@ -253,8 +272,13 @@ def main() -> None:
               flush=True)
     os.environ.setdefault("ITM_CACHE_DIR", str(args.cache / "itm-cache"))  # itm's exported model, for this run
     small, big = make_corpora(args.cache / "corpora")
-    compile_itm()
-    tools = Tools(args.rclip_python, args.cache)
+    if args.itm_venv is None:
+        compile_itm()
+    elif not (args.itm_venv / "bin" / "itm-search").is_file():
+        sys.exit(f"no itm-search in {args.itm_venv}/bin: python -m venv {args.itm_venv} && "
+                 f"{args.itm_venv}/bin/pip install .")
+    facts["itm_install"] = f"virtual environment {args.itm_venv}" if args.itm_venv else f"{sys.executable}"
+    tools = Tools(args.rclip_python, args.cache, args.itm_venv)
     export_rclip_model(tools.rclip_data)
     idx = args.cache / "itm-small"
     print("preparing the indexes (itm exports its model on first use)", flush=True)
@@ -273,11 +297,16 @@ def main() -> None:
         paired("build from scratch, 48 JPEGs of 12 MP", lambda: tools.itm_build(big, args.cache / "itm-b", True),
                lambda: tools.rclip_build(big, True), args.build_runs, items=BIG[0]),
     ]
+    if _native_bf16():  # the torch backend in bf16: not the default, since its embeddings differ from fp32's
+        rows.append(paired("build from scratch, 300 JPEGs 640x480, itm --precision bf16",
+                           lambda: tools.itm_build(small, args.cache / "itm-b", True, "--precision", "bf16"),
+                           lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]))
     ratio = forward_ratio(big, args.build_runs)
     facts = benchlib.finish(facts)
     quiet = max(facts["loadavg_start"][0], facts["loadavg_end"][0]) <= QUIET_LOAD
     print(f"\nitm vs rclip 3.x, open_clip ViT-B-32-256 random weights, {time.strftime('%Y-%m-%d')}")
     print(benchlib.describe_machine(facts) + ("" if quiet else "  [UNDER LOAD: not final]"))
+    print(f"itm run from {facts['itm_install']}; rclip from {args.rclip_python}")
     print(benchlib.format_table(rows, [
         ("work", "work", "s"), ("itm_s", "itm s", ".2f"), ("rclip_s", "rclip s", ".2f"),
         ("time_ratio", "itm/rclip time", ".2f"), ("itm_rate", "itm img/s", ".1f"), ("rclip_rate", "rclip img/s", ".1f"),
