@@ -306,3 +306,23 @@ def test_grounded_phrases_name_their_objects_and_cells(tmp_path):
                 words = caption[ph.start:ph.end].split()
                 (obj,) = [o for o in scene.objects if o.colour in words and o.shape == words[-1]]
                 assert ph.box == (obj.col / 3, obj.row / 3, (obj.col + 1) / 3, (obj.row + 1) / 3)
+
+
+def test_the_demo_encoders_see_attribute_negatives_only(tmp_path):
+    """The recipe's encoder stage drops relation and position flips and position-swapped twins, nothing else."""
+    from data.demo.train_demo import RELATIONAL, attribute_negatives
+    from retrieval.data import load_dataset
+
+    prepare(tmp_path, {"train": 80}, 5, twin_fraction=1.0)
+    dataset = tmp_path / "dataset_karpathy.json"
+    images = json.loads(dataset.read_text())["images"]
+    data = load_dataset(dataset)
+    kept = attribute_negatives(data, dataset)
+    kinds = {s["raw"]: s["negative_kind"] for im in images for s in im["sentences"]}
+    twin_kind = {im["filename"]: im["twin_kind"] for im in images}
+    assert {k for k in kinds.values() if k in RELATIONAL} and {k for k in twin_kind.values()} >= {"position_swap"}
+    for before, after in zip(data, kept):
+        for caption, neg, new in zip(before.captions, before.negatives, after.negatives):
+            assert new == (None if kinds[caption] in RELATIONAL else neg)
+        moved = twin_kind[before.image.name] == "position_swap"
+        assert after.hard_images == (() if moved else before.hard_images) and after.captions == before.captions
