@@ -113,11 +113,12 @@ class Writer:
         old = self.manifest
         gen = old.generation + 1
         factory = faiss_factory or old.faiss_factory
-        kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
+        kinds, segments = (store.categories(rows.column(name)) for name in ("kind", "segment"))
         manifest = replace(
             old, generation=gen, rows=f"rows-g{gen}.parquet", skipped=f"skipped-g{gen}.parquet",
-            ann=self._build_ann(rows, factory, gen, recall_target) if ann is None else ann,
-            segments={s: self.sizes[s] for s in sorted(set(rows.column("segment").to_pylist()))}, staging={},
+            ann=self._build_ann(kinds, segments, store.integers(rows.column("offset")), factory, gen, recall_target)
+            if ann is None else ann,
+            segments={s: self.sizes[s] for s in sorted(set(segments))}, staging={},
             next_id=next_id,
             counts={kind: int((kinds == kind).sum()) for kind in KINDS}, faiss_factory=factory,
             updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), listings=old.listings if listings is None else listings)
@@ -128,14 +129,12 @@ class Writer:
         self.manifest, self.rows, self.skipped = manifest, rows, skipped
         return manifest
 
-    def _build_ann(self, rows: pa.Table, factory: str | None, gen: int,
-                   recall_target: float | None) -> dict[str, AnnInfo]:
+    def _build_ann(self, kinds: np.ndarray, segments: np.ndarray, offsets: np.ndarray, factory: str | None,
+                   gen: int, recall_target: float | None) -> dict[str, AnnInfo]:
+        """An ANN index per kind over the rows, given as their kinds, segments and offsets (row order)."""
         from .ann import RECALL_TARGET, choose_factory  # faiss, which a build that commits nothing never needs
         from .ivf_disk import is_ivf
 
-        kinds = np.asarray(rows.column("kind").to_pylist(), dtype=object)
-        segments = np.asarray(rows.column("segment").to_pylist(), dtype=object)
-        offsets = rows.column("offset").to_numpy()
         target = recall_target or RECALL_TARGET
         ann = {}
         for kind in KINDS:

@@ -24,7 +24,7 @@ from PIL import Image
 from indexer.changes import content_hash
 from indexer.errors import NotInIndexError
 from indexer.images import load_image
-from indexer.store import Snapshot
+from indexer.store import Snapshot, integers
 
 THUMBNAIL_SIDE = 256  # pixels, the longer side of a thumbnail
 THUMBNAIL_CACHE_BYTES = 64 * 2**20  # thumbnails kept in memory, least recently used dropped first
@@ -133,6 +133,6 @@ def _id_order(snap: Snapshot) -> tuple[np.ndarray, np.ndarray]:
     """The generation's row ids and the order that sorts them, computed once per generation."""
     with _ids_lock:
         if snap not in _ids:
-            ids = snap.rows.column("id").to_numpy()
+            ids = integers(snap.rows.column("id"))
             _ids[snap] = (ids, np.argsort(ids, kind="stable"))
         return _ids[snap]
