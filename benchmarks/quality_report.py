@@ -19,6 +19,10 @@ Prints tables and writes JSON (benchmarks/results/quality_report.json):
   negative, for the dual encoder and for the fused score.
 - Twins: for each caption of an image that has a confusable twin in the split (colours or
   positions of two objects exchanged), how often each stage ranks the image above its twin.
+- t2i truth@1 by kind of caption (one, two or three objects; with a position or relation or
+  not), and why the top image is false where it is: the objects are there but not where said,
+  or the attributes are there on other objects (binding), or one attribute (size, shape,
+  colour) is wrong, or several.
 - "held-out" rows restrict the queries to images with a colour-shape pair never seen in training.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.synth.captions import truth_table
+from data.synth.captions import caption_kind, parse_caption, truth_table, why_false
 from data.synth.prepare import prepare, scene_from_dict
 from indexer.encoder import DualEncoder
 from indexer.models import resolve_model
@@ -44,6 +48,7 @@ from retrieval.evaluate import embed_dataset, oracle_recall, pair_wins, rank, re
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "data" / "demo" / "work"
 TEST_IMAGES = 1000
+WHY = ("where", "binding", "size", "shape", "colour", "several")  # why_false's answers
 
 
 def test_split(seed: int, work: Path = WORK) -> Path:
@@ -88,6 +93,9 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
     twin_q = np.flatnonzero(has_twin)
     twin_kind = np.array([m["twin_kind"][owner[q]] for q in twin_q])
     out["twins"]["captions"] = int(len(twin_q))
+    parts = [parse_caption(t) for t in feats.texts]
+    kinds = np.array([caption_kind(p) for p in parts])
+    out["by_kind"] = {}
     for name, k in [("recall only", 0)] + [(f"two-stage k={k}", k) for k in rerank_ks]:
         r = rank(feats, reranker, k) if k else rank(feats)
         out["stages"][name] = {
@@ -96,6 +104,7 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
         wins = pair_wins(r.t2i_order, twin_q, owner[twin_q], m["twin"][owner[twin_q]])
         out["twins"][name] = {"all": 100 * float(wins.mean()),
                               **{kind: 100 * float(wins[twin_kind == kind].mean()) for kind in sorted(set(twin_kind))}}
+        out["by_kind"][name] = truth_by_kind(r.t2i_order[:, 0], truth, parts, kinds, m["scenes"])
     dual, fused = swap_accuracy(encoder, reranker, feats, m["negatives"])
     with_neg = np.array([n is not None for n in m["negatives"]])
     kinds = np.array(m["negative_kinds"], dtype=object)[with_neg]
@@ -108,6 +117,21 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
         row |= {kind: 100 * float(ok[kinds == kind].mean()) for kind in sorted(set(kinds))}
         out["swap"][stage] = row
     out["swap"]["count"] = {kind: int((kinds == kind).sum()) for kind in sorted(set(kinds))}
+    return out
+
+
+def truth_by_kind(top: np.ndarray, truth: np.ndarray, parts: list, kinds: np.ndarray, scenes: list) -> dict:
+    """Per kind of caption: how many, t2i truth@1, and why the top image is false where it is (why_false:
+    "where" it holds the objects, not in the said relation or position; "binding" the attributes, on other
+    objects; else the attribute it gets wrong),
+    each in % of that kind's captions; "all" for every caption."""
+    hit = truth[np.arange(len(top)), top]
+    why = np.array(["" if ok else why_false(scenes[j], p) for ok, j, p in zip(hit, top, parts)])
+    out = {}
+    for kind in ["all", *sorted(set(kinds))]:
+        sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
+        out[kind] = {"captions": int(sel.sum()), "truth1": 100 * float(hit[sel].mean()),
+                     "false": {w: 100 * float((why[sel] == w).mean()) for w in WHY}}
     return out
 
 
@@ -132,6 +156,12 @@ def print_report(r: dict) -> None:
         if stage in s:
             x = s[stage]
             print(f"{stage:8} {x['all']:6.1f} {x['held_out']:9.1f} " + " ".join(f"{x[k]:14.1f}" for k in kinds))
+    print("\nt2i truth@1 by kind of caption, and the top image false because of (% of the kind's captions):")
+    print(f"{'':16} {'kind':24} {'captions':>8} {'truth@1':>7} " + " ".join(f"{w:>7}" for w in WHY))
+    for name, x in r["by_kind"].items():
+        for kind, v in x.items():
+            print(f"{name:16} {kind:24} {v['captions']:8d} {v['truth1']:7.1f} "
+                  + " ".join(f"{v['false'][w]:7.1f}" for w in WHY))
     t = r["twins"]
     print(f"\ntwins: % of {t['captions']} captions whose image is ranked above its confusable twin")
     for name, x in t.items():

@@ -194,6 +194,33 @@ def caption_matches(scene: Scene, parts: CaptionParts) -> bool:
     return False
 
 
+def caption_kind(parts: CaptionParts) -> str:
+    """What a caption asks of an image: "one object", "one object, position", "two objects", "two objects,
+    relation", "three objects" or "three objects, relation"."""
+    n = ("one", "two", "three")[len(parts.mentions) - 1]
+    said = ", position" if parts.position is not None else ", relation" if parts.relation is not None else ""
+    return f"{n} object{'s' if len(parts.mentions) > 1 else ''}{said}"
+
+
+def why_false(scene: Scene, parts: CaptionParts) -> str:
+    """Why a caption is false of `scene`: "where" (distinct objects fit the mentions, but not in the relation or
+    position said); "binding" (they fit with either their colours or their shapes neglected: the attributes are
+    there, bound to other objects); the one attribute whose neglect lets objects fit ("size", "shape",
+    "colour"); else "several"."""
+    def fit(neglect: str | None) -> bool:
+        same = (lambda m, o: _fits(m, o)) if neglect is None else (lambda m, o: all(
+            getattr(m, a) in (None, getattr(o, a)) for a in ("colour", "shape", "size") if a != neglect))
+        return any(all(same(m, o) for m, o in zip(parts.mentions, objs))
+                   for objs in permutations(scene.objects, len(parts.mentions)))
+
+    if fit(None):
+        return "where"
+    fits = {attr: fit(attr) for attr in ("size", "shape", "colour")}
+    if fits["shape"] and fits["colour"]:
+        return "binding"
+    return next((attr for attr, ok in fits.items() if ok), "several")
+
+
 def mentions_held_out(parts: CaptionParts) -> bool:
     return any((m.colour, m.shape) in HELD_OUT for m in parts.mentions)
 

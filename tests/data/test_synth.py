@@ -28,6 +28,7 @@ from data.synth import (
     render_scene,
     sample_scene,
 )
+from data.synth.captions import caption_kind, why_false
 from data.synth.prepare import main as prepare_main
 from data.synth.prepare import prepare
 
@@ -70,6 +71,33 @@ SCENE = Scene((Obj("red", "circle", "small", 1, 0), Obj("blue", "square", "large
 ])
 def test_checker_on_hand_written_captions(text, truth):
     assert caption_matches(SCENE, parse_caption(text)) is truth
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a red circle right of a blue square", "where"),
+    ("there is a red circle on the right", "where"),
+    ("a large red circle left of a blue square", "size"),
+    ("a red star left of a blue square", "shape"),
+    ("a blue square and a green circle", "colour"),
+    ("a blue circle left of a red square", "binding"),  # colours (or shapes) exchanged between the objects
+    ("a green star left of a blue square", "several"),
+    ("a red circle left of a blue square and a green star", "several"),  # a third object that is not there
+])
+def test_why_a_caption_is_false(text, why):
+    parts = parse_caption(text)
+    assert not caption_matches(SCENE, parts)
+    assert why_false(SCENE, parts) == why
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("a red circle that is small", "one object"),
+    ("there is a red circle on the left", "one object, position"),
+    ("a blue square and a red circle", "two objects"),
+    ("a red circle left of a blue square", "two objects, relation"),
+    ("a red circle left of a blue square and a green star", "three objects, relation"),
+])
+def test_caption_kinds(text, kind):
+    assert caption_kind(parse_caption(text)) == kind
 
 
 def test_parser_reads_what_the_grammar_writes():
