@@ -1,0 +1,113 @@
+"""What the demo model's image tower knows about each cell: linear probes on its region tokens.
+
+    python benchmarks/region_probe.py                 # the bundled demo model, seed-0 test split
+    python benchmarks/region_probe.py --seed 1 --train-images 700
+
+The synthetic world puts at most one object in each cell of a 3 x 3 grid, and the demo image
+tower has one patch per cell, so each region token should say what is in its cell. For every
+layer of the image tower, a small probe (one hidden layer of 256) is fitted on the region tokens
+of the first --train-images images of the test split and scored on the rest: the
+cell's colour, shape and size (each with "empty" as a class), overall and on occupied cells by
+the object's size. Nothing here trains the model; the split is the report's own
+(quality_report.py generates it on first use).
+
+High figures on occupied cells say that the frozen tokens hold that attribute, so that a reranker
+reading those layers can learn it; low ones, that the image tower loses it and must improve.
+(A linear probe is not the measure here: the tokens hold shape and size nonlinearly.) Writes JSON
+(benchmarks/results/region_probe.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.synth.world import COLOURS, SHAPES, SIZES
+from quality_report import ROOT, load_models, machine, split_meta, test_split
+from retrieval.data import load_dataset
+
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}
+
+
+def cell_labels(scenes: list, grid: int = 3) -> dict[str, np.ndarray]:
+    """(N * grid * grid,) per attribute: 0 for an empty cell, else 1 + the index of the cell object's value."""
+    out = {name: [] for name in ATTRIBUTES}
+    for scene in scenes:
+        cells = {(o.row, o.col): o for o in scene.objects}
+        for r in range(grid):
+            for c in range(grid):
+                o = cells.get((r, c))
+                for name, values in ATTRIBUTES.items():
+                    out[name].append(values.index(getattr(o, name)) + 1 if o else 0)
+    return {name: np.array(v) for name, v in out.items()}
+
+
+def probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, hidden: int = 256,
+          epochs: int = 400) -> torch.Tensor:
+    """Predicted classes of x_test by a one-hidden-layer MLP fitted (full batch, AdamW) on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    net = torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], hidden), torch.nn.GELU(),
+                              torch.nn.Linear(hidden, int(y_train.max()) + 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05)
+    for _ in range(epochs):
+        opt.zero_grad()
+        F.cross_entropy(net(x_train), y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return net(x_test).argmax(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0, help="world seed of the test split")
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--train-images", type=int, default=700, help="images whose cells fit the probes; the rest score")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "region_probe.json")
+    args = ap.parse_args()
+    t0 = time.time()
+    torch.manual_seed(0)
+    encoder, reranker = load_models(args.model, args.checkpoint, None)
+    dataset = test_split(args.seed)
+    data = load_dataset(dataset, split="test")
+    scenes = split_meta(dataset, data)["scenes"]
+    layers = list(range(-encoder.n_image_layers, 0))
+    read = set(reranker.cfg.image_layers) if reranker else set()
+    pixels = torch.stack([encoder.load_pixels(d.image) for d in data])
+    out = encoder.encode_images(pixels, layers)
+    h, w = out.grid
+    if (h, w) != (3, 3):
+        raise SystemExit(f"the image tower has a {h} x {w} grid; this probe reads one token per cell of a 3 x 3 world")
+    labels = {k: torch.from_numpy(v) for k, v in cell_labels(scenes).items()}
+    image = torch.arange(len(data)).repeat_interleave(9)
+    train, test = image < args.train_images, image >= args.train_images
+    size = labels["size"][test]
+    results = {}
+    print(f"{len(data)} images, probes fitted on the cells of {args.train_images}, scored on {len(data) - args.train_images}")
+    print(f"{'layer':>5} {'read':>4} {'attribute':9} {'all cells':>9} {'occupied':>8} {'small':>6} {'large':>6}")
+    for layer, tokens in zip(layers, out.tokens):
+        x = tokens[:, 1:].reshape(-1, tokens.shape[-1])  # region tokens, row by row, after the class token
+        results[layer] = {}
+        for name, y in labels.items():
+            ok = (probe(x[train], y[train], x[test]) == y[test]).float()
+            row = {"all": 100 * float(ok.mean()), "occupied": 100 * float(ok[size > 0].mean()),
+                   "small": 100 * float(ok[size == 1].mean()), "large": 100 * float(ok[size == 2].mean())}
+            results[layer][name] = row
+            print(f"{layer:5d} {'yes' if layer in read else 'no':>4} {name:9} {row['all']:9.1f} {row['occupied']:8.1f} {row['small']:6.1f} {row['large']:6.1f}")
+    report = {"dataset": str(dataset.relative_to(ROOT)), "model": args.model, "train_images": args.train_images,
+              "layers": {str(k): v for k, v in results.items()},
+              "read_by_reranker": sorted(read), "machine": machine(),
+              "seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
