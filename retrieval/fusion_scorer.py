@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from indexer import export_cache
+from indexer.checkpoint import file_sha256
 from indexer.errors import ExportError
 from indexer.item_encoder import Runtime, default_threads
 from indexer.onnx_session import open_session
@@ -57,9 +58,15 @@ class TorchFusion:
 
 
 def load_fusion(reranker: Path, sha256: str, runtime: Runtime = Runtime()) -> FusionScorer:
-    """The scorer of the reranker checkpoint at `reranker` (whose file hash is `sha256`)."""
+    """The scorer of the reranker checkpoint at `reranker` (whose file hash is `sha256`).
+
+    The export is keyed by the weights' hash and by the checkpoint's JSON (its config, the score
+    weight among it): a weight changed beside the same weights file is a new export, not a stale one.
+    """
     if runtime.wants_onnx:
-        key = export_cache.export_key(reranker_sha256=sha256)
+        config = reranker.with_suffix(".json")
+        key = export_cache.export_key(reranker_sha256=sha256,
+                                      config_sha256=file_sha256(config) if config.is_file() else None)
         try:
             folder = export_cache.exported(KIND, key, lambda folder: _export(reranker, sha256, folder))
             return OnnxFusion(folder, runtime.threads or default_threads(), runtime.quick_start)

@@ -96,3 +96,25 @@ def test_a_reranker_that_does_not_export_runs_on_torch(tmp_path, monkeypatch):
     assert len(calls) == 1  # the refusal is remembered
     with pytest.raises(ExportError, match="not this one"):
         load_fusion(path, file_sha256(path), Runtime("onnx"))
+
+
+def test_a_score_weight_changed_beside_the_same_weights_is_exported_anew(tmp_path, monkeypatch):
+    import json
+
+    from indexer.checkpoint import file_sha256
+    from indexer.item_encoder import Runtime
+    from retrieval.fusion_scorer import load_fusion
+
+    monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(4)
+    path = save_reranker(FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval(),
+                         tmp_path / "reranker.safetensors")
+    meta_file = path.with_suffix(".json")
+    first = load_fusion(path, file_sha256(path), Runtime("onnx"))
+    meta = json.loads(meta_file.read_text())
+    meta["fusion_config"]["score_weight"] = first.weight * 3 + 0.5
+    meta_file.write_text(json.dumps(meta))
+    second = load_fusion(path, file_sha256(path), Runtime("onnx"))
+    assert isinstance(second, OnnxFusion)
+    assert second.weight == pytest.approx(first.weight * 3 + 0.5)
+    assert load_fusion(path, file_sha256(path), Runtime("torch")).weight == pytest.approx(second.weight)
