@@ -27,7 +27,7 @@ from indexer.options import DEVICE, PRECISION
 
 from . import calibration
 from .filtering import RowColumns
-from .fusion_scorer import load_fusion
+from .fusion_scorer import FusionScorer, load_fusion
 from .rerank import rerank_top
 from .hits import Hit  # the result type, torch-free for retrieval/client.py
 from .query import Filters, Part, Refine
@@ -140,8 +140,10 @@ class Searcher:
 
     def search(self, text: str | None = None, image: Path | str | None = None, k: int = DEFAULT_K,
                kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K, *, parts: Sequence[Part] = (),
-               filters: Filters | None = None, refine: Refine | None = None) -> list[Hit]:
+               filters: Filters | None = None, refine: Refine | None = None, rerank: bool = True) -> list[Hit]:
         """Text -> images (default kind "image"), or image -> texts and images (default kind "all").
+
+        `rerank=False` answers by recall alone, as a Searcher made with rerank=False does.
 
         `parts` adds weighted texts and images to the query (retrieval/query.py; the README says how
         each stage uses them); `filters` restricts what may be returned before ranking, so that k
@@ -162,7 +164,8 @@ class Searcher:
         if not any(p.weight > 0 for p in query):
             raise QueryError("a query needs at least one part with a positive weight")
         query_kind = "text" if next(p for p in query if p.weight > 0).text is not None else "image"
-        if refine.min_prob is not None and self.scorer is None:
+        scorer = self.scorer if rerank else None
+        if refine.min_prob is not None and scorer is None:
             raise QueryError(NO_PROBABILITY)
         kind = kind or ("image" if query_kind == "text" else "text" if refine.min_prob is not None else "all")
         if kind not in KINDS:
@@ -174,7 +177,7 @@ class Searcher:
         gen = self._gen  # one generation for the whole query, whatever refresh does meanwhile
         hits: list[Hit] = []
         for target in (("text", "image") if kind == "all" else (kind,)):
-            hits += self._search_kind(gen, emb, encoded, target, k, rerank_k, filters, refine)
+            hits += self._search_kind(gen, emb, encoded, target, k, rerank_k, filters, refine, scorer)
         return hits
 
     def unmigrated(self) -> int:
@@ -182,11 +185,12 @@ class Searcher:
         return self._gen.columns().unmigrated
 
     def _search_kind(self, gen: _Generation, emb: np.ndarray, encoded: list[tuple[Part, ItemFeatures]], target: str,
-                     k: int, rerank_k: int, filters: Filters, refine: Refine) -> list[Hit]:
+                     k: int, rerank_k: int, filters: Filters, refine: Refine,
+                     scorer: FusionScorer | None) -> list[Hit]:
         if target not in gen.ann:
             return []
         judges = [(p.weight, f) for p, f in encoded if (p.text is not None) == (target == "image")]  # other modality
-        rerank = self.scorer is not None and any(w > 0 for w, _ in judges)
+        rerank = scorer is not None and any(w > 0 for w, _ in judges)
         if refine.min_prob is not None and not rerank:
             raise QueryError(f"--min-prob judges {target} results against the query's "
                              f"{'texts' if target == 'image' else 'images'}, and it has none with a positive weight; "
@@ -203,7 +207,7 @@ class Searcher:
             # only the top rerank_k are rescored (the rest keep recall order); all of them when cut by probability
             n = len(rows) if refine.min_prob is not None else min(rerank_k, len(rows))
             logit, penalty, prob = self._judge(gen.snapshot, judges, target, rows[:n])
-            scores = sims[:n] + self.scorer.weight * (logit - penalty)  # recall + weight x logit, as BLIP combines them
+            scores = sims[:n] + scorer.weight * (logit - penalty)  # recall + weight x logit, as BLIP combines them
             hits = [dataclasses.replace(h, score=float(s), match_logit=float(g), probability=float(p))
                     for h, s, g, p in zip(hits, scores, logit, prob)] + hits[n:]
             order = rerank_top(np.arange(len(hits)), scores)

@@ -2,8 +2,8 @@
 
 One Searcher, its models called by one query at a time (a torch module is not safe for
 concurrent forward passes in every case, and the Searcher keeps the last query's timings); a
-second one without the reranker, made on the first query that asks for recall only, so that such
-a query is answered exactly as `itm-search --no-rerank` answers it in-process.
+query that asks for recall only is answered by it without the reranker, exactly as
+`itm-search --no-rerank` answers it in-process.
 Before each query the service looks at the index's manifest (one stat) and, when a build has
 committed since, moves the Searcher to the newest generation; a query holds one generation from
 start to end, whose files its snapshot mapped when it opened. A newer generation that cannot be
@@ -104,7 +104,6 @@ class SearchService:
         self._counting = threading.Lock()
         self._lock = threading.Lock()  # one query at a time through the Searcher and its models
         self._searcher: Searcher | None = None  # None while the index is empty
-        self._recall_only: Searcher | None = None  # for queries without reranking, as `--no-rerank` searches
         self._empty: EmptyIndexError | None = None
         self._stamp: tuple[int, int, int] | None = None
         with self._lock:
@@ -120,12 +119,12 @@ class SearchService:
             self.queries += 1
         self._check(query)
         with self._query_image(query.image) as upload, self._part_images(query.parts) as uploads, self._lock:
-            s = self._current(query.rerank)
+            s = self._current()
             image = upload or self._indexed(s, query)
             parts = [self._part(s, p, uploads.get(i)) for i, p in enumerate(query.parts)]
             try:
                 hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind, rerank_k=query.rerank_k,
-                                parts=parts, filters=query.filters, refine=query.refine)
+                                parts=parts, filters=query.filters, refine=query.refine, rerank=query.rerank)
             except QueryError as e:
                 message = str(e)  # the temporary files' names mean nothing to the client: name its uploads
                 for path, name in [(upload, query.image_name), *((f, query.parts[i].image_name)
@@ -139,8 +138,8 @@ class SearchService:
                        "total_ms": 1e3 * (time.perf_counter() - start)}
             reranked = any(h.match_logit is not None for h in hits)
             unmigrated = s.unmigrated() if query.filters.needs_metadata else 0
-            return Answer(hits, s.snapshot.manifest.generation, reranked, timings, s.calibration.calibrated,
-                          unmigrated)
+            return Answer(hits, s.snapshot.manifest.generation, reranked, timings,
+                          query.rerank and s.calibration.calibrated, unmigrated)
 
     def info(self) -> dict[str, Any]:
         """What `itm-index info --json` shows, for the generation queries read now."""
@@ -231,18 +230,12 @@ class SearchService:
             return Path(find_image_by_path(s.snapshot, query.image_path).path)
         return None
 
-    def _current(self, rerank: bool) -> Searcher:
-        """The Searcher for a query, on the newest generation it can take (hold the lock)."""
+    def _current(self) -> Searcher:
+        """The Searcher on the newest generation it can take (hold the lock)."""
         self._update()
         if self._searcher is None:
             raise EmptyIndexError(str(self._empty))
-        if rerank or not self._searcher.has_reranker:
-            return self._searcher
-        if self._recall_only is None:  # made on the first such query: its models are loaded a second time
-            self._recall_only = Searcher(self.index_dir, rerank=False, **self._runtime)
-        else:
-            self._refresh(self._recall_only)
-        return self._recall_only
+        return self._searcher
 
     def _snapshot(self) -> Snapshot:
         searcher = self._searcher

@@ -75,6 +75,19 @@ def write_png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+def test_recall_only_queries_use_the_models_already_loaded(index, monkeypatch):
+    import retrieval.search
+
+    loads = []
+    real = retrieval.search.load_item_encoder
+    monkeypatch.setattr(retrieval.search, "load_item_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
+    service = SearchService(index)
+    a = service.search(Query(text="a red square", k=5, rerank=False))
+    b = service.search(Query(text="a red square", k=5))
+    assert len(loads) == 1 and not a.reranked and b.reranked and not a.calibrated
+    assert a.hits == Searcher(index, rerank=False).search(text="a red square", k=5)
+
+
 def test_takes_each_newer_generation_and_keeps_the_last_good_one(index, image_folder, tiny_rerank_spec, tiny_encoder,
                                                                  tmp_path):
     service = SearchService(index)
@@ -84,7 +97,7 @@ def test_takes_each_newer_generation_and_keeps_the_last_good_one(index, image_fo
     build_index(image_folder, index, tiny_rerank_spec, BuildOptions(workers=1))
     later = service.search(Query(text="x", k=100))
     assert later.generation == first.generation + 1 and len(later.hits) == len(first.hits) + 2
-    recall_only = service.search(Query(text="x", k=100, rerank=False))  # the second Searcher moves too
+    recall_only = service.search(Query(text="x", k=100, rerank=False))  # recall only reads the new generation too
     assert recall_only.generation == later.generation and {h.id for h in recall_only.hits} == {h.id for h in later.hits}
     assert {str(p) for p in new} <= {h.path for h in later.hits}
     assert service.search(Query(image_path=str(new[0]), k=1, kind="image")).hits[0].path == str(new[0])
