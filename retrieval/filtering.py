@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from indexer.store import categories
+
 from .query import Filters
 
 
@@ -21,7 +23,7 @@ class RowColumns:
 
     def __init__(self, rows: pa.Table):
         col = lambda name: rows.column(name).to_pylist()  # noqa: E731
-        self.kinds = np.asarray(col("kind"), dtype=object)
+        self.kinds = categories(rows.column("kind"))
         self.paths = [os.fsdecode(p) for p in col("path")]
         self.width = np.asarray([-1 if w is None else w for w in col("width")], np.int64)
         self.height = np.asarray([-1 if h is None else h for h in col("height")], np.int64)
