@@ -10,6 +10,7 @@ from indexer import store
 from indexer.build import BuildOptions, build_index
 from indexer.compact import compact_index
 from indexer.metadata import COLUMNS, read_metadata
+from retrieval.filtering import RowColumns
 from tests.conftest import write_images
 
 
@@ -79,10 +80,12 @@ def test_a_format_2_index_is_read_at_once_and_migrated_by_the_next_writer(tmp_pa
     assert all(r[c] is None for r in old.values() for c in COLUMNS)  # read, metadata not yet there
     assert {k: {c: v for c, v in r.items() if c not in COLUMNS} for k, r in old.items()} == \
         {k: {c: v for c, v in r.items() if c not in COLUMNS} for k, r in before.items()}
+    assert RowColumns(snap.rows).unmigrated == 4  # the images, not the texts
     gen = snap.manifest.generation
     r = build_index(text_file, idx)  # a build of another source, with nothing to do, migrates the whole index
     assert (r.added, r.updated, r.removed) == (0, 0, 0)
     assert by_name(idx) == before
+    assert RowColumns(store.Snapshot.open(idx).rows).unmigrated == 0
     on_disk = json.loads((idx / "manifest.json").read_text())
     assert on_disk["format"] == manifest_module.FORMAT_VERSION and on_disk["generation"] == gen + 1
     assert on_disk["ann"] == json.loads(json.dumps(snap.manifest.to_json()))["ann"]  # the vectors did not move
