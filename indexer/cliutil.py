@@ -59,9 +59,10 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def write_raw_path(path: str) -> None:
-    """A path on stdout as its exact bytes and a newline, for programs that open it (`| xargs ...`)."""
-    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+def write_raw_path(path: str, end: bytes = b"\n") -> None:
+    """A path on stdout as its exact bytes and `end`, for programs that open it (`| xargs ...`; with end=b"\0",
+    `| xargs -0 ...`, for names that hold newlines)."""
+    sys.stdout.buffer.write(os.fsencode(path) + end)
     sys.stdout.buffer.flush()
 
 

@@ -62,6 +62,8 @@ def search(
                                  "gives them)."),
     paths_only: bool = typer.Option(False, "--paths-only", help="Only image paths (their exact bytes) and texts, "
                                     "one per line."),
+    null: bool = typer.Option(False, "-0", "--null", help="As --paths-only, each path and text ended by a NUL byte "
+                              "instead of a newline (for xargs -0: file names may hold newlines)."),
     server: Optional[str] = typer.Option(None, "--server", help="URL of a running itm-serve to ask (default: the "
                                          "one serving this index, when one runs; else the search runs here)."),
     no_server: bool = typer.Option(False, "--no-server", help="Search in this process even when a server runs."),
@@ -100,7 +102,7 @@ def search(
             calibrated = searcher.calibration.calibrated
             unmigrated = searcher.unmigrated() if filters.needs_metadata else 0
     _notes(hits, refine, filters, calibrated, unmigrated)
-    _print(hits, as_json, paths_only, refine.min_prob is not None)
+    _print(hits, as_json, b"\0" if null else b"\n" if paths_only else None, refine.min_prob is not None)
 
 
 def _notes(hits: list[Hit], refine: Refine, filters: Filters, calibrated: bool, unmigrated: int) -> None:
@@ -118,12 +120,13 @@ def _notes(hits: list[Hit], refine: Refine, filters: Filters, calibrated: bool, 
         warn(PROG, f"no match: nothing passes {' and '.join(why)}")
 
 
-def _print(hits: list[Hit], as_json: bool, paths_only: bool, with_probability: bool) -> None:
+def _print(hits: list[Hit], as_json: bool, end: bytes | None, with_probability: bool) -> None:
+    """One line per hit; `end`: paths (exact bytes) and texts only, each followed by it."""
     for h in hits:
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(h)))
-        elif paths_only:
-            write_raw_path(h.path) if h.kind == "image" else typer.echo(h.text)
+        elif end is not None:
+            write_raw_path(h.path, end) if h.kind == "image" else write_raw_path(h.text, end)
         else:
             what = printable(h.path) if h.kind == "image" else f"{h.text!r}"
             p = f"  p={h.probability:.2f}" if with_probability and h.probability is not None else ""

@@ -117,6 +117,20 @@ def test_a_name_that_is_not_utf8_survives_every_output(tmp_path):
     assert [os.fsencode(s["path"]) for s in skipped] == [os.fsencode(folder) + b"/bad \x80.png"]
 
 
+def test_null_ended_paths_keep_names_with_newlines_whole(tmp_path):
+    folder = tmp_path / "photos"
+    write_images(folder, 2)
+    odd = folder / "two\nlines.png"
+    write_images(tmp_path / "x", 1, seed=5)[0].replace(odd)
+    idx = tmp_path / "idx"
+    r = run("itm-index", "build", folder, "--index", idx, "--model", "itm-tiny", "--pretrained", "random", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run("itm-search", "a photo", "-k", "3", "-0", "--index", idx, text=False)
+    assert r.returncode == 0 and r.stdout.endswith(b"\0"), r.stderr
+    paths = r.stdout[:-1].split(b"\0")
+    assert len(paths) == 3 and os.fsencode(odd) in paths and all(os.path.isfile(p) for p in paths)
+
+
 HEAVY = ("torch", "open_clip", "torchvision", "pandas")  # pandas: what pyarrow's to_numpy of strings imports
 PROBE = ("import atexit, sys\n"
          "atexit.register(lambda: print('loaded:', *[m for m in {heavy!r} if m in sys.modules], file=sys.stderr))\n"
