@@ -19,7 +19,6 @@ reading those layers can learn it; low ones, that the image tower loses it and m
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import benchlib
 from data.synth.world import COLOURS, SHAPES, SIZES
 from quality_report import ROOT, load_models, machine, split_meta, test_split
 from retrieval.data import load_dataset
@@ -99,13 +99,13 @@ def main() -> None:
             row = {"all": 100 * float(ok.mean()), "occupied": 100 * float(ok[size > 0].mean()),
                    "small": 100 * float(ok[size == 1].mean()), "large": 100 * float(ok[size == 2].mean())}
             results[layer][name] = row
-            print(f"{layer:5d} {'yes' if layer in read else 'no':>4} {name:9} {row['all']:9.1f} {row['occupied']:8.1f} {row['small']:6.1f} {row['large']:6.1f}")
+            print(f"{layer:5d} {'yes' if layer in read else 'no':>4} {name:9} {row['all']:9.1f} "
+                  f"{row['occupied']:8.1f} {row['small']:6.1f} {row['large']:6.1f}")
     report = {"dataset": str(dataset.relative_to(ROOT)), "model": args.model, "train_images": args.train_images,
               "layers": {str(k): v for k, v in results.items()},
               "read_by_reranker": sorted(read), "machine": machine(),
               "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    benchlib.write_json(args.out, report)
     print(f"wrote {args.out}")
 
 
