@@ -28,8 +28,9 @@ itm / rclip for rates), so that a comparison holds while the machine's speed dri
 rclip cannot download its model here, so random-weight stand-ins are exported the way rclip's
 own conversion script exports the real ones, into the folder rclip reads before any download.
 Peak memory is each command's largest resident set (the kernel's accounting of the finished
-process). The load average before and after is printed: figures taken at a load above 0.5 on
-this 2-core kind of machine are not final.
+process). The load average before and after is printed: figures taken from a start at a load
+above 0.5 on this 2-core kind of machine are not final (the load at the end is the benchmark's
+own work).
 """
 from __future__ import annotations
 
@@ -303,7 +304,8 @@ def main() -> None:
                            lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]))
     ratio = forward_ratio(big, args.build_runs)
     facts = benchlib.finish(facts)
-    quiet = max(facts["loadavg_start"][0], facts["loadavg_end"][0]) <= QUIET_LOAD
+    # the machine was quiet if nothing ran before the start; the load at the end is this benchmark's own
+    quiet = facts["loadavg_start"][0] <= QUIET_LOAD
     print(f"\nitm vs rclip 3.x, open_clip ViT-B-32-256 random weights, {time.strftime('%Y-%m-%d')}")
     print(benchlib.describe_machine(facts) + ("" if quiet else "  [UNDER LOAD: not final]"))
     print(f"itm run from {facts['itm_install']}; rclip from {args.rclip_python}")
