@@ -121,7 +121,7 @@ def _notes(hits: list[Hit], refine: Refine, filters: Filters, calibrated: bool, 
 
 
 def _print(hits: list[Hit], as_json: bool, end: bytes | None, with_probability: bool) -> None:
-    """One line per hit; `end`: paths (exact bytes) and texts only, each followed by it."""
+    """One entry per hit; `end`: paths (exact bytes) and texts only, each followed by it."""
     for h in hits:
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(h)))
