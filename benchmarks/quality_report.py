@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.synth.captions import caption_kind, parse_caption, truth_table, why_false
+from data.synth.captions import WHY_FALSE, caption_kind, parse_caption, truth_table, why_false
 from data.synth.prepare import prepare, scene_from_dict
 from indexer.encoder import DualEncoder
 from indexer.models import resolve_model
@@ -48,7 +48,6 @@ from retrieval.evaluate import embed_dataset, oracle_recall, pair_wins, rank, re
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "data" / "demo" / "work"
 TEST_IMAGES = 1000
-WHY = ("where", "binding", "size", "shape", "colour", "several")  # why_false's answers
 
 
 def test_split(seed: int, work: Path = WORK) -> Path:
@@ -121,17 +120,15 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
 
 
 def truth_by_kind(top: np.ndarray, truth: np.ndarray, parts: list, kinds: np.ndarray, scenes: list) -> dict:
-    """Per kind of caption: how many, t2i truth@1, and why the top image is false where it is (why_false:
-    "where" it holds the objects, not in the said relation or position; "binding" the attributes, on other
-    objects; else the attribute it gets wrong),
-    each in % of that kind's captions; "all" for every caption."""
+    """Per kind of caption ("all" for every caption): how many, t2i truth@1, and why the top image is false
+    where it is (why_false's answers), each in % of that kind's captions."""
     hit = truth[np.arange(len(top)), top]
     why = np.array(["" if ok else why_false(scenes[j], p) for ok, j, p in zip(hit, top, parts)])
     out = {}
     for kind in ["all", *sorted(set(kinds))]:
         sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
         out[kind] = {"captions": int(sel.sum()), "truth1": 100 * float(hit[sel].mean()),
-                     "false": {w: 100 * float((why[sel] == w).mean()) for w in WHY}}
+                     "false": {w: 100 * float((why[sel] == w).mean()) for w in WHY_FALSE}}
     return out
 
 
@@ -157,11 +154,11 @@ def print_report(r: dict) -> None:
             x = s[stage]
             print(f"{stage:8} {x['all']:6.1f} {x['held_out']:9.1f} " + " ".join(f"{x[k]:14.1f}" for k in kinds))
     print("\nt2i truth@1 by kind of caption, and the top image false because of (% of the kind's captions):")
-    print(f"{'':16} {'kind':24} {'captions':>8} {'truth@1':>7} " + " ".join(f"{w:>7}" for w in WHY))
+    print(f"{'':16} {'kind':24} {'captions':>8} {'truth@1':>7} " + " ".join(f"{w:>7}" for w in WHY_FALSE))
     for name, x in r["by_kind"].items():
         for kind, v in x.items():
             print(f"{name:16} {kind:24} {v['captions']:8d} {v['truth1']:7.1f} "
-                  + " ".join(f"{v['false'][w]:7.1f}" for w in WHY))
+                  + " ".join(f"{v['false'][w]:7.1f}" for w in WHY_FALSE))
     t = r["twins"]
     print(f"\ntwins: % of {t['captions']} captions whose image is ranked above its confusable twin")
     for name, x in t.items():

@@ -1,4 +1,4 @@
-"""What the demo model's image tower knows about each cell: linear probes on its region tokens.
+"""What the demo model's image tower knows about each cell: small probes on its region tokens.
 
     python benchmarks/region_probe.py                 # the bundled demo model, seed-0 test split
     python benchmarks/region_probe.py --seed 1 --train-images 700

@@ -9,9 +9,9 @@ they are never all in memory: the build (indexer/ivf_disk.py: train on a sample,
 shard, merge_ondisk), the exact search that measures recall and the nprobe choice all stream
 them. The factory is what itm chooses for the corpus size (indexer/ann.py: choose_factory).
 
-The build runs on every core, as itm's does. Latency is per single query on one thread, from a cold page cache (the lists file dropped from
-the cache with posix_fadvise before each query: every list probed is read from disk) and from a
-warm one (the same queries again, after one pass). Writes benchmarks/results/scale_ondisk.json.
+The build runs on every core, as itm's does. Latency is per single query on one thread, from a
+cold page cache (the lists file dropped from the cache with posix_fadvise before each query:
+every list probed is read from disk) and from a warm one (the same queries again, after one pass). Writes benchmarks/results/scale_ondisk.json.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 
 Reads the committed measurements (benchmarks/results/*.json: vs_rclip for the CPU encode rate,
 query_latency for the text tower, fusion_latency for reranking k=50, scale_ondisk*.json for the
-on-disk IVF index: the run with the most vectors), computes the rerank store's bytes per image from the fusion config, measures
-the one cost none of them has (the Parquet bytes of an index row, on 100,000 rows with LAION-like
+on-disk IVF index: the run with the most vectors), computes the rerank store's bytes per image
+from the fusion config, measures the one cost none of them has (the Parquet bytes of an index row, on 100,000 rows with LAION-like
 paths), and prints each
 line of docs/scale.md's plan marked "measured", "extrapolated" (from a measurement, by a stated
 rule) or "cited" (someone else's figure). Writes benchmarks/results/scale_plan.json.
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import benchlib
 from indexer import store
 from indexer.ann import choose_factory
-from indexer.ivf_disk import TRAIN_PER_LIST
+from indexer.ivf_disk import TRAIN_PER_LIST, nlist_of
 
 RESULTS = benchlib.RESULTS_DIR
 EMB_BYTES = 512 * 4  # ViT-B-32's 512-d embedding, float32 in the segments
@@ -43,8 +43,7 @@ def ondisk_runs() -> list[dict]:
 
 def scan_cost(run: dict, which: str = "warm") -> tuple[float, float]:
     """(ms per vector scanned, fixed ms): a line fitted to a run's p50 latency against nprobe x vectors per list."""
-    nlist = int(run["factory"][3:].split("_")[0])
-    x = [r["nprobe"] * run["n"] / nlist for r in run["search"]]
+    x = [r["nprobe"] * run["n"] / nlist_of(run["factory"]) for r in run["search"]]
     per_vector, fixed = np.polyfit(x, [r[f"{which}_p50_ms"] for r in run["search"]], 1)
     return float(per_vector), float(fixed)
 
@@ -120,8 +119,7 @@ def plan(n: int, nprobe: int = 128) -> list[dict]:
         line("query, text -> images, k=50 reranked", f"{encode:.0f} ms encode + {rerank:.0f} ms rerank + the IVF "
              "search, not measured", "measured in part", "encode and rerank: 1 thread, this machine")
         return out
-    nlist = int(factory[3:].split("_")[0])
-    m_nlist = int(disk["factory"][3:].split("_")[0])
+    nlist, m_nlist = nlist_of(factory), nlist_of(disk["factory"])
     if "build_threads" in disk:  # a run whose build had the cores: its phases scale to n
         t, cores = disk["timings"], disk["build_threads"]
         train = t["train_s"] * (nlist / m_nlist) ** 2 * cores / 3600  # k-means: (TRAIN_PER_LIST x nlist) x nlist

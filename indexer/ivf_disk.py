@@ -57,10 +57,14 @@ def is_ivf(factory: str) -> bool:
     return _IVF.search(factory) is not None
 
 
+def nlist_of(factory: str) -> int:
+    """The number of inverted lists an IVF factory string asks for ("IVF1024_HNSW32,SQ8" -> 1024)."""
+    return int(_IVF.search(factory).group(1))
+
+
 def train_size(factory: str, n: int) -> int:
     """How many of the n vectors to train `factory` on."""
-    nlist = int(_IVF.search(factory).group(1))
-    return min(n, max(TRAIN_PER_LIST * nlist, TRAIN_MIN))
+    return min(n, max(TRAIN_PER_LIST * nlist_of(factory), TRAIN_MIN))
 
 
 def build_on_disk(blocks: Blocks, sample: Embeddings, factory: str, index_path: Path, recall_target: float,

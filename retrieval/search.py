@@ -206,7 +206,7 @@ class Searcher:
             t0 = time.perf_counter()
             # only the top rerank_k are rescored (the rest keep recall order); all of them when cut by probability
             n = len(rows) if refine.min_prob is not None else min(rerank_k, len(rows))
-            logit, penalty, prob = self._judge(gen.snapshot, judges, target, rows[:n])
+            logit, penalty, prob = self._judge(scorer, gen.snapshot, judges, target, rows[:n])
             scores = sims[:n] + scorer.weight * (logit - penalty)  # recall + weight x logit, as BLIP combines them
             hits = [dataclasses.replace(h, score=float(s), match_logit=float(g), probability=float(p))
                     for h, s, g, p in zip(hits, scores, logit, prob)] + hits[n:]
@@ -248,7 +248,7 @@ class Searcher:
                 return kind_rows[pos[0][found]][:depth], sims[0][found][:depth]
             ask = min(index.ntotal, 4 * ask)
 
-    def _judge(self, snapshot: store.Snapshot, judges: list[tuple[float, ItemFeatures]], target: str,
+    def _judge(self, scorer: FusionScorer, snapshot: store.Snapshot, judges: list[tuple[float, ItemFeatures]], target: str,
                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fusion model's verdict on candidates `rows` against the query's parts of the other modality,
         one batched forward pass per part: the weighted mean logit of the positive parts, the penalty from
@@ -259,8 +259,8 @@ class Searcher:
         total = sum(w for w, _ in judges if w > 0)
         logit, penalty, miss = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32), np.ones(len(rows))
         for w, f in judges:
-            part = self.scorer.logits(cand, f.tok, f.mask) if target == "image" else \
-                self.scorer.logits(f.tok, cand, cand_mask)
+            part = scorer.logits(cand, f.tok, f.mask) if target == "image" else \
+                scorer.logits(f.tok, cand, cand_mask)
             if w > 0:
                 logit += (w / total) * part
             else:  # pushes down the candidates the reranker believes match what the query excludes

@@ -202,13 +202,16 @@ def caption_kind(parts: CaptionParts) -> str:
     return f"{n} object{'s' if len(parts.mentions) > 1 else ''}{said}"
 
 
+WHY_FALSE = ("where", "binding", "size", "shape", "colour", "several")  # why_false's answers
+
+
 def why_false(scene: Scene, parts: CaptionParts) -> str:
     """Why a caption is false of `scene`: "where" (distinct objects fit the mentions, but not in the relation or
     position said); "binding" (they fit with either their colours or their shapes neglected: the attributes are
     there, bound to other objects); the one attribute whose neglect lets objects fit ("size", "shape",
     "colour"); else "several"."""
     def fit(neglect: str | None) -> bool:
-        same = (lambda m, o: _fits(m, o)) if neglect is None else (lambda m, o: all(
+        same = _fits if neglect is None else (lambda m, o: all(
             getattr(m, a) in (None, getattr(o, a)) for a in ("colour", "shape", "size") if a != neglect))
         return any(all(same(m, o) for m, o in zip(parts.mentions, objs))
                    for objs in permutations(scene.objects, len(parts.mentions)))
