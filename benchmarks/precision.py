@@ -1,16 +1,19 @@
-"""bf16 against fp32 on this CPU: how close the embeddings are, and how fast each precision encodes.
+"""Precisions against fp32 on this CPU: how close the embeddings are, and how fast each encodes.
 
     python benchmarks/precision.py [--models ViT-B-32,itm-tiny] [--pretrained random]
         [--batch-size 32] [--timed-batches 1] [--out benchmarks/results/precision.json]
 
-For each model, the same seeded weights are loaded at fp32 and at bf16 (`DualEncoder.load(...,
-precision=)`). One batch of generated photo-like images and one of captions go through both; the
-cosine between the two embeddings of each item gives mean and min. That first batch is also the
-warm-up; then at least `--timed-batches` batches of the same size (and at least 3 s of them) are
-timed for images/s and texts/s.
+For each model, the same seeded weights run four ways: torch in fp32 and in bf16 (`DualEncoder.load(...,
+precision=)`), and the onnx backend's exported graphs in fp32 and in int8 (`--precision int8`:
+ONNX Runtime's dynamic quantization of the matrix products). One batch of generated photo-like
+images and one of captions go through each; the cosine between each item's embedding and torch
+fp32's gives mean and min. That first batch is also the warm-up; then at least `--timed-batches`
+batches of the same size (and at least 3 s of them) are timed for images/s and texts/s, and the
+speed-up is against torch fp32 and against onnx fp32 (what a build runs by default).
 
-bf16 is only fast where the CPU has bf16 arithmetic (AVX512-BF16 or AMX); the JSON records
-whether torch's oneDNN reports bf16 support here.
+bf16 is only fast where the CPU has bf16 arithmetic (AVX512-BF16 or AMX), int8 where it has
+8-bit dot products (AVX512-VNNI or AVX-VNNI); the JSON records whether torch's oneDNN reports
+bf16 support here.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 import benchlib
 from indexer.encoder import DualEncoder
+from indexer.item_encoder import Runtime, load_item_encoder
 from indexer.models import resolve_model
 
 IMAGE_SIDE = (320, 240)  # generated images; prepare() resizes them to the model's input size
@@ -44,49 +48,69 @@ def per_second(fn, batch_items: int, min_batches: int, min_seconds: float = MIN_
     return batches * batch_items / (time.perf_counter() - start)
 
 
+VARIANTS = ("torch fp32", "torch bf16", "onnx fp32", "onnx int8")
+
+
+def encoders(spec, threads: int) -> dict[str, tuple]:
+    """Per variant: (encode prepared pixels (B, 3, S, S) -> (B, E), encode texts -> (B, E)), as tensors."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        enc = DualEncoder.load(spec, precision=precision)
+        out[f"torch {precision}"] = (lambda x, e=enc: e.encode_images(x).embeddings,
+                                     lambda t, e=enc: e.encode_texts(t).embeddings)
+    for precision in ("fp32", "int8"):
+        enc = load_item_encoder(spec, Runtime("onnx", precision=precision, threads=threads))
+        out[f"onnx {precision}"] = (lambda x, e=enc: torch.from_numpy(e.encode_images(x.numpy()).emb),
+                                    lambda t, e=enc: torch.from_numpy(e.encode_texts(t).emb))
+    return out
+
+
 def run_model(name: str, pretrained: str, batch_size: int, timed_batches: int) -> dict:
     spec = resolve_model(name, pretrained)
-    encoders = {p: DualEncoder.load(spec, precision=p) for p in ("fp32", "bf16")}
-    first = encoders["fp32"]
+    variants = encoders(spec, torch.get_num_threads())
+    first = DualEncoder.load(spec)
     images = [benchlib.photo_like(np.random.default_rng([7, i]), *IMAGE_SIDE) for i in range(batch_size)]
     pixels = torch.stack([first.prepare(im) for im in images])  # (B, 3, S, S)
     texts = benchlib.captions(batch_size, seed=7)
     out, rates = {}, {}
-    for precision, enc in encoders.items():
+    for variant, (encode_images, encode_texts) in variants.items():
         start = time.perf_counter()
-        image_emb = enc.encode_images(pixels).embeddings  # warm-up, and the sample compared below
+        image_emb = encode_images(pixels)  # warm-up, and the sample compared below
         first_call_s = time.perf_counter() - start
-        text_emb = enc.encode_texts(texts).embeddings
-        out[precision] = (image_emb, text_emb)
-        rates[precision] = {
-            "images_per_s": per_second(lambda: enc.encode_images(pixels), batch_size, timed_batches),
-            "texts_per_s": per_second(lambda: enc.encode_texts(texts), batch_size, timed_batches),
+        out[variant] = (image_emb, encode_texts(texts))
+        rates[variant] = {
+            "images_per_s": per_second(lambda: encode_images(pixels), batch_size, timed_batches),
+            "texts_per_s": per_second(lambda: encode_texts(texts), batch_size, timed_batches),
             "first_image_batch_s": first_call_s,
         }
+    base = out["torch fp32"]
     return {
         "model": name, "pretrained": pretrained, "embed_dim": first.embed_dim, "image_size": first.image_size,
-        "images": cosines(out["fp32"][0], out["bf16"][0]), "texts": cosines(out["fp32"][1], out["bf16"][1]),
-        "rates": rates, "bf16_speedup_images": rates["bf16"]["images_per_s"] / rates["fp32"]["images_per_s"],
+        "cosine_to_torch_fp32": {v: {"images": cosines(base[0], out[v][0]), "texts": cosines(base[1], out[v][1])}
+                                 for v in VARIANTS[1:]},
+        "rates": rates,
     }
 
 
 def print_results(result: dict) -> None:
     print(benchlib.describe_machine(result["machine"]))
     print(f"torch CPU capability {result['cpu_capability']}, oneDNN bf16 supported: {result['mkldnn_bf16_supported']}; "
-          f"batch {result['settings']['batch_size']}, >= {result['settings']['timed_batches']} timed batch(es) "
-          f"and >= {MIN_SECONDS:.0f} s after warm-up")
+          f"batch {result['settings']['batch_size']}, {result['settings']['threads']} threads, >= "
+          f"{result['settings']['timed_batches']} timed batch(es) and >= {MIN_SECONDS:.0f} s after warm-up")
     print()
     rows = []
     for r in result["results"]:
         for kind in ("images", "texts"):
-            rows.append({"model": r["model"], "kind": kind, **r[kind],
-                         "fp32_per_s": r["rates"]["fp32"][f"{kind}_per_s"],
-                         "bf16_per_s": r["rates"]["bf16"][f"{kind}_per_s"]})
-    for row in rows:
-        row["speedup"] = row["bf16_per_s"] / row["fp32_per_s"]
+            rate = {v: r["rates"][v][f"{kind}_per_s"] for v in VARIANTS}
+            for v in VARIANTS:
+                cos = r["cosine_to_torch_fp32"].get(v, {}).get(kind, {})
+                rows.append({"model": r["model"], "kind": kind, "variant": v, "per_s": rate[v],
+                             "mean_cos": cos.get("mean_cos", 1.0), "min_cos": cos.get("min_cos", 1.0),
+                             "vs_torch": rate[v] / rate["torch fp32"], "vs_onnx": rate[v] / rate["onnx fp32"]})
     print(benchlib.format_table(rows, [
-        ("model", "model", "s"), ("kind", "kind", "s"), ("mean_cos", "mean cos", ".5f"), ("min_cos", "min cos", ".5f"),
-        ("fp32_per_s", "fp32 items/s", ".2f"), ("bf16_per_s", "bf16 items/s", ".2f"), ("speedup", "bf16/fp32", ".2f")]))
+        ("model", "model", "s"), ("kind", "kind", "s"), ("variant", "variant", "s"),
+        ("mean_cos", "mean cos to torch fp32", ".5f"), ("min_cos", "min cos", ".5f"), ("per_s", "items/s", ".2f"),
+        ("vs_torch", "x torch fp32", ".2f"), ("vs_onnx", "x onnx fp32", ".2f")]))
 
 
 def main() -> None:
@@ -106,7 +130,7 @@ def main() -> None:
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
               "settings": {"batch_size": args.batch_size, "timed_batches": args.timed_batches, "min_seconds": MIN_SECONDS,
-                           "image_side": IMAGE_SIDE},
+                           "image_side": IMAGE_SIDE, "threads": torch.get_num_threads()},
               "results": results}
     print_results(result)
     benchlib.write_json(args.out, result)

@@ -3,6 +3,7 @@
     python benchmarks/quality_report.py                     # the bundled demo model, seed-0 test split
     python benchmarks/quality_report.py --seed 1            # another seed's test split
     python benchmarks/quality_report.py --dataset DIR/dataset_karpathy.json --model demo
+    python benchmarks/quality_report.py --image-precision int8 --out benchmarks/results/quality_report_int8.json
 
 The test split of a seed is generated on first use under data/demo/work/test-seed{N}/ (1,000
 images x 5 captions, as the demo recipe's world draws them; the recipe itself never writes one).
@@ -24,6 +25,10 @@ Prints tables and writes JSON (benchmarks/results/quality_report.json):
   or the attributes are there on other objects (binding), or one attribute (size, shape,
   colour) is wrong, or several.
 - "held-out" rows restrict the queries to images with a colour-shape pair never seen in training.
+
+With --image-precision int8 the images (embeddings and rerank-store features) are encoded as
+`itm-index build --precision int8` encodes them (the onnx backend's int8 graphs) and the texts as
+a default query is (fp32): what int8 costs in answers.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +46,7 @@ import torch
 from data.synth.captions import WHY_FALSE, caption_kind, parse_caption, truth_table, why_false
 from data.synth.prepare import prepare, scene_from_dict
 from indexer.encoder import DualEncoder
+from indexer.item_encoder import ItemEncoder, Runtime, load_item_encoder
 from indexer.models import resolve_model
 from retrieval.checkpoint import load_reranker
 from retrieval.data import load_dataset
@@ -76,11 +83,15 @@ def split_meta(dataset: Path, data) -> dict:
     }
 
 
-def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10, 50), split: str = "test") -> dict:
-    """Every figure of the report for the test split of `dataset`."""
+def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10, 50), split: str = "test",
+                   images: ItemEncoder | None = None) -> dict:
+    """Every figure of the report for the test split of `dataset`; with `images`, the images' features
+    are that item encoder's."""
     data = load_dataset(dataset, split=split)
     m = split_meta(dataset, data)
     feats = embed_dataset(encoder, reranker, data)
+    if images is not None:
+        feats = replace(feats, **encode_images(images, data))
     truth = truth_table(feats.texts, m["scenes"])  # (Nt, Ni)
     held, owner = m["held_out"], feats.caption_image
     subsets = {"all": (None, None), "held_out": (held[owner], held)}
@@ -117,6 +128,16 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
         out["swap"][stage] = row
     out["swap"]["count"] = {kind: int((kinds == kind).sum()) for kind in sorted(set(kinds))}
     return out
+
+
+def encode_images(encoder: ItemEncoder, data, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Features' image fields, encoded by an item encoder (as a build encodes them)."""
+    emb, store = [], []
+    for s in range(0, len(data), batch_size):
+        out = encoder.encode_images(np.stack([encoder.load_pixels(d.image) for d in data[s:s + batch_size]]))
+        emb.append(torch.from_numpy(out.emb))
+        store.append(torch.from_numpy(out.tok))
+    return {"image_emb": torch.cat(emb), "image_store": torch.cat(store)}
 
 
 def truth_by_kind(top: np.ndarray, truth: np.ndarray, parts: list, kinds: np.ndarray, scenes: list) -> dict:
@@ -184,6 +205,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--reranker", type=Path)
     ap.add_argument("--rerank-k", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--image-precision", choices=["fp32", "int8"], default="fp32",
+                    help="int8: encode the images with the onnx backend's int8 graphs, as a build with it does")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_report.json")
     args = ap.parse_args()
     if args.dataset is None:
@@ -192,10 +215,15 @@ def main() -> None:
         raise SystemExit(f"{args.dataset} not found")
     t0 = time.time()
     encoder, reranker = load_models(args.model, args.checkpoint, args.reranker)
-    r = evaluate_split(encoder, reranker, args.dataset, args.rerank_k)
+    images = None
+    if args.image_precision != "fp32":
+        spec = resolve_model(args.model, None, args.checkpoint, args.reranker)
+        images = load_item_encoder(spec, Runtime(precision=args.image_precision, threads=torch.get_num_threads()))
+    r = evaluate_split(encoder, reranker, args.dataset, args.rerank_k, images=images)
     print_report(r)
     dataset = args.dataset.relative_to(ROOT) if args.dataset.is_relative_to(ROOT) else args.dataset
-    report = {"dataset": str(dataset), "model": args.model, **r, "machine": machine(),
+    report = {"dataset": str(dataset), "model": args.model, "image_precision": args.image_precision, **r,
+              "machine": machine(),
               "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

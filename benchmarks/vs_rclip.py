@@ -20,6 +20,9 @@ itm / rclip for rates), so that a comparison holds while the machine's speed dri
   deleted before each run; the exported model files of both are kept, as a second build finds them);
 - on a CPU with native bf16 arithmetic, the 300-JPEG build again with itm's --precision bf16 (the
   torch backend; not the default, as bf16 embeddings differ from fp32's by about 1e-4 in cosine);
+- both builds again with itm's --precision int8 (the onnx backend's graphs with int8 matrix
+  products; not the default either, as its embeddings differ from fp32's; the untimed warm-up
+  build of each row makes its graphs, as the first build makes the fp32 export);
 - 12 MP: the build's rate (its scan/decode/encode loop, BuildReport.timings.embed_s less the
   model's set-up within it, as build_throughput.py counts it) against the
   model-only forward rate on already prepared pixels in the same batches, in this process,
@@ -302,6 +305,11 @@ def main() -> None:
         rows.append(paired("build from scratch, 300 JPEGs 640x480, itm --precision bf16",
                            lambda: tools.itm_build(small, args.cache / "itm-b", True, "--precision", "bf16"),
                            lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]))
+    for (count, width, height), corpus in ((SMALL, small), (BIG, big)):  # not the default: answers change a little
+        name = f"{width}x{height}" if corpus is small else f"of {width * height / 1e6:.0f} MP"
+        rows.append(paired(f"build from scratch, {count} JPEGs {name}, itm --precision int8",
+                           lambda c=corpus: tools.itm_build(c, args.cache / "itm-b", True, "--precision", "int8"),
+                           lambda c=corpus: tools.rclip_build(c, True), args.build_runs, items=count))
     ratio = forward_ratio(big, args.build_runs)
     facts = benchlib.finish(facts)
     # the machine was quiet if nothing ran before the start; the load at the end is this benchmark's own

@@ -9,7 +9,9 @@ tolerance (tests/indexer/test_item_encoder.py):
 - "torch": open_clip's model itself (indexer/torch_items.py), for GPUs, bf16 and models whose
   export is not supported.
 
-"auto" (the default) is "onnx" on a CPU in fp32 when the model exports, else "torch".
+"auto" (the default) is "onnx" on a CPU in fp32 when the model exports, else "torch". Precision
+"int8" is the onnx backend's graphs with their matrix products quantized (onnx_items.py): close
+to fp32's arrays, not equal to them, so never chosen unasked.
 
     >>> enc = load_item_encoder(resolve_model("itm-tiny", "random"))
     >>> enc.encode_texts(["a red circle"]).emb.shape
@@ -79,7 +81,7 @@ class Runtime:
 
     backend: str = BACKEND  # auto | onnx | torch
     device: str = DEVICE  # cpu, cuda, ... (a GPU runs the torch backend)
-    precision: str = PRECISION  # fp32 | bf16 | fp16 (not fp32: the torch backend)
+    precision: str = PRECISION  # fp32 | int8 (the onnx backend) | bf16 | fp16 (the torch backend)
     threads: int | None = None  # threads of the forward pass; None: default_threads()
     quick_start: bool = False  # a short-lived process (one query): start graphs fast rather than run them fast
 
@@ -91,9 +93,14 @@ class Runtime:
 
     @property
     def wants_onnx(self) -> bool:
+        if self.precision == "int8":
+            if self.backend == "torch" or self.device != "cpu":
+                where = "--backend torch" if self.backend == "torch" else f"--device {self.device}"
+                raise ItmError(f"--precision int8 runs the onnx backend on a CPU; with {where} use fp32 or bf16")
+            return True
         plain = self.device == "cpu" and self.precision == "fp32"
         if self.backend == "onnx" and not plain:
-            raise ItmError("the onnx backend runs on a CPU in fp32; use --backend torch for a GPU or bf16")
+            raise ItmError("the onnx backend runs on a CPU in fp32 or int8; use --backend torch for a GPU or bf16")
         return self.backend == "onnx" or (self.backend == "auto" and plain)
 
 
@@ -109,9 +116,9 @@ def load_item_encoder(spec: ModelSpec, runtime: Runtime = Runtime(), known: Mode
 
         try:
             return onnx_items.load(spec, runtime.threads or default_threads(), known, reranker_sha256,
-                                   runtime.quick_start)
+                                   runtime.quick_start, int8=runtime.precision == "int8")
         except ExportError:
-            if runtime.backend == "onnx":
+            if runtime.backend == "onnx" or runtime.precision == "int8":
                 raise
     from .torch_items import TorchItemEncoder
 

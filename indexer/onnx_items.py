@@ -8,19 +8,28 @@ An export folder (indexer/export_cache.py) holds, for one model and its reranker
     encoder.json    the model's identity, its image preparation, the store layout
 
 A session is opened for a tower when it is first used, so a text query never loads the image tower.
+
+For --precision int8 a second folder holds the same graphs with ONNX Runtime's dynamic
+quantization applied to their matrix products (int8 weights per output channel, activations
+quantized batch by batch as they run), made from the first without torch, once per model.
+Everything else (the patch embedding, normalisation, attention's softmax) stays fp32.
 """
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from . import export_cache
 from .checkpoint import file_sha256
-from .errors import DecodeError
+from .errors import DecodeError, ExportError
 from .images import load_image
 from .item_encoder import ItemFeatures, StoreLayout, with_spec_names
 from .manifest import ModelIdentity
@@ -31,22 +40,59 @@ from .preprocess import ImagePrep
 from .tokenizer import ClipTokenizer
 
 KIND = "encoder"
+INT8_KIND = "encoder-int8"
 META = "encoder.json"
+TOWERS = ("text", "image")
+INT8_OPS = ["MatMul", "Gemm"]  # what is quantized; a quantized Conv (the patch embedding) ran slower here
+INT8_MIN_COSINE = 0.99  # an int8 graph whose embeddings stray further from fp32's on the check inputs is refused
 
 
-def load(spec: ModelSpec, threads: int, known: ModelIdentity | None = None,
-         reranker_sha256: str | None = None, quick_start: bool = False) -> OnnxItemEncoder:
-    """The model's export from the cache, made first (with torch) when it is not there yet.
+def load(spec: ModelSpec, threads: int, known: ModelIdentity | None = None, reranker_sha256: str | None = None,
+         quick_start: bool = False, int8: bool = False) -> OnnxItemEncoder:
+    """The model's export from the cache, made first (with torch) when it is not there yet; with
+    `int8`, its quantized copy, made first from the export when it is not there yet.
 
-    Raises ExportError when the model cannot be exported (that is remembered beside the cache).
+    Raises ExportError when the model cannot be exported or quantized (that is remembered beside the cache).
     """
     def export(folder: Path) -> None:
         from .onnx_export import export_encoder  # torch and open_clip, once per model
 
         export_encoder(spec, folder)
 
-    folder = export_cache.exported(KIND, encoder_key(spec, known, reranker_sha256), export)
+    key = encoder_key(spec, known, reranker_sha256)
+    folder = export_cache.exported(KIND, key, export)
+    if int8:
+        folder = export_cache.exported(INT8_KIND, key, lambda out: quantize_export(folder, out, spec))
     return OnnxItemEncoder(folder, spec, threads, quick_start)
+
+
+def quantize_export(src: Path, out: Path, spec: ModelSpec) -> None:
+    """Write into `out` the graphs of export folder `src` with int8 matrix products, checked against them."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for tower in TOWERS:
+        try:
+            with _quiet_quantizer():
+                quantize_dynamic(src / f"{tower}.onnx", out / f"{tower}.onnx", weight_type=QuantType.QInt8,
+                                 per_channel=True, op_types_to_quantize=INT8_OPS, use_external_data_format=True)
+        except Exception as e:  # an operator or a graph the quantizer does not handle
+            raise ExportError(f"cannot quantize the {tower} graph to int8 ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); use --precision fp32") from None
+    shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+    meta = json.loads((src / META).read_text())
+    (out / META).write_text(json.dumps({**meta, "int8": {"ops": INT8_OPS, "per_channel": True}}, indent=1) + "\n")
+    fp32, int8 = OnnxItemEncoder(src, spec, threads=1), OnnxItemEncoder(out, spec, threads=1)
+    rng = np.random.default_rng(0)
+    size = fp32.prep.size
+    pixels = np.stack([fp32.prep(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+                       for _ in range(2)])
+    texts = ["a red circle left of a blue square", "a photo of a dog on a beach"]
+    for a, b in ((fp32.encode_images(pixels), int8.encode_images(pixels)),
+                 (fp32.encode_texts(texts), int8.encode_texts(texts))):
+        cosine = float((a.emb * b.emb).sum(1).min())  # unit embeddings
+        if cosine < INT8_MIN_COSINE:
+            raise ExportError(f"{int8.identity.label}: int8 embeddings stray from fp32's (cosine {cosine:.3f} < "
+                              f"{INT8_MIN_COSINE}); use --precision fp32")
 
 
 def encoder_key(spec: ModelSpec, known: ModelIdentity | None = None, reranker_sha256: str | None = None) -> str:
@@ -59,6 +105,16 @@ def encoder_key(spec: ModelSpec, known: ModelIdentity | None = None, reranker_sh
     reranker = (reranker_sha256 or file_sha256(spec.reranker)) if spec.reranker else None
     return export_cache.export_key(arch=arch, pretrained=pretrained, checkpoint_sha256=checkpoint,
                                    reranker_sha256=reranker)
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantizer advises its pre-processing step through the root logger: no place for it in a build's output."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class OnnxItemEncoder:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"  # open_clip architecture used when neither the user nor the index names one
 DEVICE = "cpu"  # cpu, cuda, cuda:1, ...
-PRECISIONS = ("fp32", "bf16", "fp16")  # fp16 on a GPU only
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16 on a GPU only; int8: the onnx backend's quantized graphs
 PRECISION = "fp32"
 BACKENDS = ("auto", "onnx", "torch")  # how a model runs: exported graphs in ONNX Runtime, or torch (item_encoder.py)
 BACKEND = "auto"  # onnx on a CPU in fp32 when the model exports, else torch
@@ -39,7 +39,7 @@ class BuildOptions:
     batch_size: int = 16  # items per forward pass (on a CPU, 16 ran faster than 64, in half the memory)
     workers: int = max(1, (os.cpu_count() or 1))  # decoding threads (0: decode inline)
     device: str = DEVICE
-    precision: str = PRECISION  # fp32 | bf16 | fp16 (GPU)
+    precision: str = PRECISION  # fp32 | bf16 | fp16 (GPU) | int8 (onnx backend)
     backend: str = BACKEND  # auto | onnx | torch: how the model runs (indexer/item_encoder.py)
     threads: int | None = None  # threads of the model's forward pass; None: the cores this process may use
     exclude: tuple[str, ...] = ()  # globs relative to the folder

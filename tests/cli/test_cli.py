@@ -182,6 +182,23 @@ def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch_nor_panda
     assert r.returncode == 0 and loaded[:3] == ["torch", "open_clip", "torchvision"]  # the probe sees them load
 
 
+def test_an_int8_build_and_query_run_without_torch_once_the_model_is_exported(tmp_path):
+    write_images(tmp_path / "photos", 5)
+    idx = tmp_path / "idx"
+    model = ["--model", "itm-tiny", "--pretrained", "random"]
+    r = run("itm-index", "build", tmp_path / "photos", "--index", idx, "-q", "--precision", "int8", *model)
+    assert r.returncode == 0 and "5 added" in r.stdout, r.stderr
+    assert r.stderr == ""  # the quantizer's advice stays out of a build's output
+    write_images(tmp_path / "photos" / "more", 2, seed=1)
+    r, loaded = probe("itm-index", "build", tmp_path / "photos", "--index", idx, "-q", "--precision", "int8",
+                      heavy=HEAVY[:3])
+    assert r.returncode == 0 and "2 added" in r.stdout and loaded == [], r.stderr
+    r, loaded = probe("itm-search", "a red square", "--index", idx, "-k", "3", "--precision", "int8")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3 and loaded == [], r.stderr
+    r = run("itm-search", "a red square", "--index", idx, "--precision", "int8", "--backend", "torch")
+    assert r.returncode == 1 and "int8 runs the onnx backend on a CPU; with --backend torch use fp32" in r.stderr
+
+
 def test_an_on_disk_ivf_index_shows_in_info_and_faiss_prints_nothing_into_the_output(tmp_path):
     images = write_images(tmp_path / "photos", 12)
     idx = tmp_path / "idx"

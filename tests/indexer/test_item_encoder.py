@@ -1,5 +1,6 @@
 """The two item encoders against each other (exported graphs vs torch), and the export cache."""
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -74,7 +75,7 @@ def test_a_model_that_does_not_export_runs_on_torch(monkeypatch, tmp_path):
 def test_gpu_and_bf16_run_on_torch_and_bad_choices_are_refused():
     assert not Runtime(precision="bf16").wants_onnx and not Runtime(device="cuda").wants_onnx
     assert Runtime().wants_onnx and not Runtime("torch").wants_onnx
-    with pytest.raises(ItmError, match="onnx backend runs on a CPU in fp32"):
+    with pytest.raises(ItmError, match="onnx backend runs on a CPU in fp32 or int8"):
         Runtime("onnx", precision="bf16").wants_onnx
     with pytest.raises(ItmError, match="unknown backend 'tensorrt'"):
         Runtime("tensorrt")
@@ -88,3 +89,47 @@ def test_an_unwritable_cache_runs_on_torch(monkeypatch, tmp_path, tiny_spec):
     assert isinstance(load_item_encoder(tiny_spec), TorchItemEncoder)
     with pytest.raises(ExportError, match="set ITM_CACHE_DIR to a writable folder"):
         load_item_encoder(tiny_spec, Runtime("onnx"))
+
+
+def test_int8_graphs_are_quantized_stay_close_to_fp32_and_are_made_once(monkeypatch, tmp_path, reranker_path):
+    spec = resolve_model("itm-tiny", "random", reranker=reranker_path)
+    fp32 = load_item_encoder(spec, Runtime("onnx"))
+    int8 = load_item_encoder(spec, Runtime(precision="int8"))
+    assert int8.folder == export_cache.export_dir("encoder-int8", onnx_items.encoder_key(spec))
+    assert int8.identity == fp32.identity and int8.store == fp32.store
+    for tower in ("image", "text"):
+        ops = {n.op_type for n in onnx.load(int8.folder / f"{tower}.onnx", load_external_data=False).graph.node}
+        assert "MatMulInteger" in ops and "MatMulInteger" not in {
+            n.op_type for n in onnx.load(fp32.folder / f"{tower}.onnx", load_external_data=False).graph.node}
+    pixels = np.stack([fp32.load_pixels(p) for p in write_images(tmp_path, 4, size=(45, 70))])
+    for a, b in ((fp32.encode_images(pixels), int8.encode_images(pixels)),
+                 (fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS))):
+        cos = (a.emb * b.emb).sum(1)  # unit embeddings
+        assert cos.min() > 0.999 and not np.array_equal(a.emb, b.emb), cos
+        assert b.tok.dtype == np.float16 and b.tok.shape == a.tok.shape
+        np.testing.assert_allclose(b.tok.astype(np.float32), a.tok.astype(np.float32), rtol=0, atol=0.1)
+        assert (a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask)
+    monkeypatch.setattr(onnx_items, "quantize_export", lambda *a: pytest.fail("quantized twice"))
+    assert load_item_encoder(spec, Runtime(precision="int8"), known=fp32.identity).folder == int8.folder
+
+
+def test_int8_that_strays_from_fp32_is_refused_once_and_never_runs_on_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_items, "INT8_MIN_COSINE", 1.01)  # no int8 graph can be this close
+    calls = []
+    quantize = onnx_items.quantize_export
+    monkeypatch.setattr(onnx_items, "quantize_export", lambda *a: calls.append(a) or quantize(*a))
+    spec = resolve_model("itm-tiny", "random")
+    for _ in range(2):
+        with pytest.raises(ExportError, match="int8 embeddings stray from fp32's .*use --precision fp32"):
+            load_item_encoder(spec, Runtime(precision="int8"))
+    assert len(calls) == 1  # the refusal is remembered
+    assert not list((tmp_path / "cache" / "onnx").glob("encoder-int8-*/"))
+    assert isinstance(load_item_encoder(spec), OnnxItemEncoder)  # fp32 is unaffected
+
+
+def test_int8_runs_only_as_onnx_on_a_cpu():
+    assert Runtime(precision="int8").wants_onnx and Runtime("onnx", precision="int8").wants_onnx
+    for runtime in (Runtime("torch", precision="int8"), Runtime(device="cuda", precision="int8")):
+        with pytest.raises(ItmError, match="--precision int8 runs the onnx backend on a CPU"):
+            runtime.wants_onnx
