@@ -11,9 +11,9 @@ fp32's gives mean and min. That first batch is also the warm-up; then at least `
 batches of the same size (and at least 3 s of them) are timed for images/s and texts/s, and the
 speed-up is against torch fp32 and against onnx fp32 (what a build runs by default).
 
-bf16 is only fast where the CPU has bf16 arithmetic (AVX512-BF16 or AMX), int8 where it has
-8-bit dot products (AVX512-VNNI or AVX-VNNI); the JSON records whether torch's oneDNN reports
-bf16 support here.
+bf16 is only fast where the CPU has bf16 arithmetic (AVX512-BF16 or AMX); int8's speed-up depends
+on the CPU's 8-bit dot products (AVX512-VNNI, AVX-VNNI) as well. The JSON records whether torch's
+oneDNN reports bf16 support here, and the CPU's flags for both.
 """
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ MIN_SECONDS = 3.0  # small models repeat batches until this much time has passed
 def cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))  # (B,)
     return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()), "mean_1_minus_cos": float((1 - cos).mean())}
+
+
+def cpu_flags(wanted: tuple[str, ...]) -> list[str]:
+    """Which of `wanted` the CPU reports (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in wanted if f in flags]
 
 
 def per_second(fn, batch_items: int, min_batches: int, min_seconds: float = MIN_SECONDS) -> float:
@@ -94,7 +103,8 @@ def run_model(name: str, pretrained: str, batch_size: int, timed_batches: int) -
 
 def print_results(result: dict) -> None:
     print(benchlib.describe_machine(result["machine"]))
-    print(f"torch CPU capability {result['cpu_capability']}, oneDNN bf16 supported: {result['mkldnn_bf16_supported']}; "
+    print(f"torch CPU capability {result['cpu_capability']}, oneDNN bf16 supported: {result['mkldnn_bf16_supported']}, "
+          f"CPU flags: {' '.join(result['cpu_flags']) or 'none of avx512_bf16 amx_bf16 avx512_vnni avx_vnni'}; "
           f"batch {result['settings']['batch_size']}, {result['settings']['threads']} threads, >= "
           f"{result['settings']['timed_batches']} timed batch(es) and >= {MIN_SECONDS:.0f} s after warm-up")
     print()
@@ -129,6 +139,7 @@ def main() -> None:
     result = {"benchmark": "precision", "machine": benchlib.finish(facts),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+              "cpu_flags": cpu_flags(("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni")),
               "settings": {"batch_size": args.batch_size, "timed_batches": args.timed_batches, "min_seconds": MIN_SECONDS,
                            "image_side": IMAGE_SIDE, "threads": torch.get_num_threads()},
               "results": results}
