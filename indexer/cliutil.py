@@ -15,7 +15,7 @@ from .options import BACKENDS, PRECISIONS
 # help of the options every command that runs a model takes (itm-index build, itm-search, itm-serve, ...)
 DEVICE_HELP = "cpu, cuda, cuda:1, ..."
 PRECISION_HELP = (f"{', '.join(PRECISIONS)} (fp16 on a GPU only; int8: the onnx backend's graphs with int8 "
-                  "weights, several times faster on a CPU, embeddings close to fp32's but not equal).")
+                  "matrix products, faster on a CPU, embeddings close to fp32's but not equal).")
 BACKEND_HELP = f"{', '.join(BACKENDS)}: exported graphs in ONNX Runtime, or torch (auto: onnx on a CPU in fp32)."
 THREADS_HELP = "Threads of the model's forward pass (default: the cores this process may use)."
 
