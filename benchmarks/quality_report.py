@@ -136,8 +136,9 @@ def encode_images(encoder: ItemEncoder, data, batch_size: int = 64) -> dict[str,
     for s in range(0, len(data), batch_size):
         out = encoder.encode_images(np.stack([encoder.load_pixels(d.image) for d in data[s:s + batch_size]]))
         emb.append(torch.from_numpy(out.emb))
-        store.append(torch.from_numpy(out.tok))
-    return {"image_emb": torch.cat(emb), "image_store": torch.cat(store)}
+        if out.tok is not None:  # a model without a reranker has no store
+            store.append(torch.from_numpy(out.tok))
+    return {"image_emb": torch.cat(emb), "image_store": torch.cat(store) if store else None}
 
 
 def truth_by_kind(top: np.ndarray, truth: np.ndarray, parts: list, kinds: np.ndarray, scenes: list) -> dict:
