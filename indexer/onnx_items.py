@@ -110,11 +110,12 @@ def encoder_key(spec: ModelSpec, known: ModelIdentity | None = None, reranker_sh
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
     """The quantizer advises its pre-processing step through the root logger: no place for it in a build's output."""
-    logging.disable(logging.WARNING)
+    before = logging.root.manager.disable  # a level the application disabled stays disabled afterwards
+    logging.disable(max(before, logging.WARNING))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 class OnnxItemEncoder:
