@@ -60,11 +60,11 @@ def per_second(fn, batch_items: int, min_batches: int, min_seconds: float = MIN_
 VARIANTS = ("torch fp32", "torch bf16", "onnx fp32", "onnx int8")
 
 
-def encoders(spec, threads: int) -> dict[str, tuple]:
-    """Per variant: (encode prepared pixels (B, 3, S, S) -> (B, E), encode texts -> (B, E)), as tensors."""
+def encoders(spec, fp32: DualEncoder, threads: int) -> dict[str, tuple]:
+    """Per variant: (encode prepared pixels (B, 3, S, S) -> (B, E), encode texts -> (B, E)), as tensors.
+    `fp32` is the model already loaded in torch fp32."""
     out = {}
-    for precision in ("fp32", "bf16"):
-        enc = DualEncoder.load(spec, precision=precision)
+    for precision, enc in (("fp32", fp32), ("bf16", DualEncoder.load(spec, precision="bf16"))):
         out[f"torch {precision}"] = (lambda x, e=enc: e.encode_images(x).embeddings,
                                      lambda t, e=enc: e.encode_texts(t).embeddings)
     for precision in ("fp32", "int8"):
@@ -76,8 +76,8 @@ def encoders(spec, threads: int) -> dict[str, tuple]:
 
 def run_model(name: str, pretrained: str, batch_size: int, timed_batches: int) -> dict:
     spec = resolve_model(name, pretrained)
-    variants = encoders(spec, torch.get_num_threads())
     first = DualEncoder.load(spec)
+    variants = encoders(spec, first, torch.get_num_threads())
     images = [benchlib.photo_like(np.random.default_rng([7, i]), *IMAGE_SIDE) for i in range(batch_size)]
     pixels = torch.stack([first.prepare(im) for im in images])  # (B, 3, S, S)
     texts = benchlib.captions(batch_size, seed=7)
