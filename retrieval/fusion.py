@@ -10,9 +10,10 @@ Data flow, for a configuration with three levels (three ViT blocks paired with t
 Inside forward, levels are visited coarse to fine by default (deepest block first): the deepest
 level's tokens start the running text and image states; each later level is mixed into those
 states by a learned per-token sigmoid gate, and then a two-way block lets text tokens attend to
-image regions and image regions attend to text tokens. The image CLS state and the masked mean of
-the text states, with their product and difference, form the joint vector that an MLP turns into
-one match logit.
+image regions and image regions attend to text tokens. With `attended_boxes`, each text token also
+carries where it looked at the previous level (its attention-weighted region box), so that a later
+level can compare two phrases' positions. The image CLS state and the masked mean of the text states,
+with their product and difference, form the joint vector that an MLP turns into one match logit.
 
 >>> cfg = get_fusion_config("fusion-tiny")
 >>> model = FusionReranker(cfg).eval()
@@ -57,6 +58,7 @@ class FusionConfig:
     dropout: float  # dropout on attention and feed-forward outputs, in training only
     region_boxes: bool = False  # add a linear embedding of each region's box (centre, size), as LXMERT does
     pair_relations: bool = False  # the head also reads a relation network over pairs of image regions
+    attended_boxes: bool = False  # after each level but the last, text tokens add an embedding of where they looked
 
     def __post_init__(self) -> None:
         if len(self.image_layers) != len(self.text_layers) or not self.image_layers:
@@ -250,10 +252,18 @@ class FusionReranker(nn.Module):
         # the store encoder lives in indexer, which runs it at build time from this checkpoint's "store." tensors
         self.store = StoreEncoder(n, cfg.image_width, cfg.text_width, d, cfg.regions, cfg.max_text_tokens)
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, d) * 0.02)  # (Ti, D)
+        if cfg.region_boxes or cfg.attended_boxes:
+            self.register_buffer("boxes", region_boxes(cfg.regions), persistent=False)  # (Ti, 4)
         if cfg.region_boxes:
             # geometry as coordinates, not only as learned ids: "left of" becomes a comparison of numbers
             self.box_embed = nn.Linear(4, d)
-            self.register_buffer("boxes", region_boxes(cfg.regions), persistent=False)  # (Ti, 4)
+        if cfg.attended_boxes:
+            # each text token's attention-weighted box: where "red circle" looked, as numbers the next
+            # level's text self-attention can compare ("left of" = one phrase's x below the other's);
+            # zero at the start, so training begins from the model without it
+            self.looked_embed = nn.Linear(4, d)
+            nn.init.zeros_(self.looked_embed.weight)
+            nn.init.zeros_(self.looked_embed.bias)
         self.text_pos = nn.Parameter(torch.randn(cfg.max_text_tokens, d) * 0.02)  # (Tt, D)
         deep_first = list(reversed(range(n)))
         self.order = deep_first if cfg.fusion_order == "coarse_to_fine" else deep_first[::-1]
@@ -302,6 +312,8 @@ class FusionReranker(nn.Module):
         t, v, looked = self.blocks[0](t, v, text_mask)
         maps = [looked]
         for step, level in enumerate(rest, 1):
+            if self.cfg.attended_boxes:
+                t = t + self.looked_embed(maps[-1] @ self.boxes.to(dtype))  # (B, Tt, 4) -> (B, Tt, D)
             t = self.text_gates[step - 1](t, text_feats[:, level])  # (B, Tt, D)
             v = self.image_gates[step - 1](v, image_feats[:, level])  # (B, Ti, D)
             t, v, looked = self.blocks[step](t, v, text_mask)

@@ -13,11 +13,14 @@ from retrieval.fusion import (FusionReranker, bytes_per_image, bytes_per_text, g
 B, GRID, L = 5, (4, 4), 12  # batch, tiny encoder's patch grid, raw text length
 
 
-@pytest.fixture(scope="module", params=[{}, {"region_boxes": True, "pair_relations": True}],
-                ids=["plain", "boxes+pairs"])
+@pytest.fixture(scope="module", params=[{}, {"region_boxes": True, "pair_relations": True, "attended_boxes": True}],
+                ids=["plain", "boxes+pairs+looked"])
 def model(request) -> FusionReranker:
     torch.manual_seed(0)
-    return FusionReranker(get_fusion_config("fusion-tiny", self_attention=True, **request.param)).eval()
+    m = FusionReranker(get_fusion_config("fusion-tiny", self_attention=True, **request.param)).eval()
+    if m.cfg.attended_boxes:  # it starts at zero, which would leave the path untested
+        torch.nn.init.normal_(m.looked_embed.weight)
+    return m
 
 
 def random_tokens(cfg, n=B, lengths=(3, 12, 7, 1, 9), seed=0):
