@@ -18,8 +18,8 @@ validated on the val split every EVAL_EVERY steps and stop when PATIENCE validat
 bring nothing better; the best checkpoint of each is what the bundle holds. Stage "weight"
 picks the weight of the match logit in the final score (recall cosine + weight x logit) from
 WEIGHTS by the same validation figure, and the bundle's reranker carries it. Stage "calibrate"
-fits the match probability (itm-calibrate, on val queries) beside the bundle. Stage "curves"
-plots both stages' log.jsonl (losses and validation figures) to training_curves.png.
+fits the match probability (itm-calibrate, on val queries) beside the bundle. Stage "curves" plots
+each stage's log.jsonl (losses and validation figures) to training_curves.png.
 """
 from __future__ import annotations
 
@@ -53,8 +53,7 @@ EVAL_EVERY, PATIENCE = 250, 6
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128, encoder_lr=1e-3, lr=1e-3,
                       weight_decay=0.1, warmup_steps=100, max_steps=5000, epochs=1000, seed=SEED, save_every=250,
                       eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
-# the reranker's schedule spans 5,000 steps; it ends at 3,000 (or earlier, by patience) to keep the recipe in 90 min
-STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000, stop_after=3000,
+STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
                       epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample", seed=SEED,
                       save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE, val_rerank_k=10, progress=True)
 WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -151,7 +150,7 @@ def write_bundle(encoder: Path, reranker: Path, score_weight: float, out: Path) 
 
 
 def plot_curves(work: Path, out: Path) -> None:
-    """Loss and validation curves of both stages, from their log.jsonl files."""
+    """Loss and validation curves of each stage whose log.jsonl is in `work`."""
     try:
         import matplotlib
     except ImportError:
@@ -160,9 +159,16 @@ def plot_curves(work: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for col, stage in enumerate(("encoders", "reranker")):
-        records = [json.loads(line) for line in (work / stage / "log.jsonl").read_text().splitlines()]
+    logs = {stage: work / stage / "log.jsonl" for stage in ("encoders", "reranker")}
+    for stage, log in list(logs.items()):
+        if not log.is_file():  # e.g. a reranker retrained on encoders from an earlier run
+            print(f"curves: no {log}; the plot leaves the {stage} stage out")
+            del logs[stage]
+    if not logs:
+        return
+    fig, axes = plt.subplots(2, len(logs), figsize=(5.5 * len(logs), 7), squeeze=False)
+    for col, (stage, log) in enumerate(logs.items()):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
         losses = [r for r in records if "loss" in r]
         vals = [r for r in records if "val" in r]
         ax = axes[0, col]
