@@ -105,7 +105,8 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
     out["twins"]["captions"] = int(len(twin_q))
     parts = [parse_caption(t) for t in feats.texts]
     kinds = np.array([caption_kind(p) for p in parts])
-    out["by_kind"] = {}
+    out["by_kind"], out["by_kind_held_out"] = {}, {}
+    own_held = held[owner]  # the caption's own image holds a colour-shape pair that training never saw
     for name, k in [("recall only", 0)] + [(f"two-stage k={k}", k) for k in rerank_ks]:
         r = rank(feats, reranker, k) if k else rank(feats)
         out["stages"][name] = {
@@ -114,7 +115,11 @@ def evaluate_split(encoder: DualEncoder, reranker, dataset: Path, rerank_ks=(10,
         wins = pair_wins(r.t2i_order, twin_q, owner[twin_q], m["twin"][owner[twin_q]])
         out["twins"][name] = {"all": 100 * float(wins.mean()),
                               **{kind: 100 * float(wins[twin_kind == kind].mean()) for kind in sorted(set(twin_kind))}}
-        out["by_kind"][name] = truth_by_kind(r.t2i_order[:, 0], truth, parts, kinds, m["scenes"])
+        top = r.t2i_order[:, 0]
+        out["by_kind"][name] = truth_by_kind(top, truth, parts, kinds, m["scenes"])
+        out["by_kind_held_out"][name] = {
+            sub: truth_by_kind(top[sel], truth[sel], [parts[i] for i in np.flatnonzero(sel)], kinds[sel], m["scenes"])
+            for sub, sel in (("without", ~own_held), ("with", own_held)) if sel.any()}
     dual, fused = swap_accuracy(encoder, reranker, feats, m["negatives"])
     with_neg = np.array([n is not None for n in m["negatives"]])
     kinds = np.array(m["negative_kinds"], dtype=object)[with_neg]
@@ -181,6 +186,13 @@ def print_report(r: dict) -> None:
         for kind, v in x.items():
             print(f"{name:16} {kind:24} {v['captions']:8d} {v['truth1']:7.1f} "
                   + " ".join(f"{v['false'][w]:7.1f}" for w in WHY_FALSE))
+    print("\nt2i truth@1 by kind of caption, for captions of images without / with a held-out combination:")
+    print(f"{'':16} {'kind':24} {'captions':>8} {'truth@1':>7}  {'captions':>8} {'truth@1':>7}")
+    for name, x in r["by_kind_held_out"].items():
+        for kind in dict.fromkeys([*x.get("without", {}), *x.get("with", {})]):
+            cells = [x.get(sub, {}).get(kind) for sub in ("without", "with")]
+            print(f"{name:16} {kind:24} "
+                  + "  ".join(f"{c['captions']:8d} {c['truth1']:7.1f}" if c else f"{0:8d} {'-':>7}" for c in cells))
     t = r["twins"]
     print(f"\ntwins: % of {t['captions']} captions whose image is ranked above its confusable twin")
     for name, x in t.items():
