@@ -183,3 +183,19 @@ def test_pair_relations_equal_a_loop_over_region_pairs():
         pairs = [rel.out(F.gelu(rel.first(x[b, i]) + rel.second(x[b, j]) + rel.geometry(boxes[i] - boxes[j]) + q[b]))
                  for i in range(4) for j in range(4) if i != j]
         torch.testing.assert_close(got[b], torch.stack(pairs).amax(0))
+
+
+def test_attended_boxes_start_as_the_model_without_them_and_then_change_its_logits():
+    torch.manual_seed(0)
+    cfg = get_fusion_config("fusion-tiny", self_attention=True, region_boxes=True)
+    base = FusionReranker(cfg).eval()
+    looked = FusionReranker(replace(cfg, attended_boxes=True)).eval()
+    assert set(looked.state_dict()) - set(base.state_dict()) == {"looked_embed.weight", "looked_embed.bias"}
+    looked.load_state_dict(base.state_dict(), strict=False)  # the same weights, the new layer still at zero
+    images, texts, mask = random_tokens(cfg)
+    with torch.no_grad():
+        img = base.encode_image_store(images, GRID)
+        txt, txt_mask = base.encode_text_store(texts, mask)
+        torch.testing.assert_close(looked(img, txt, txt_mask), base(img, txt, txt_mask))
+        torch.nn.init.normal_(looked.looked_embed.weight)
+        assert not torch.allclose(looked(img, txt, txt_mask), base(img, txt, txt_mask), atol=1e-3)
