@@ -31,6 +31,7 @@ RERANKER_FILE, ENCODER_FILE, STATE_FILE = "reranker.safetensors", "encoder.safet
 @dataclass
 class TrainOptions:
     fusion: str = "fusion-base"  # fusion config name; widths are taken from the encoder
+    init_reranker: Path | None = None  # start from these reranker weights (a fine-tune) instead of random ones
     epochs: int = 1
     max_steps: int | None = None  # the schedule's length in steps, whatever the epochs
     stop_after: int | None = None  # end early at this step; the learning-rate schedule still spans max_steps
@@ -205,11 +206,19 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
         return None
     if resume and (out_dir / RERANKER_FILE).exists():
         return load_reranker(out_dir / RERANKER_FILE, opts.device).train()
-    cfg = get_fusion_config(opts.fusion, image_width=encoder.image_width, text_width=encoder.text_width)
+    if opts.init_reranker is not None:  # a fine-tune: its widths and layers must fit this encoder too
+        reranker = load_reranker(opts.init_reranker, opts.device)
+        cfg, what = reranker.cfg, str(opts.init_reranker)
+        if (cfg.image_width, cfg.text_width) != (encoder.image_width, encoder.text_width):
+            raise ItmError(f"{what} reads image/text tokens {cfg.image_width}/{cfg.text_width} wide, "
+                           f"but the encoder's are {encoder.image_width}/{encoder.text_width}")
+    else:
+        cfg = get_fusion_config(opts.fusion, image_width=encoder.image_width, text_width=encoder.text_width)
+        reranker, what = FusionReranker(cfg).to(opts.device), f"fusion config {cfg.name}"
     for layers, n in ((cfg.image_layers, encoder.n_image_layers), (cfg.text_layers, encoder.n_text_layers)):
         if any(not -n <= i < n for i in layers):
-            raise ItmError(f"fusion config {cfg.name} reads layers {list(layers)}, but the encoder tower has {n}")
-    return FusionReranker(cfg).to(opts.device).train()
+            raise ItmError(f"{what} reads layers {list(layers)}, but the encoder tower has {n}")
+    return reranker.train()
 
 
 def _batch(data: list[ImageCaptions], seed: int, epoch: int, index: int, size: int,
@@ -407,7 +416,8 @@ def _save(out_dir: Path, encoder: DualEncoder, reranker: FusionReranker | None, 
     tensors = {f"opt.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     tensors["logit_scale"] = loss_fn.logit_scale.detach()
     save_checkpoint(tensors, {"kind": STATE_KIND, **progress, "param_groups": state["param_groups"],
-                              "options": asdict(opts)}, out_dir / STATE_FILE)
+                              "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}},
+                    out_dir / STATE_FILE)
 
 
 def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss) -> dict:

@@ -21,6 +21,8 @@ def train_command(
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or 'random'."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local encoder checkpoint."),
     fusion: str = typer.Option("fusion-base", help="Fusion config name (retrieval/fusion_configs)."),
+    init_reranker: Optional[Path] = typer.Option(
+        None, help="Fine-tune these reranker weights (reranker.safetensors) instead of a new --fusion model."),
     epochs: int = typer.Option(1, min=1),
     max_steps: Optional[int] = typer.Option(None, min=1),
     batch_size: int = typer.Option(64, min=2),
@@ -34,6 +36,8 @@ def train_command(
     margin: float = typer.Option(1.0, help="Ranking-loss margin (match-logit units)."),
     grounding_weight: float = typer.Option(1.0, help="Grounding-loss weight, for data with grounded phrases."),
     num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
+    neighbours: int = typer.Option(0, min=0, help="Batch each image with its N nearest images (frozen encoders), "
+                                   "so that in-batch negatives are confusable."),
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
     seed: int = typer.Option(0),
     device: str = typer.Option(DEVICE, help=DEVICE_HELP),
@@ -50,7 +54,8 @@ def train_command(
 
         spec = resolve_model(model, pretrained, checkpoint)
         data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
-        opts = TrainOptions(fusion=fusion, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        opts = TrainOptions(fusion=fusion, init_reranker=init_reranker, epochs=epochs, max_steps=max_steps,
+                            batch_size=batch_size, lr=lr, neighbours=neighbours,
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,

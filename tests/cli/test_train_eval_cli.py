@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from indexer.encoder import DualEncoder
 from indexer.models import resolve_model
@@ -80,6 +81,14 @@ def test_train_then_eval_gives_the_oracle_figures(karpathy, tmp_path):
     oracle = brute_force_recall(encoder, load_reranker(reranker_path), items)
     assert {k: figures[k] for k in oracle} == pytest.approx(oracle)
     assert oracle["t2i_r1"] < 100 and oracle["t2i_r5"] < 100  # figures that could have come out otherwise
+
+    # a fine-tune of those weights, its batches holding each image's nearest images
+    r = run("itm-train", karpathy / "karpathy.json", "--out", tmp_path / "tuned", "--model", "itm-tiny",
+            "--pretrained", "random", "--init-reranker", reranker_path, "--neighbours", "2", "--batch-size", "4",
+            "--max-steps", "1", "--lr", "0")
+    assert r.returncode == 0, r.stderr
+    before, after = load_file(str(reranker_path)), load_file(str(tmp_path / "tuned" / "reranker.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_dataset_lines_are_skipped_with_a_reason(karpathy, tmp_path):

@@ -67,6 +67,23 @@ def test_encoder_training_writes_a_loadable_checkpoint(tmp_path, caption_file, t
     assert not torch.equal(trained.encode_images(x).embeddings, before.encode_images(x).embeddings)
 
 
+def test_a_fine_tune_starts_from_the_given_reranker(tmp_path, caption_file, tiny_spec):
+    data = load_dataset(caption_file)
+    first = train(tiny_spec, data, tmp_path / "a", TrainOptions(**{**OPTS, "max_steps": 2}))
+    start = load_file(str(first.reranker))
+    # lr 0: the fine-tune's weights are exactly the ones it started from, not a fresh model's
+    kept = train(tiny_spec, data, tmp_path / "b", TrainOptions(**{**OPTS, "max_steps": 1, "lr": 0.0},
+                                                              init_reranker=first.reranker))
+    assert all(torch.equal(start[k], v) for k, v in load_file(str(kept.reranker)).items())
+    fresh = train(tiny_spec, data, tmp_path / "c", TrainOptions(**{**OPTS, "max_steps": 1, "lr": 0.0}))
+    assert not all(torch.equal(start[k], v) for k, v in load_file(str(fresh.reranker)).items())
+    tuned = train(tiny_spec, data, tmp_path / "d", TrainOptions(**{**OPTS, "max_steps": 2, "neighbours": 2},
+                                                               init_reranker=first.reranker))
+    assert tuned.steps == 2 and not all(torch.equal(start[k], v) for k, v in load_file(str(tuned.reranker)).items())
+    assert json.loads((tmp_path / "d" / "train_state.json").read_text())["options"]["init_reranker"] == \
+        str(first.reranker)
+
+
 def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
     data = load_dataset(caption_file)
     with pytest.raises(ItmError, match="nothing to train"):
@@ -75,6 +92,11 @@ def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
         train(tiny_spec, [], tmp_path / "x", TrainOptions(**OPTS))
     with pytest.raises(ItmError, match="reads layers"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**{**OPTS, "fusion": "fusion-base"}))
+    wide = FusionReranker(get_fusion_config("fusion-tiny", image_width=8, text_width=8))
+    from retrieval.checkpoint import save_reranker
+    save_reranker(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(ItmError, match="wide"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, init_reranker=tmp_path / "wide.safetensors"))
 
 
 # ---- binding: a reranker told only bags of words by the dual side learns who has which colour ----
