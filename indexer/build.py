@@ -267,7 +267,7 @@ class _Batches:
         feats = [p[1] for p in self.parts]
         join = lambda part: np.concatenate([getattr(f, part) for f in feats]) \
             if getattr(feats[0], part) is not None else None  # noqa: E731
-        name = self.job.writer.stage(rows, join("emb"), join("tok"), join("mask"))
+        name = self.job.writer.stage(rows, join("emb"), join("tok"), join("mask"), self.job.options.precision)
         self.job.content.add(name, [r["hash"] for r in rows])
         self.parts = []
 

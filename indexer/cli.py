@@ -116,6 +116,8 @@ def info(index: Optional[Path] = IndexOpt,
     typer.echo(f"index       {printable(str(snap.index_dir))} (format {m.format}, generation {m.generation})")
     typer.echo(f"items       {m.counts['image']} images, {m.counts['text']} texts")
     typer.echo(f"model       {m.model.label}, {m.model.embed_dim}-d")
+    if described["precision"]:  # the encoders' arithmetic, per item: a build may add items in another one
+        typer.echo("precision   " + ", ".join(f"{p} ({n} items)" for p, n in described["precision"].items()))
     typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} "
                                  f"{rr.store_dtype or 'fp16'} per image"
                                  if rr else "none (recall only)"))

@@ -78,18 +78,18 @@ class Writer:
                 .column("hash").to_pylist() for seg in self.manifest.staging}
 
     def write_segment(self, rows: list[dict], emb: np.ndarray, tok: np.ndarray | None = None,
-                      mask: np.ndarray | None = None) -> str:
+                      mask: np.ndarray | None = None, precision: str | None = None) -> str:
         """Write a segment that no manifest names yet; returns its name."""
         name = store.new_segment_name()
         store.write_segment(self.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
-                            emb, tok, mask, self.store_dtype or "fp16")
+                            emb, tok, mask, self.store_dtype or "fp16", precision)
         self.sizes[name] = len(rows)
         return name
 
     def stage(self, rows: list[dict], emb: np.ndarray, tok: np.ndarray | None = None,
-              mask: np.ndarray | None = None) -> str:
+              mask: np.ndarray | None = None, precision: str | None = None) -> str:
         """Write a segment and commit it as staging: invisible to readers, reusable after a crash."""
-        name = self.write_segment(rows, emb, tok, mask)
+        name = self.write_segment(rows, emb, tok, mask, precision)
         self.adopt(name, len(rows))
         return name
 

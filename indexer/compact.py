@@ -105,13 +105,15 @@ def _rewrite(writer: Writer, rows: pa.Table, kind: str, chosen: set[str],
     parts = ["emb"] + (["tok"] if writer.manifest.reranker else []) + \
         (["mask"] if writer.manifest.reranker and kind == "text" else [])
     seg_rows = rows.select(store.SEGMENT_SCHEMA.names)
+    precisions = {s: store.segment_precision(writer.index_dir, s) for s in chosen}
     moves = {}
     for start in range(0, len(keep), segment_rows):
         chunk = keep[start:start + segment_rows]
         segments = np.array([s for (s, _), _ in chunk], dtype=object)
         offsets = np.array([o for (_, o), _ in chunk])
         arrays = {part: writer.arrays.gather(segments, offsets, part) for part in parts}
+        made_with = sorted({precisions[s] for s in set(segments)})  # rows copied, not encoded again
         name = writer.write_segment(seg_rows.take([i for _, i in chunk]).to_pylist(), arrays["emb"],
-                                    arrays.get("tok"), arrays.get("mask"))
+                                    arrays.get("tok"), arrays.get("mask"), "+".join(made_with))
         moves |= {key: (name, j) for j, (key, _) in enumerate(chunk)}
     return moves

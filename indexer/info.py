@@ -7,6 +7,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from . import store
+
 if TYPE_CHECKING:
     from .store import Snapshot
 
@@ -22,7 +26,17 @@ def index_info(snap: Snapshot) -> dict[str, Any]:
                for s in snap.skipped.to_pylist()]
     return {"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
             "reranker": m.reranker and asdict(m.reranker), "ann": {k: asdict(a) for k, a in m.ann.items()},
-            "bytes_on_disk": disk, "generation": m.generation, "skipped": skipped}
+            "precision": _precisions(snap), "bytes_on_disk": disk, "generation": m.generation, "skipped": skipped}
+
+
+def _precisions(snap: Snapshot) -> dict[str, int]:
+    """Live items by the precision their embeddings were made with ("fp32+int8": compacted from both)."""
+    names, counts = np.unique(store.categories(snap.rows.column("segment")).astype(str), return_counts=True)
+    out: dict[str, int] = {}
+    for name, n in zip(names, counts):
+        p = store.segment_precision(snap.index_dir, str(name))
+        out[p] = out.get(p, 0) + int(n)
+    return out
 
 
 def _size(path: Path) -> int:

@@ -34,6 +34,8 @@ KINDS = ("image", "text")
 #      read at build time. The manifest itself is unchanged; format 2's rows read with those columns null
 #      (store.read_table), and the first build or compaction to open such an index reads them from the
 #      image files and commits them (indexer/migrate.py).
+#   Within format 3, each segment's Parquet metadata names the precision its embeddings were made with
+#   (store.PRECISION_KEY); a segment without it reads as store.UNRECORDED, and older code ignores it.
 FORMAT_VERSION = 3
 
 

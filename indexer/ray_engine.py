@@ -118,7 +118,8 @@ class EncodeActor:
             if getattr(feats[0], part) is not None else None  # noqa: E731
         name = store.new_segment_name()
         store.write_segment(self.task.index_dir, name, pa.Table.from_pylist(rows, schema=store.SEGMENT_SCHEMA),
-                            join("emb"), join("tok"), join("mask"), self.task.store_dtype)
+                            join("emb"), join("tok"), join("mask"), self.task.store_dtype,
+                            self.task.runtime.precision)
         return name
 
 

@@ -79,8 +79,12 @@ def new_segment_name() -> str:
 
 
 def write_segment(index_dir: Path, name: str, rows: pa.Table, emb: np.ndarray,
-                  tok: np.ndarray | None = None, mask: np.ndarray | None = None, store_dtype: str = "fp16") -> None:
-    """Write one immutable segment; all its files are durable before any manifest names them (the parquet last)."""
+                  tok: np.ndarray | None = None, mask: np.ndarray | None = None, store_dtype: str = "fp16",
+                  precision: str | None = None) -> None:
+    """Write one immutable segment; all its files are durable before any manifest names them (the parquet last).
+
+    `precision` (the encoders' arithmetic: fp32, bf16, int8, ...) is kept in the parquet file's metadata.
+    """
     d = Path(index_dir)
     write_durably(d / f"{name}.emb.npy", lambda f: np.save(f, np.ascontiguousarray(emb, np.float32)))
     if tok is not None and store_dtype == "int8":
@@ -91,7 +95,20 @@ def write_segment(index_dir: Path, name: str, rows: pa.Table, emb: np.ndarray,
         write_durably(d / f"{name}.tok.npy", lambda f: np.save(f, np.ascontiguousarray(tok, np.float16)))
     if mask is not None:
         write_durably(d / f"{name}.mask.npy", lambda f: np.save(f, np.ascontiguousarray(mask, bool)))
-    write_durably(d / f"{name}.parquet", lambda f: pq.write_table(rows.cast(SEGMENT_SCHEMA), f))
+    table = rows.cast(SEGMENT_SCHEMA)
+    if precision is not None:
+        table = table.replace_schema_metadata({PRECISION_KEY: precision})
+    write_durably(d / f"{name}.parquet", lambda f: pq.write_table(table, f))
+
+
+PRECISION_KEY = "itm.precision"
+UNRECORDED = "unrecorded"  # segments written before the precision was kept
+
+
+def segment_precision(index_dir: Path, name: str) -> str:
+    """The precision a segment's embeddings were made with; UNRECORDED for an older segment."""
+    meta = pq.read_schema(Path(index_dir) / f"{name}.parquet").metadata or {}
+    return meta.get(PRECISION_KEY.encode(), UNRECORDED.encode()).decode()
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -86,3 +86,29 @@ def test_a_crash_during_compaction_leaves_the_index_as_it_was(thinned, monkeypat
     assert compact_index(thinned).dead_rows == 6
     now = store.Snapshot.open(thinned).manifest
     assert segment_files(thinned) <= {*now.segments, *snap.manifest.segments}  # the crashed run's were collected
+
+
+def test_each_items_precision_is_kept_through_builds_and_compaction(tmp_path, image_folder, tiny_spec):
+    from indexer.info import index_info
+    from tests.conftest import write_images
+
+    idx = tmp_path / "idx"
+    build(image_folder, idx, tiny_spec)
+    assert index_info(store.Snapshot.open(idx))["precision"] == {"fp32": 12}
+    added = write_images(image_folder / "more", 4, seed=1)
+    build(image_folder, idx, tiny_spec, precision="int8")  # the same index, extended in int8
+    assert index_info(store.Snapshot.open(idx))["precision"] == {"fp32": 12, "int8": 4}
+    for p in (sorted(image_folder.glob("*.png"))[0], added[0]):
+        p.unlink()
+    build(image_folder, idx, tiny_spec, compact_at=2.0)  # never compact: the dead rows stay
+    compact_index(idx)  # copies the live rows of both kinds of segment into one
+    snap = store.Snapshot.open(idx)
+    assert len(snap.manifest.segments) == 1 and index_info(snap)["precision"] == {"fp32+int8": 14}
+
+
+def test_a_segment_written_without_its_precision_reads_as_unrecorded(tmp_path):
+    rows = store.SEGMENT_SCHEMA.empty_table()
+    store.write_segment(tmp_path, "seg-old", rows, np.zeros((0, 4), np.float32))
+    store.write_segment(tmp_path, "seg-new", rows, np.zeros((0, 4), np.float32), precision="bf16")
+    assert store.segment_precision(tmp_path, "seg-old") == store.UNRECORDED
+    assert store.segment_precision(tmp_path, "seg-new") == "bf16"
