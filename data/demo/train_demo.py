@@ -13,9 +13,15 @@ on images that look the same to the encoder teaches the text tower to make "left
 alike, which leaves the reranker nothing to read them from. Stage "reranker" freezes the
 encoders and trains the `fusion-demo` reranker with matching + ranking losses on mined, random
 and named negatives (every false caption, both kinds of twins), and the grounding loss on each
-mention's cell. Both stages are
-validated on the val split every EVAL_EVERY steps and stop when PATIENCE validations in a row
-bring nothing better; the best checkpoint of each is what the bundle holds. Stage "weight"
+mention's cell. Both stop at step 4,500 of their 5,000-step schedules, where their best
+checkpoints lay (the last 500 steps, at a small learning rate, brought nothing on val). Stage "hard"
+fine-tunes that checkpoint for 1,000 steps with each image batched with its twin and its nearest
+images by the frozen encoders, so that the mined negatives are as close as the candidates a
+search over a whole collection hands the reranker (a batch of random images holds few such).
+The stages are validated on the val split every EVAL_EVERY steps (the reranker's every
+2 x EVAL_EVERY: a validation with reranking costs it about 17 s) and stop when PATIENCE
+validations in a row bring nothing better; the best checkpoint of each is what the next stage and
+the bundle take. Stage "weight"
 picks the weight of the match logit in the final score (recall cosine + weight x logit) from
 WEIGHTS by the same validation figure, and the bundle's reranker carries it. Stage "calibrate"
 fits the match probability (itm-calibrate, on val queries) beside the bundle. Stage "curves" plots
@@ -51,13 +57,15 @@ SEED = 0
 TWIN_FRACTION = 0.5  # share of train/val image pairs that are confusable twins
 EVAL_EVERY, PATIENCE = 250, 6
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128, encoder_lr=1e-3, lr=1e-3,
-                      weight_decay=0.1, warmup_steps=100, max_steps=5000, epochs=1000, seed=SEED, save_every=250,
-                      eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
+                      weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4500, epochs=1000, seed=SEED,
+                      save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
-                      epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample", seed=SEED,
-                      save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE, val_rerank_k=10, progress=True)
+                      stop_after=4500, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
+                      seed=SEED, save_every=250, eval_every=2 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
+                      progress=True)
+STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=None, neighbours=3)
 WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-STAGES = ("data", "encoders", "reranker", "weight", "bundle", "calibrate", "curves")
+STAGES = ("data", "encoders", "reranker", "hard", "weight", "bundle", "calibrate", "curves")
 
 
 def main() -> None:
@@ -74,7 +82,7 @@ def main() -> None:
     if run("data"):
         print(prepare(dataset.parent, SPLITS, SEED, image_size=64, captions_per_image=5, workers=2,
                       twin_fraction=TWIN_FRACTION))
-    if run("encoders") or run("reranker") or run("weight"):
+    if run("encoders") or run("reranker") or run("hard") or run("weight"):
         data, val = load_dataset(dataset, split="train"), load_dataset(dataset, split="val")
     if run("encoders"):
         r = train(resolve_model("itm-demo", "random"), attribute_negatives(data, dataset), args.work / "encoders",
@@ -87,8 +95,14 @@ def main() -> None:
                   resume=args.resume, val_data=val)
         timings["reranker"] = r.seconds
         print(f"reranker: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
-    reranker = args.work / "reranker" / "best" / RERANKER_FILE
-    weight_file = args.work / "reranker" / "score_weight.json"
+    if run("hard"):
+        r = train(resolve_model("itm-demo", checkpoint=encoder), data, args.work / "hard",
+                  dataclasses.replace(STAGE3, init_reranker=args.work / "reranker" / "best" / RERANKER_FILE),
+                  resume=args.resume, val_data=val)
+        timings["hard"] = r.seconds
+        print(f"hard: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
+    reranker = args.work / "hard" / "best" / RERANKER_FILE
+    weight_file = args.work / "hard" / "score_weight.json"
     if run("weight"):
         weight_file.write_text(json.dumps(fit_score_weight(encoder, reranker, val), indent=1) + "\n")
     if run("bundle"):
@@ -159,7 +173,7 @@ def plot_curves(work: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = {stage: work / stage / "log.jsonl" for stage in ("encoders", "reranker")}
+    logs = {stage: work / stage / "log.jsonl" for stage in ("encoders", "reranker", "hard")}
     for stage, log in list(logs.items()):
         if not log.is_file():  # e.g. a reranker retrained on encoders from an earlier run
             print(f"curves: no {log}; the plot leaves the {stage} stage out")
