@@ -25,6 +25,7 @@ reuses them.
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -105,6 +106,7 @@ PRECISION_KEY = "itm.precision"
 UNRECORDED = "unrecorded"  # segments written before the precision was kept
 
 
+@functools.lru_cache(maxsize=1 << 16)  # segments are immutable and their names never reused
 def segment_precision(index_dir: Path, name: str) -> str:
     """The precision a segment's embeddings were made with; UNRECORDED for an older segment."""
     meta = pq.read_schema(Path(index_dir) / f"{name}.parquet").metadata or {}
