@@ -7,8 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import store
 
 if TYPE_CHECKING:
@@ -31,11 +29,10 @@ def index_info(snap: Snapshot) -> dict[str, Any]:
 
 def _precisions(snap: Snapshot) -> dict[str, int]:
     """Live items by the precision their embeddings were made with ("fp32+int8": compacted from both)."""
-    names, counts = np.unique(store.categories(snap.rows.column("segment")).astype(str), return_counts=True)
     out: dict[str, int] = {}
-    for name, n in zip(names, counts):
-        p = store.segment_precision(snap.index_dir, str(name))
-        out[p] = out.get(p, 0) + int(n)
+    for seg in snap.rows.column("segment").value_counts().to_pylist():  # live rows per segment, one pass
+        p = store.segment_precision(snap.index_dir, seg["values"])
+        out[p] = out.get(p, 0) + seg["counts"]
     return out
 
 
