@@ -1,6 +1,7 @@
 """Training the fusion reranker (encoders frozen by default) and, optionally, the dual encoders."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from indexer.checkpoint import load_checkpoint, save_checkpoint
 from indexer.encoder import DualEncoder, save_encoder
 from indexer.errors import DecodeError, ItmError
+from indexer.images import load_image, read_file
 from indexer.models import ModelSpec
 from indexer.parallel import ordered_map
 
@@ -25,6 +28,7 @@ from .fusion import FusionReranker, get_fusion_config
 from .loss import Grounding, ItmLoss, KnownNegatives
 
 STATE_KIND = "train_state"
+AUGMENT_VARIANTS = 3  # degraded copies made of each training image, when augmenting
 RERANKER_FILE, ENCODER_FILE, STATE_FILE = "reranker.safetensors", "encoder.safetensors", "train_state.safetensors"
 
 
@@ -52,6 +56,7 @@ class TrainOptions:
     neighbours: int = 0  # batch each image with its N nearest images (frozen encoders), so in-batch negatives confuse
     caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
     hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
+    augment: float = 0.0  # share of training images seen as one of their AUGMENT_VARIANTS degraded copies (`degrade`)
     grounding_weight: float = 1.0  # weight of the grounding loss, for data whose captions ground phrases in boxes
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
@@ -126,7 +131,9 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     state = _load_state(out_dir, optimizer, loss_fn) if resuming else {"step": 0}
     step, best = state["step"], state.get("best")
     bad_evals = state.get("bad_evals", 0)
-    images = _ImageCache(encoder, opts.workers, on_skip)
+    if not 0.0 <= opts.augment <= 1.0:
+        raise ItmError(f"augment is the share of images degraded, between 0 and 1; got {opts.augment}")
+    images = _ImageCache(encoder, opts.workers, on_skip, variants=AUGMENT_VARIANTS if opts.augment else 0)
     near = _near_table(encoder, images, data, opts)
     history: list[dict[str, float]] = []
     validation: list[dict[str, float]] = []
@@ -278,7 +285,8 @@ def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[Ima
 def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss, images: "_ImageCache",
           data: list[ImageCaptions], batch: list[_Row], opts: TrainOptions,
           step: int) -> dict[str, torch.Tensor] | None:
-    pixels, keep = images.get([data[r.item].image for r in batch])
+    pixels, keep = images.get([data[r.item].image for r in batch],
+                              augment=opts.augment, seed=opts.seed * 1_000_003 + step)
     if not keep:
         return None
     rows = [batch[i] for i in keep]
@@ -363,24 +371,52 @@ def _hard_image_rows(data: list[ImageCaptions], rows: list[_Row]) -> torch.Tenso
     return torch.tensor(out) if any(i >= 0 for i in out) else None
 
 
-class _ImageCache:
-    """Decoded, preprocessed training images, kept in memory as fp16 (small datasets fit)."""
+def degrade(image: Image.Image, rng: random.Random) -> bytes:
+    """A mildly degraded copy of an image, as JPEG bytes: half the time shrunk to 1/2..1 of its side
+    (bicubic or bilinear), then re-encoded at a JPEG quality of 40..95, as photos are when shared."""
+    if rng.random() < 0.5:
+        scale = rng.uniform(0.5, 1.0)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, rng.choice((Image.Resampling.BICUBIC, Image.Resampling.BILINEAR)))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=rng.randint(40, 95))
+    return out.getvalue()
 
-    def __init__(self, encoder: DualEncoder, workers: int, on_skip, max_items: int = 50_000):
+
+class _ImageCache:
+    """Decoded, preprocessed training images, kept in memory as fp16 (small datasets fit); with
+    `variants`, that many degraded copies of each image too, each made once, when first drawn."""
+
+    def __init__(self, encoder: DualEncoder, workers: int, on_skip, max_items: int = 50_000, variants: int = 0):
         self.encoder, self.workers, self.on_skip, self.max_items = encoder, workers, on_skip, max_items
+        self.variants = variants
         self.cache: dict[Path, torch.Tensor | None] = {}
+        self.files: dict[Path, bytes] = {}
+        self.degraded: dict[tuple[Path, int], torch.Tensor] = {}
         self.skipped: list[str] = []
 
     def _load(self, path: Path) -> torch.Tensor | None:
         try:
-            return self.encoder.load_pixels(path).half()
+            raw = read_file(path)
+            x = self.encoder.load_pixels(raw).half()
         except DecodeError as e:
             self.skipped.append(str(path))
             if self.on_skip:
                 self.on_skip(str(path), str(e))
             return None
+        if self.variants:
+            self.files[path] = raw
+        return x
 
-    def get(self, paths: list[Path]) -> tuple[torch.Tensor, list[int]]:
+    def _degrade(self, key: tuple[Path, int]) -> torch.Tensor:
+        path, variant = key
+        image = load_image(self.files[path], min_side=self.encoder.image_size)
+        rng = random.Random(f"{path}/{variant}")  # the same copy whenever it is made: resumes repeat
+        return self.encoder.load_pixels(degrade(image, rng)).half()
+
+    def get(self, paths: list[Path], augment: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+        """(B', 3, S, S) the images that load, and their positions in `paths`; with `augment`, that share
+        of them (drawn with `seed`) is one of the image's degraded copies instead."""
         missing = [p for p in dict.fromkeys(paths) if p not in self.cache]
         loaded = dict(zip(missing, ordered_map(self._load, missing, self.workers, prefetch=len(missing) or 1)))
         for p, x in loaded.items():
@@ -388,6 +424,13 @@ class _ImageCache:
                 self.cache[p] = x
         tensors = [self.cache[p] if p in self.cache else loaded[p] for p in paths]
         keep = [i for i, x in enumerate(tensors) if x is not None]
+        if augment and self.variants and keep:
+            rng = random.Random(seed)
+            chosen = {i: (paths[i], rng.randrange(self.variants)) for i in keep if rng.random() < augment}
+            new = [k for k in dict.fromkeys(chosen.values()) if k not in self.degraded and k[0] in self.files]
+            self.degraded.update(zip(new, ordered_map(self._degrade, new, self.workers, prefetch=len(new) or 1)))
+            for i, key in chosen.items():
+                tensors[i] = self.degraded.get(key, tensors[i])
         stacked = torch.stack([tensors[i] for i in keep]).float() if keep else torch.empty(0)
         return stacked, keep
 

@@ -39,6 +39,8 @@ def train_command(
     neighbours: int = typer.Option(0, min=0, help="Batch each image with its N nearest images (frozen encoders), "
                                    "so that in-batch negatives are confusable."),
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
+    augment: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of training images shown as a degraded copy "
+                                  "(shrunk and/or JPEG re-encoded), for search over photos that were."),
     seed: int = typer.Option(0),
     device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     workers: int = typer.Option(2, min=0),
@@ -55,7 +57,7 @@ def train_command(
         spec = resolve_model(model, pretrained, checkpoint)
         data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
         opts = TrainOptions(fusion=fusion, init_reranker=init_reranker, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, neighbours=neighbours,
+                            batch_size=batch_size, lr=lr, neighbours=neighbours, augment=augment,
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,

@@ -84,12 +84,36 @@ def test_a_fine_tune_starts_from_the_given_reranker(tmp_path, caption_file, tiny
         str(first.reranker)
 
 
+def test_augmented_batches_hold_degraded_copies_of_their_images(caption_file, tiny_encoder):
+    data, encoder = load_dataset(caption_file), tiny_encoder
+    paths = [d.image for d in data[:8]]
+    cache = train_mod._ImageCache(encoder, workers=2, on_skip=None, variants=2)
+    clean, keep = cache.get(paths)
+    assert keep == list(range(8))
+    none, _ = cache.get(paths, augment=0.0, seed=1)
+    assert torch.equal(none, clean)
+    mixed, _ = cache.get(paths, augment=0.5, seed=1)
+    changed = [not torch.equal(a, b) for a, b in zip(mixed, clean)]
+    assert 0 < sum(changed) < 8  # about half, drawn by the seed
+    assert torch.equal(cache.get(paths, augment=0.5, seed=1)[0], mixed)  # the same draw, the same copies
+    every, _ = cache.get(paths, augment=1.0, seed=2)
+    assert all(not torch.equal(a, b) for a, b in zip(every, clean))
+    sim = F.normalize(every.flatten(1), dim=1) @ F.normalize(clean.flatten(1), dim=1).T
+    assert torch.equal(sim.argmax(1), torch.arange(8))  # degraded, each still closest to its own image
+    assert len(cache.degraded) <= 2 * 8
+    # a fresh cache makes the same copies: a resumed run sees what the interrupted one would have
+    again = train_mod._ImageCache(encoder, workers=0, on_skip=None, variants=2)
+    assert torch.equal(again.get(paths, augment=1.0, seed=2)[0], every)
+
+
 def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
     data = load_dataset(caption_file)
     with pytest.raises(ItmError, match="nothing to train"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(train_reranker=False))
     with pytest.raises(ItmError, match="empty"):
         train(tiny_spec, [], tmp_path / "x", TrainOptions(**OPTS))
+    with pytest.raises(ItmError, match="augment"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, augment=1.5))
     with pytest.raises(ItmError, match="reads layers"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**{**OPTS, "fusion": "fusion-base"}))
     wide = FusionReranker(get_fusion_config("fusion-tiny", image_width=8, text_width=8))
