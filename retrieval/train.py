@@ -404,15 +404,18 @@ class _ImageCache:
             if self.on_skip:
                 self.on_skip(str(path), str(e))
             return None
-        if self.variants:
+        if self.variants and len(self.files) < self.max_items:
             self.files[path] = raw
         return x
 
-    def _degrade(self, key: tuple[Path, int]) -> torch.Tensor:
+    def _degrade(self, key: tuple[Path, int]) -> torch.Tensor | None:
         path, variant = key
-        image = load_image(self.files[path], min_side=self.encoder.image_size)
         rng = random.Random(f"{path}/{variant}")  # the same copy whenever it is made: resumes repeat
-        return self.encoder.load_pixels(degrade(image, rng)).half()
+        try:
+            image = load_image(self.files.get(path) or read_file(path), min_side=self.encoder.image_size)
+            return self.encoder.load_pixels(degrade(image, rng)).half()
+        except DecodeError:  # gone or changed since it was first read: the clean image stands in
+            return None
 
     def get(self, paths: list[Path], augment: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
         """(B', 3, S, S) the images that load, and their positions in `paths`; with `augment`, that share
@@ -427,10 +430,14 @@ class _ImageCache:
         if augment and self.variants and keep:
             rng = random.Random(seed)
             chosen = {i: (paths[i], rng.randrange(self.variants)) for i in keep if rng.random() < augment}
-            new = [k for k in dict.fromkeys(chosen.values()) if k not in self.degraded and k[0] in self.files]
-            self.degraded.update(zip(new, ordered_map(self._degrade, new, self.workers, prefetch=len(new) or 1)))
+            new = [k for k in dict.fromkeys(chosen.values()) if k not in self.degraded]
+            made = dict(zip(new, ordered_map(self._degrade, new, self.workers, prefetch=len(new) or 1)))
+            for key, x in made.items():
+                if x is not None and len(self.degraded) < self.max_items:  # past the cap, made again when drawn
+                    self.degraded[key] = x
             for i, key in chosen.items():
-                tensors[i] = self.degraded.get(key, tensors[i])
+                x = self.degraded.get(key, made.get(key))
+                tensors[i] = tensors[i] if x is None else x
         stacked = torch.stack([tensors[i] for i in keep]).float() if keep else torch.empty(0)
         return stacked, keep
 

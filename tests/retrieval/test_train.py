@@ -104,6 +104,11 @@ def test_augmented_batches_hold_degraded_copies_of_their_images(caption_file, ti
     # a fresh cache makes the same copies: a resumed run sees what the interrupted one would have
     again = train_mod._ImageCache(encoder, workers=0, on_skip=None, variants=2)
     assert torch.equal(again.get(paths, augment=1.0, seed=2)[0], every)
+    # past its cap a cache keeps no more images, files or copies, and makes the same copies anew
+    small = train_mod._ImageCache(encoder, workers=0, on_skip=None, max_items=3, variants=2)
+    for _ in range(2):
+        assert torch.equal(small.get(paths, augment=1.0, seed=2)[0], every)
+    assert max(len(small.cache), len(small.files), len(small.degraded)) == 3
 
 
 def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
