@@ -28,14 +28,16 @@ DEGRADATIONS = {
 }
 
 
-def degraded(dataset: Path, name: str) -> Path:
-    """A copy of a test split whose images went through degradation `name`, made on first use."""
+def degraded(dataset: Path, name: str, split: str | None = None) -> Path:
+    """A copy of a dataset (of its `split` alone, if given) whose images went through degradation
+    `name`, made on first use."""
     scale, quality = DEGRADATIONS[name]
-    out = dataset.parent.with_name(f"{dataset.parent.name}-{name}")
+    out = dataset.parent.with_name(f"{dataset.parent.name}-{split + '-' if split else ''}{name}")
     target = out / "dataset_karpathy.json"
     if target.exists():
         return target
     meta = json.loads(dataset.read_text())
+    meta["images"] = [im for im in meta["images"] if split is None or im["split"] == split]
     for im in meta["images"]:
         with Image.open(dataset.parent / im["filepath"] / im["filename"]) as src:
             img = src.convert("RGB")
