@@ -91,9 +91,10 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
     rng = random.Random(opts.seed)
     best, validation = None, []
     if opts.eval_every:
-        validation.append({"step": 0, **_validate(teacher, student, val_images, val_paths, opts)})
-        log.write({"step": 0, "val": validation[-1]})
-        best = {"step": 0, "value": validation[-1]["error"]}
+        figures = _validate(teacher, student, val_images, val_paths, opts)
+        validation.append({"step": 0, **figures})
+        log.write({"step": 0, "val": figures})
+        best = {"step": 0, "value": figures["error"]}
         _save(student, spec, out_dir / "best")
     bar = tqdm(total=opts.steps, disable=not opts.progress, unit="step", desc="hardening")
     for step in range(1, opts.steps + 1):
@@ -117,10 +118,11 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
         log.losses(step, {k: float(v.detach()) for k, v in parts.items()})
         bar.update(1)
         if opts.eval_every and (step % opts.eval_every == 0 or step == opts.steps):
-            validation.append({"step": step, **_validate(teacher, student, val_images, val_paths, opts)})
-            log.write({"step": step, "val": validation[-1]})
-            if validation[-1]["error"] < best["value"]:
-                best = {"step": step, "value": validation[-1]["error"]}
+            figures = _validate(teacher, student, val_images, val_paths, opts)
+            validation.append({"step": step, **figures})
+            log.write({"step": step, "val": figures})
+            if figures["error"] < best["value"]:
+                best = {"step": step, "value": figures["error"]}
                 _save(student, spec, out_dir / "best")
     bar.close()
     last = _save(student, spec, out_dir)
