@@ -18,6 +18,11 @@ checkpoints lay (the last 500 steps, at a small learning rate, brought nothing o
 fine-tunes that checkpoint for 1,000 steps with each image batched with its twin and its nearest
 images by the frozen encoders, so that the mined negatives are as close as the candidates a
 search over a whole collection hands the reranker (a batch of random images holds few such).
+Stage "robust" fine-tunes the image tower alone (retrieval.robust.harden_images) so that copies of
+the training images shrunk and re-encoded as JPEG give the frozen encoder's features of the clean
+image, embedding and the reranker's token layers both: the reranker, trained on clean features,
+then reads degraded photos as it reads clean ones, and the text tower does not change. Its
+validation figure is that feature error on the val images, clean and degraded (lower is better).
 The stages are validated on the val split every EVAL_EVERY steps (the reranker's every
 2 x EVAL_EVERY: a validation with reranking costs it about 17 s) and stop when PATIENCE
 validations in a row bring nothing better; the best checkpoint of each is what the next stage and
@@ -50,6 +55,7 @@ from indexer.encoder import DualEncoder  # noqa: E402
 from indexer.models import resolve_model  # noqa: E402
 from retrieval.checkpoint import load_reranker  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
+from retrieval.robust import HardenOptions, harden_images  # noqa: E402
 from retrieval.train import ENCODER_FILE, RERANKER_FILE, VAL_FIGURE, TrainOptions, train, validate  # noqa: E402
 
 SPLITS = {"train": 10_000, "val": 500}
@@ -64,8 +70,10 @@ STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps
                       seed=SEED, save_every=250, eval_every=2 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
                       progress=True)
 STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=None, neighbours=3)
+STAGE4 = HardenOptions(steps=1500, batch_size=128, lr=2e-4, warmup_steps=50, eval_every=EVAL_EVERY, seed=SEED,
+                       progress=True)
 WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-STAGES = ("data", "encoders", "reranker", "hard", "weight", "bundle", "calibrate", "curves")
+STAGES = ("data", "encoders", "reranker", "hard", "robust", "weight", "bundle", "calibrate", "curves")
 
 
 def main() -> None:
@@ -82,7 +90,7 @@ def main() -> None:
     if run("data"):
         print(prepare(dataset.parent, SPLITS, SEED, image_size=64, captions_per_image=5, workers=2,
                       twin_fraction=TWIN_FRACTION))
-    if run("encoders") or run("reranker") or run("hard") or run("weight"):
+    if any(map(run, ("encoders", "reranker", "hard", "robust", "weight"))):
         data, val = load_dataset(dataset, split="train"), load_dataset(dataset, split="val")
     if run("encoders"):
         r = train(resolve_model("itm-demo", "random"), attribute_negatives(data, dataset), args.work / "encoders",
@@ -102,11 +110,18 @@ def main() -> None:
         timings["hard"] = r.seconds
         print(f"hard: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
     reranker = args.work / "hard" / "best" / RERANKER_FILE
+    if run("robust"):  # the image tower learns to give degraded images their clean features, for the same reranker
+        layers = tuple(load_reranker(reranker).cfg.image_layers)
+        r = harden_images(resolve_model("itm-demo", checkpoint=encoder), data, args.work / "robust",
+                          dataclasses.replace(STAGE4, layers=layers), val_data=val)
+        timings["robust"] = r.seconds
+        print(f"robust: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
+    robust = args.work / "robust" / "best" / ENCODER_FILE
     weight_file = args.work / "hard" / "score_weight.json"
     if run("weight"):
-        weight_file.write_text(json.dumps(fit_score_weight(encoder, reranker, val), indent=1) + "\n")
+        weight_file.write_text(json.dumps(fit_score_weight(robust, reranker, val), indent=1) + "\n")
     if run("bundle"):
-        write_bundle(encoder, reranker, json.loads(weight_file.read_text())["score_weight"], args.out)
+        write_bundle(robust, reranker, json.loads(weight_file.read_text())["score_weight"], args.out)
     if run("calibrate"):  # the match probability behind --min-prob, fitted on val queries (itm-calibrate)
         if args.out.resolve() == HERE:
             subprocess.run([sys.executable, "-m", "retrieval.calibrate_cli", "--model", "demo"], check=True)
@@ -173,7 +188,7 @@ def plot_curves(work: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = {stage: work / stage / "log.jsonl" for stage in ("encoders", "reranker", "hard")}
+    logs = {stage: work / stage / "log.jsonl" for stage in ("encoders", "reranker", "hard", "robust")}
     for stage, log in list(logs.items()):
         if not log.is_file():  # e.g. a reranker retrained on encoders from an earlier run
             print(f"curves: no {log}; the plot leaves the {stage} stage out")
@@ -191,12 +206,14 @@ def plot_curves(work: Path, out: Path) -> None:
         ax.set(title=f"{stage}: training losses", xlabel="step")
         ax.legend()
         ax = axes[1, col]
-        for key in ("t2i_r1", "i2t_r1", "swap"):
+        for key in ("t2i_r1", "i2t_r1", "swap", "clean", "degraded"):
             if vals and key in vals[0]["val"]:
                 ax.plot([r["step"] for r in vals], [r["val"][key] for r in vals], marker="o", label=key)
-        ax.set(title=f"{stage}: validation (%)", xlabel="step")
+        what = "feature error against the original" if stage == "robust" else "%"
+        ax.set(title=f"{stage}: validation ({what})", xlabel="step")
         ax.legend()
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     print(f"curves: wrote {out}")
 
