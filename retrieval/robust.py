@@ -26,7 +26,7 @@ from indexer.errors import ItmError
 from indexer.models import ModelSpec
 
 from .data import ImageCaptions
-from .train import AUGMENT_VARIANTS, ENCODER_FILE, _ImageCache, _Log
+from .train import AUGMENT_VARIANTS, ENCODER_FILE, _ImageCache, _Log, _start_run
 
 VAL_SEED = 7919  # which degraded copy of each validation image is measured: the same one at every validation
 
@@ -66,13 +66,7 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
     losses and each validation's error on clean and on degraded images ("clean", "degraded", and their sum "error")."""
     t0 = time.perf_counter()
     opts = opts or HardenOptions()
-    if not data:
-        raise ItmError("the training set is empty")
-    if opts.eval_every and not val_data:
-        raise ItmError("validation was asked for, but the validation set is empty")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(opts.seed)
+    out_dir = _start_run(data, val_data, opts.eval_every, out_dir, opts.seed)
     teacher = DualEncoder.load(spec, opts.device)
     student = copy.deepcopy(teacher)  # the same weights, even where the spec's are drawn at random
     n = student.n_image_layers

@@ -104,13 +104,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     opts = opts or TrainOptions()
     if not opts.train_encoders and not opts.train_reranker:
         raise ItmError("nothing to train: enable the reranker or --train-encoders")
-    if not data:
-        raise ItmError("the training set is empty")
-    if opts.eval_every and not val_data:
-        raise ItmError("validation was asked for, but the validation set is empty")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(opts.seed)
+    out_dir = _start_run(data, val_data, opts.eval_every, out_dir, opts.seed)
     resuming = resume and (out_dir / STATE_FILE).exists()
     # a resumed encoder run continues from its own last weights; the optimizer must hold those parameters
     encoder = DualEncoder.load(ModelSpec(spec.arch, checkpoint=out_dir / ENCODER_FILE)
@@ -179,6 +173,18 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     return TrainResult(out_dir, step, weights / RERANKER_FILE if reranker is not None else None,
                        weights / ENCODER_FILE if opts.train_encoders else None, losses, images.skipped,
                        time.perf_counter() - t0, best["step"] if best else None, validation)
+
+
+def _start_run(data: list, val_data: list | None, eval_every: int, out_dir: Path | str, seed: int) -> Path:
+    """Refuse a run without data, or asked to validate without validation data; make out_dir; seed torch."""
+    if not data:
+        raise ItmError("the training set is empty")
+    if eval_every and not val_data:
+        raise ItmError("validation was asked for, but the validation set is empty")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    return out_dir
 
 
 VAL_FIGURE = "score"  # what picks the best checkpoint: RSUM, plus swap accuracy where the data has negatives
