@@ -92,7 +92,7 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
         _save(student, spec, out_dir / "best")
     bar = tqdm(total=opts.steps, disable=not opts.progress, unit="step", desc="hardening")
     for step in range(1, opts.steps + 1):
-        if len(order) < opts.batch_size:  # epochs of shuffled images; a batch never repeats one
+        if len(order) < opts.batch_size:  # shuffled epochs of the images, one after another
             order += rng.sample(paths, len(paths))
         batch, order = order[:opts.batch_size], order[opts.batch_size:]
         clean, keep = images.get(batch)
