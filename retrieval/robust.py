@@ -26,7 +26,7 @@ from indexer.errors import ItmError
 from indexer.models import ModelSpec
 
 from .data import ImageCaptions
-from .train import AUGMENT_VARIANTS, ENCODER_FILE, _ImageCache, _Log, _start_run
+from .train import AUGMENT_VARIANTS, ENCODER_FILE, _ImageCache, _Log, _start_run, check_layers
 
 VAL_SEED = 7919  # which degraded copy of each validation image is measured: the same one at every validation
 
@@ -69,9 +69,7 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
     out_dir = _start_run(data, val_data, opts.eval_every, out_dir, opts.seed)
     teacher = DualEncoder.load(spec, opts.device)
     student = copy.deepcopy(teacher)  # the same weights, even where the spec's are drawn at random
-    n = student.n_image_layers
-    if any(not -n <= i < n for i in opts.layers):
-        raise ItmError(f"layers {list(opts.layers)} do not exist in an image tower of {n} layers")
+    check_layers("hardening", opts.layers, student.n_image_layers)
     for name, p in student.model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
     params = [p for p in student.model.parameters() if p.requires_grad]
@@ -84,12 +82,18 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
     order: list[Path] = []
     rng = random.Random(opts.seed)
     best, validation = None, []
-    if opts.eval_every:
+
+    def check(step: int) -> None:  # validate; keep the weights with the lowest error so far in out_dir/best
+        nonlocal best
         figures = _validate(teacher, student, val_images, val_paths, opts)
-        validation.append({"step": 0, **figures})
-        log.write({"step": 0, "val": figures})
-        best = {"step": 0, "value": figures["error"]}
-        _save(student, spec, out_dir / "best")
+        validation.append({"step": step, **figures})
+        log.write({"step": step, "val": figures})
+        if best is None or figures["error"] < best["value"]:
+            best = {"step": step, "value": figures["error"]}
+            _save(student, spec, out_dir / "best")
+
+    if opts.eval_every:
+        check(0)
     bar = tqdm(total=opts.steps, disable=not opts.progress, unit="step", desc="hardening")
     for step in range(1, opts.steps + 1):
         if len(order) < opts.batch_size:  # shuffled epochs of the images, one after another
@@ -112,12 +116,7 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
         log.losses(step, {k: float(v.detach()) for k, v in parts.items()})
         bar.update(1)
         if opts.eval_every and (step % opts.eval_every == 0 or step == opts.steps):
-            figures = _validate(teacher, student, val_images, val_paths, opts)
-            validation.append({"step": step, **figures})
-            log.write({"step": step, "val": figures})
-            if figures["error"] < best["value"]:
-                best = {"step": step, "value": figures["error"]}
-                _save(student, spec, out_dir / "best")
+            check(step)
     bar.close()
     last = _save(student, spec, out_dir)
     return HardenResult(out_dir, opts.steps, out_dir / "best" / ENCODER_FILE if best else last,

@@ -228,10 +228,15 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
     else:
         cfg = get_fusion_config(opts.fusion, image_width=encoder.image_width, text_width=encoder.text_width)
         reranker, what = FusionReranker(cfg).to(opts.device), f"fusion config {cfg.name}"
-    for layers, n in ((cfg.image_layers, encoder.n_image_layers), (cfg.text_layers, encoder.n_text_layers)):
-        if any(not -n <= i < n for i in layers):
-            raise ItmError(f"{what} reads layers {list(layers)}, but the encoder tower has {n}")
+    check_layers(what, cfg.image_layers, encoder.n_image_layers)
+    check_layers(what, cfg.text_layers, encoder.n_text_layers)
     return reranker.train()
+
+
+def check_layers(what: str, layers, n: int) -> None:
+    """Refuse layer indices (negative ones count from the end) that a tower of `n` layers does not have."""
+    if any(not -n <= i < n for i in layers):
+        raise ItmError(f"{what} reads layers {list(layers)}, but the encoder tower has {n}")
 
 
 def _batch(data: list[ImageCaptions], seed: int, epoch: int, index: int, size: int,
