@@ -9,15 +9,11 @@ from indexer.errors import ItmError
 from indexer.models import resolve_model
 from retrieval.data import load_dataset
 from retrieval.robust import HardenOptions, harden_images
-from tests.conftest import write_images
 
 
 @pytest.fixture
-def data(tmp_path):
-    paths = write_images(tmp_path / "imgs", 10, size=(40, 40))
-    lines = [json.dumps({"image": str(p.relative_to(tmp_path)), "caption": f"picture {i}"}) for i, p in enumerate(paths)]
-    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
-    return load_dataset(tmp_path / "caps.jsonl")
+def data(caption_file):
+    return load_dataset(caption_file)
 
 
 def test_hardening_moves_the_image_tower_alone_toward_the_clean_features(tmp_path, data, tiny_spec):

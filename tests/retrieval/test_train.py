@@ -14,15 +14,6 @@ from retrieval.train import TrainOptions, train
 from tests.conftest import write_images
 
 
-@pytest.fixture
-def caption_file(tmp_path):
-    paths = write_images(tmp_path / "imgs", 12, size=(32, 32))
-    lines = [f'{{"image": "{p.relative_to(tmp_path)}", "caption": "picture {i} with {c}"}}'
-             for i, p in enumerate(paths) for c in ("red", "blue")]
-    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
-    return tmp_path / "caps.jsonl"
-
-
 OPTS = dict(fusion="fusion-tiny", batch_size=4, max_steps=4, epochs=10, save_every=1, workers=0)
 
 
