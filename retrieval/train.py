@@ -6,6 +6,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -15,8 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from indexer.checkpoint import load_checkpoint, save_checkpoint
-from indexer.encoder import DualEncoder, save_encoder
-from indexer.errors import DecodeError, ItmError
+from indexer.encoder import DualEncoder, cpu_has_native_bf16, save_encoder
+from indexer.errors import DecodeError, ItmError, ItmWarning
 from indexer.images import load_image, read_file
 from indexer.models import ModelSpec
 from indexer.parallel import ordered_map
@@ -57,6 +58,7 @@ class TrainOptions:
     caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
     hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
     augment: float = 0.0  # share of training images seen as one of their AUGMENT_VARIANTS degraded copies (`degrade`)
+    precision: str = "fp32"  # "bf16": the reranker's forward and backward under bf16 autocast (weights stay fp32)
     grounding_weight: float = 1.0  # weight of the grounding loss, for data whose captions ground phrases in boxes
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
@@ -104,6 +106,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     opts = opts or TrainOptions()
     if not opts.train_encoders and not opts.train_reranker:
         raise ItmError("nothing to train: enable the reranker or --train-encoders")
+    check_precision(opts)
     out_dir = _start_run(data, val_data, opts.eval_every, out_dir, opts.seed)
     resuming = resume and (out_dir / STATE_FILE).exists()
     # a resumed encoder run continues from its own last weights; the optimizer must hold those parameters
@@ -233,6 +236,20 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
     return reranker.train()
 
 
+TRAIN_PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(opts: TrainOptions) -> None:
+    """Refuse a precision training does not offer; warn where bf16 would be emulated (slower, not faster)."""
+    if opts.precision not in TRAIN_PRECISIONS:
+        raise ItmError(f"training precision is one of {', '.join(TRAIN_PRECISIONS)}, not {opts.precision!r}")
+    if opts.precision == "bf16" and not opts.train_reranker:
+        raise ItmError("bf16 speeds up the reranker's training; encoders train in fp32 (use --precision fp32)")
+    if opts.precision == "bf16" and opts.device == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX): bf16 training runs slower "
+                      "than fp32 here", ItmWarning, stacklevel=3)
+
+
 def check_layers(what: str, layers, n: int) -> None:
     """Refuse layer indices (negative ones count from the end) that a tower of `n` layers does not have."""
     if any(not -n <= i < n for i in layers):
@@ -320,17 +337,19 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     known = KnownNegatives(text_emb=text_emb[b:], text_valid=has_neg) if has_neg.any() else KnownNegatives()
     if reranker is None:
         return loss_fn(None, None, None, None, own(img.embeddings), text_emb[:b], image_ids=image_ids, known=known)
-    image_feats = reranker.encode_image_store([own(t) for t in img.tokens], img.grid)  # (B, Lv, Ti, D)
-    text_feats, mask = reranker.encode_text_store([own(t) for t in txt.tokens], own(txt.mask))  # (B or 2B, ...)
-    if has_neg.any():
-        known = replace(known, text_feats=text_feats[b:], text_mask=mask[b:])
     hard = _hard_image_rows(data, rows) if opts.hard_images else None
     if hard is not None:
         known = replace(known, images=hard.to(opts.device))
     generator = torch.Generator(device=opts.device).manual_seed(opts.seed * 1_000_003 + step)
     grounding = _grounding(encoder, reranker.cfg, data, rows, opts.device) if opts.grounding_weight else None
-    return loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
-                   image_ids=image_ids, generator=generator, known=known, grounding=grounding)
+    image_feats = reranker.encode_image_store([own(t) for t in img.tokens], img.grid)  # (B, Lv, Ti, D)
+    text_feats, mask = reranker.encode_text_store([own(t) for t in txt.tokens], own(txt.mask))  # (B or 2B, ...)
+    if has_neg.any():
+        known = replace(known, text_feats=text_feats[b:], text_mask=mask[b:])
+    # bf16: the fusion layers and losses only; the store projections in bf16 too were slower (casts of their output)
+    with torch.autocast(torch.device(opts.device).type, torch.bfloat16, enabled=opts.precision == "bf16"):
+        return loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
+                       image_ids=image_ids, generator=generator, known=known, grounding=grounding)
 
 
 def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[_Row],

@@ -41,6 +41,8 @@ def train_command(
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
     augment: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of training images shown as a degraded copy "
                                   "(shrunk and/or JPEG re-encoded), for search over photos that were."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16: the reranker's arithmetic under bf16 autocast, "
+                                  "about a fifth faster per step on CPUs with native bf16 (AVX-512 BF16, AMX)."),
     seed: int = typer.Option(0),
     device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     workers: int = typer.Option(2, min=0),
@@ -63,7 +65,7 @@ def train_command(
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,
                             grounding_weight=grounding_weight,
                             num_negatives=num_negatives, hard_negatives=hard_negatives, seed=seed, device=device,
-                            workers=workers, save_every=save_every, progress=True)
+                            precision=precision, workers=workers, save_every=save_every, progress=True)
         r = train(spec, data, out, opts, resume=resume, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
     parts = ", ".join(f"{k} {v:.4f}" for k, v in r.losses.items())
     typer.echo(f"{r.steps} steps in {r.seconds:.0f}s on {len(data)} images; last losses: {parts}")

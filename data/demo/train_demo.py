@@ -18,6 +18,8 @@ checkpoints lay (the last 500 steps, at a small learning rate, brought nothing o
 fine-tunes that checkpoint for 1,000 steps with each image batched with its twin and its nearest
 images by the frozen encoders, so that the mined negatives are as close as the candidates a
 search over a whole collection hands the reranker (a batch of random images holds few such).
+Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
+natively (AVX-512 BF16, AMX), fp32 elsewhere: a step costs about a seventh less.
 Stage "robust" fine-tunes the image tower alone (retrieval.robust.harden_images) so that copies of
 the training images shrunk and re-encoded as JPEG give the frozen encoder's features of the clean
 image, embedding and the reranker's token layers both: the reranker, trained on clean features,
@@ -51,7 +53,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from data.synth.prepare import prepare  # noqa: E402
-from indexer.encoder import DualEncoder  # noqa: E402
+from indexer.encoder import DualEncoder, cpu_has_native_bf16  # noqa: E402
 from indexer.models import resolve_model  # noqa: E402
 from retrieval.checkpoint import load_reranker  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
@@ -68,7 +70,7 @@ STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128,
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
                       stop_after=4500, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
                       seed=SEED, save_every=250, eval_every=2 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
-                      progress=True)
+                      precision="bf16" if cpu_has_native_bf16() else "fp32", progress=True)
 STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=None, neighbours=3)
 STAGE4 = HardenOptions(steps=1500, batch_size=128, lr=2e-4, warmup_steps=50, eval_every=EVAL_EVERY, seed=SEED,
                        progress=True)

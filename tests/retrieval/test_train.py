@@ -102,6 +102,33 @@ def test_augmented_batches_hold_degraded_copies_of_their_images(caption_file, ti
     assert max(len(small.cache), len(small.files), len(small.degraded)) == 3
 
 
+def test_bf16_training_runs_the_reranker_in_bf16_and_keeps_fp32_weights(tmp_path, caption_file, tiny_spec,
+                                                                         monkeypatch):
+    data = load_dataset(caption_file)
+    dtypes, make = {"store": set(), "fusion": set()}, train_mod._make_reranker
+    def watched(*a, **k):  # the output dtypes of the reranker's linear layers, store projections apart
+        reranker = make(*a, **k)
+        for name, m in reranker.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                seen = dtypes["store" if name.startswith("store.") else "fusion"]
+                m.register_forward_hook(lambda mod, args, out, seen=seen: seen.add(out.dtype))
+        return reranker
+    monkeypatch.setattr(train_mod, "_make_reranker", watched)
+    opts = {**OPTS, "max_steps": 2}
+    fp32 = train(tiny_spec, data, tmp_path / "a", TrainOptions(**opts))
+    assert dtypes == {"store": {torch.float32}, "fusion": {torch.float32}}
+    dtypes = {"store": set(), "fusion": set()}
+    bf16 = train(tiny_spec, data, tmp_path / "b", TrainOptions(**opts, precision="bf16"))
+    # the store features stay fp32, as at query time; the fusion layers run in bf16
+    assert dtypes == {"store": {torch.float32}, "fusion": {torch.bfloat16}}
+    assert all(torch.isfinite(torch.tensor(v)) for v in bf16.losses.values())
+    a, b = load_file(str(fp32.reranker)), load_file(str(bf16.reranker))
+    assert all(v.dtype == torch.float32 for v in b.values())
+    # the same seeded steps in another arithmetic: close to fp32's weights, not equal to them
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=0.05) for k in a)
+
+
 def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
     data = load_dataset(caption_file)
     with pytest.raises(ItmError, match="nothing to train"):
@@ -110,6 +137,11 @@ def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
         train(tiny_spec, [], tmp_path / "x", TrainOptions(**OPTS))
     with pytest.raises(ItmError, match="augment"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, augment=1.5))
+    with pytest.raises(ItmError, match="precision is one of fp32, bf16"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, precision="fp16"))
+    with pytest.raises(ItmError, match="encoders train in fp32"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, precision="bf16", train_encoders=True,
+                                                            train_reranker=False))
     with pytest.raises(ItmError, match="reads layers"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**{**OPTS, "fusion": "fusion-base"}))
     wide = FusionReranker(get_fusion_config("fusion-tiny", image_width=8, text_width=8))
