@@ -63,7 +63,7 @@ class DualEncoder:
             raise ItmError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if precision == "fp16" and not str(device).startswith("cuda"):
             raise ItmError("fp16 needs a GPU (--device cuda); on a CPU use --precision bf16 or fp32")
-        if precision == "bf16" and not str(device).startswith("cuda") and not cpu_has_native_bf16():
+        if precision == "bf16" and bf16_is_emulated(device):
             warnings.warn("this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 runs 5-12x "
                           "slower than fp32 here; use --precision fp32", ItmWarning, stacklevel=2)
         model, model_cfg, sha = _build_model(spec)
@@ -179,6 +179,11 @@ class DualEncoder:
     def save(self, path: Path) -> Path:
         """Write this encoder as an itm checkpoint (safetensors + JSON) that `--checkpoint` loads."""
         return save_encoder(self.model, self.spec.arch, path)
+
+
+def bf16_is_emulated(device: str | torch.device) -> bool:
+    """Whether bf16 on `device` would be emulated in software (a CPU without native bf16), so slower than fp32."""
+    return not str(device).startswith("cuda") and not cpu_has_native_bf16()
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from indexer.checkpoint import load_checkpoint, save_checkpoint
-from indexer.encoder import DualEncoder, cpu_has_native_bf16, save_encoder
+from indexer.encoder import DualEncoder, bf16_is_emulated, save_encoder
 from indexer.errors import DecodeError, ItmError, ItmWarning
 from indexer.images import load_image, read_file
 from indexer.models import ModelSpec
@@ -58,7 +58,7 @@ class TrainOptions:
     caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
     hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
     augment: float = 0.0  # share of training images seen as one of their AUGMENT_VARIANTS degraded copies (`degrade`)
-    precision: str = "fp32"  # "bf16": the reranker's forward and backward under bf16 autocast (weights stay fp32)
+    precision: str = "fp32"  # "bf16": the fusion layers and losses under bf16 autocast (weights, store projections fp32)
     grounding_weight: float = 1.0  # weight of the grounding loss, for data whose captions ground phrases in boxes
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
@@ -245,7 +245,7 @@ def check_precision(opts: TrainOptions) -> None:
         raise ItmError(f"training precision is one of {', '.join(TRAIN_PRECISIONS)}, not {opts.precision!r}")
     if opts.precision == "bf16" and not opts.train_reranker:
         raise ItmError("bf16 speeds up the reranker's training; encoders train in fp32 (use --precision fp32)")
-    if opts.precision == "bf16" and opts.device == "cpu" and not cpu_has_native_bf16():
+    if opts.precision == "bf16" and bf16_is_emulated(opts.device):
         warnings.warn("this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX): bf16 training runs slower "
                       "than fp32 here", ItmWarning, stacklevel=3)
 
