@@ -5,10 +5,9 @@
 
 Runs `retrieval.train.train` as the recipe's reranker stage does (its TrainOptions, no validation,
 no checkpoints but the last) on the frozen bundled demo encoder and the first --images training
-images, twice per precision: --warmup steps, then --warmup + --steps. The difference of the two
-runs' times, over --steps, is the cost of a step with the set-up taken out (building the model;
-the warm-up steps span a whole epoch, so every image is decoded and cached before the counted
-steps). Precisions alternate, --repeats times, and each figure is the median over repeats, so a
+images, twice per precision: a warm-up of one epoch and a step (every image is decoded and
+cached by then), then the warm-up and --steps more. The difference of the two runs' times, over
+--steps, is the cost of a step with the set-up (building the model, decoding) taken out. Precisions alternate, --repeats times, and each figure is the median over repeats, so a
 drift of the machine's speed touches both alike. bf16 is fast only on a CPU with native bf16
 arithmetic (AVX-512 BF16, AMX); the script records whether this one has it.
 """

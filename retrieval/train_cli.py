@@ -41,8 +41,8 @@ def train_command(
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
     augment: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of training images shown as a degraded copy "
                                   "(shrunk and/or JPEG re-encoded), for search over photos that were."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16: the reranker's arithmetic under bf16 autocast, "
-                                  "about a fifth faster per step on CPUs with native bf16 (AVX-512 BF16, AMX)."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16: the reranker's fusion layers under bf16 autocast, "
+                                  "about a seventh less per step on CPUs with native bf16 (AVX-512 BF16, AMX)."),
     seed: int = typer.Option(0),
     device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     workers: int = typer.Option(2, min=0),
