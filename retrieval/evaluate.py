@@ -90,21 +90,45 @@ def _images(encoder, reranker, pixels, layers, emb, store) -> None:
 @torch.inference_mode()
 def rank(features: Features, reranker: FusionReranker | None = None, rerank_k: int = 0) -> Ranks:
     """Ranks of the true matches; with a reranker, the top `rerank_k` of recall are re-scored first."""
+    return rankings(features, reranker, rerank_k)[0]
+
+
+@torch.inference_mode()
+def rankings(features: Features, reranker: FusionReranker | None = None, rerank_k: int = 0,
+             weights: Sequence[float | None] = (None,)) -> list[Ranks]:
+    """`rank` for each score weight of the match logit (None: the reranker's own), the logits computed once."""
     f = features
     sim = f.text_emb @ f.image_emb.T  # (Nt, Ni)
-    t2i_order = _reranked(sim, rerank_k, reranker, lambda q, c: (c, q), f)  # captions query images
-    i2t_order = _reranked(sim.T, rerank_k, reranker, lambda q, c: (q, c), f)  # images query captions
-    t2i = _first_hit(t2i_order, lambda q: np.array([f.caption_image[q]]))
+    t2i = _candidates(sim, rerank_k, reranker, lambda q, c: (c, q), f)  # captions query images
+    i2t = _candidates(sim.T, rerank_k, reranker, lambda q, c: (q, c), f)  # images query captions
     by_image = [np.flatnonzero(f.caption_image == i) for i in range(len(f.image_emb))]
-    i2t = _first_hit(i2t_order, lambda q: by_image[q])
-    return Ranks(t2i, i2t, t2i_order, i2t_order)
+    out = []
+    for w in weights:
+        t2i_order, i2t_order = t2i.order_by(reranker, w), i2t.order_by(reranker, w)
+        out.append(Ranks(_first_hit(t2i_order, lambda q: np.array([f.caption_image[q]])),
+                         _first_hit(i2t_order, lambda q: by_image[q]), t2i_order, i2t_order))
+    return out
 
 
-def _reranked(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> np.ndarray:
-    """Full ranking of candidates per query row; the first k re-ordered by the fused score."""
+@dataclass(frozen=True)
+class _Candidates:
+    """Every candidate of each query row in recall order, and the recall similarity and match logit of the first k."""
+
+    order: np.ndarray  # (Q, C)
+    sim: torch.Tensor | None = None  # (Q, k); None when nothing is reranked
+    logits: torch.Tensor | None = None  # (Q, k)
+
+    def order_by(self, reranker: FusionReranker | None, weight: float | None) -> np.ndarray:
+        """The full ranking: the first k re-ordered by the fused score with `weight`."""
+        if self.logits is None:
+            return self.order
+        return rerank_top(self.order, reranker.score(self.logits, self.sim, weight).numpy())
+
+
+def _candidates(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> _Candidates:
     order = torch.argsort(sim, dim=1, descending=True)  # (Q, C)
     if reranker is None or k <= 0:
-        return order.numpy()
+        return _Candidates(order.numpy())
     k = min(k, sim.shape[1])
     q = torch.arange(sim.shape[0]).repeat_interleave(k)  # (Q*k,)
     c = order[:, :k].reshape(-1)
@@ -112,8 +136,7 @@ def _reranked(sim: torch.Tensor, k: int, reranker, pair, f: Features) -> np.ndar
     for s in range(0, len(q), PAIR_CHUNK):
         img, txt = pair(q[s:s + PAIR_CHUNK], c[s:s + PAIR_CHUNK])
         logits[s:s + PAIR_CHUNK] = reranker(f.image_store[img], f.text_store[txt], f.text_mask[txt]).float()
-    fused = reranker.score(logits, sim[q, c]).view(-1, k)  # (Q, k)
-    return rerank_top(order.numpy(), fused.numpy())
+    return _Candidates(order.numpy(), sim[q, c].view(-1, k), logits.view(-1, k))
 
 
 @torch.inference_mode()
@@ -124,6 +147,31 @@ def swap_accuracy(encoder: DualEncoder, reranker: FusionReranker | None, feature
     Returns one bool per caption that has a negative: by dual-encoder similarity, and by the
     fused score (None without a reranker).
     """
+    scores = swap_scores(encoder, reranker, features, negatives)
+    return scores.dual(), scores.fused(reranker) if reranker is not None else None
+
+
+@dataclass(frozen=True)
+class SwapScores:
+    """Recall similarities (and match logits, with a reranker) of each caption that has a false twin and of
+    that twin, on the caption's own image."""
+
+    pos_sim: torch.Tensor
+    neg_sim: torch.Tensor
+    pos_logit: torch.Tensor | None = None
+    neg_logit: torch.Tensor | None = None
+
+    def dual(self) -> np.ndarray:
+        return (self.pos_sim > self.neg_sim).numpy()
+
+    def fused(self, reranker: FusionReranker, weight: float | None = None) -> np.ndarray:
+        return (reranker.score(self.pos_logit, self.pos_sim, weight)
+                > reranker.score(self.neg_logit, self.neg_sim, weight)).numpy()
+
+
+@torch.inference_mode()
+def swap_scores(encoder: DualEncoder, reranker: FusionReranker | None, features: Features,
+                negatives: Sequence[str | None]) -> SwapScores:
     f = features
     which = np.array([n is not None for n in negatives])
     negs = [n for n in negatives if n is not None]
@@ -134,17 +182,15 @@ def swap_accuracy(encoder: DualEncoder, reranker: FusionReranker | None, feature
     layers = reranker.cfg.text_layers if reranker is not None else ()
     out = [encoder.encode_texts(negs[s:s + 256], layers) for s in range(0, len(negs), 256)]
     neg_sim = (image_emb * torch.cat([o.embeddings for o in out])).sum(-1)
-    dual = (pos_sim > neg_sim).numpy()
     if reranker is None:
-        return dual, None
-    fused = []
+        return SwapScores(pos_sim, neg_sim)
+    pos, neg = [], []
     for s, o in zip(range(0, len(negs), 256), out):
         img = f.image_store[owner[s:s + 256]]
-        pos = reranker(img, f.text_store[idx[s:s + 256]], f.text_mask[idx[s:s + 256]])
+        pos.append(reranker(img, f.text_store[idx[s:s + 256]], f.text_mask[idx[s:s + 256]]))
         store, mask = reranker.encode_text_store(o.tokens, o.mask)
-        neg = reranker(img, store.half(), mask)
-        fused.append(reranker.score(pos, pos_sim[s:s + 256]) > reranker.score(neg, neg_sim[s:s + 256]))
-    return dual, torch.cat(fused).numpy()
+        neg.append(reranker(img, store.half(), mask))
+    return SwapScores(pos_sim, neg_sim, torch.cat(pos), torch.cat(neg))
 
 
 def _first_hit(order: np.ndarray, truth) -> np.ndarray:

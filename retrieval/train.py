@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -24,7 +24,7 @@ from indexer.parallel import ordered_map
 
 from .checkpoint import load_reranker, save_reranker
 from .data import ImageCaptions, Phrase
-from .evaluate import embed_dataset, rank, recall, swap_accuracy
+from .evaluate import embed_dataset, rankings, recall, swap_scores
 from .fusion import FusionReranker, get_fusion_config
 from .loss import Grounding, ItmLoss, KnownNegatives
 
@@ -197,24 +197,35 @@ def validate(encoder: DualEncoder, reranker: FusionReranker | None, data: list[I
              rerank_k: int = 0) -> dict[str, float]:
     """Recall figures on `data` (two-stage with `rerank_k` when a reranker is given), swap accuracy where
     the data has false captions, and "score": RSUM + swap accuracy, the figure checkpoints are chosen by."""
+    return validate_weights(encoder, reranker, data, rerank_k)[None]
+
+
+def validate_weights(encoder: DualEncoder, reranker: FusionReranker | None, data: list[ImageCaptions],
+                     rerank_k: int = 0, weights: Sequence[float | None] = (None,)) -> dict[float | None, dict]:
+    """`validate`'s figures for each score weight of the match logit (None: the reranker's own), from one
+    pass of the encoders and the reranker over `data`."""
     was_training = encoder.model.training, reranker.training if reranker is not None else False
     encoder.model.eval()
     if reranker is not None:
         reranker.eval()
     try:
         feats = embed_dataset(encoder, reranker, data)
-        figures = recall(rank(feats, reranker, rerank_k))
+        all_ranks = rankings(feats, reranker, rerank_k, weights)
         negatives = [n for item in data for n in (item.negatives or (None,) * len(item.captions))]
-        if any(negatives):
-            dual, fused = swap_accuracy(encoder, reranker, feats, negatives)
-            ok = fused if fused is not None else dual
-            figures["swap"] = 100 * float(ok.mean())
+        swaps = swap_scores(encoder, reranker, feats, negatives) if any(negatives) else None
     finally:
         encoder.model.train(was_training[0])
         if reranker is not None:
             reranker.train(was_training[1])
-    figures["score"] = figures["rsum"] + figures.get("swap", 0.0)
-    return figures
+    out = {}
+    for w, ranks in zip(weights, all_ranks):
+        figures = recall(ranks)
+        if swaps is not None:
+            ok = swaps.fused(reranker, w) if reranker is not None else swaps.dual()
+            figures["swap"] = 100 * float(ok.mean())
+        figures["score"] = figures["rsum"] + figures.get("swap", 0.0)
+        out[w] = figures
+    return out
 
 
 def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resume: bool) -> FusionReranker | None:

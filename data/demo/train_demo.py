@@ -30,7 +30,8 @@ The stages are validated on the val split every EVAL_EVERY steps (the reranker's
 validations in a row bring nothing better; the best checkpoint of each is what the next stage and
 the bundle take. Stage "weight"
 picks the weight of the match logit in the final score (recall cosine + weight x logit) from
-WEIGHTS by the same validation figure, and the bundle's reranker carries it. Stage "calibrate"
+WEIGHTS by the same validation figure (the val split scored once, each weight ranking the same
+match logits), and the bundle's reranker carries it. Stage "calibrate"
 fits the match probability (itm-calibrate, on val queries) beside the bundle. Stage "curves" plots
 each stage's log.jsonl (losses and validation figures) to training_curves.png.
 """
@@ -58,7 +59,7 @@ from indexer.models import resolve_model  # noqa: E402
 from retrieval.checkpoint import load_reranker  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
 from retrieval.robust import HardenOptions, harden_images  # noqa: E402
-from retrieval.train import ENCODER_FILE, RERANKER_FILE, VAL_FIGURE, TrainOptions, train, validate  # noqa: E402
+from retrieval.train import ENCODER_FILE, RERANKER_FILE, VAL_FIGURE, TrainOptions, train, validate_weights  # noqa: E402
 
 SPLITS = {"train": 10_000, "val": 500}
 SEED = 0
@@ -154,10 +155,8 @@ def attribute_negatives(data: list, dataset: Path) -> list:
 def fit_score_weight(encoder: Path, reranker: Path, val) -> dict:
     """The weight of WEIGHTS whose fused score does best on the val split, with every weight's figures."""
     enc, model = DualEncoder.load(resolve_model("itm-demo", checkpoint=encoder)), load_reranker(reranker)
-    figures = {}
+    figures = validate_weights(enc, model, val, STAGE2.val_rerank_k, WEIGHTS)
     for w in WEIGHTS:
-        model.cfg = dataclasses.replace(model.cfg, score_weight=w)
-        figures[w] = validate(enc, model, val, STAGE2.val_rerank_k)
         print(f"weight {w}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures[w].items()))
     best = max(WEIGHTS, key=lambda w: figures[w][VAL_FIGURE])
     print(f"weight: {best} ({VAL_FIGURE} {figures[best][VAL_FIGURE]:.1f} on val)")

@@ -52,7 +52,7 @@ def test_reranking_reorders_only_the_top_k(hand_features):
         def __call__(self, img, txt, mask):
             return (img[:, 0, 0, 0] == 2).float() * 10
 
-        def score(self, logit, sim):
+        def score(self, logit, sim, weight=None):  # FusionReranker.score, weight 1
             return sim + logit
 
     f = hand_features

@@ -279,6 +279,29 @@ def test_validation_keeps_the_best_checkpoint_and_patience_stops(tmp_path, karpa
         train(tiny_spec, data, tmp_path / "x", opts, val_data=[])
 
 
+def test_validating_many_score_weights_at_once_equals_validating_each(karpathy_with_negatives, tiny_encoder):
+    """One pass for several weights of the match logit gives each weight's figures as validating with it alone."""
+    import dataclasses
+
+    from retrieval.train import validate, validate_weights
+
+    val = load_dataset(karpathy_with_negatives)
+    torch.manual_seed(0)
+    reranker = FusionReranker(get_fusion_config("fusion-tiny", image_width=tiny_encoder.image_width,
+                                                text_width=tiny_encoder.text_width))
+    with torch.no_grad():  # a sharp head, so that the weight changes the order
+        reranker.head[-1].weight.mul_(50.0)
+    weights = (0.0, 0.3, 10.0)
+    many = validate_weights(tiny_encoder, reranker, val, 4, weights)
+    alone = {}
+    for w in weights:
+        reranker.cfg = dataclasses.replace(reranker.cfg, score_weight=w)
+        alone[w] = validate(tiny_encoder, reranker, val, 4)
+    assert many == alone
+    assert len({json.dumps(f, sort_keys=True) for f in many.values()}) > 1  # the weights rank differently
+    assert reranker.training  # validation leaves the model as it found it
+
+
 def test_region_shares_split_a_box_over_the_grid():
     centre = train_mod.region_shares((1 / 3, 1 / 3, 2 / 3, 2 / 3), 3)
     assert centre.shape == (10,) and int(centre.argmax()) == 5 and centre[0] == 0
