@@ -15,7 +15,11 @@ For each generated corpus, in one run on one machine:
   alone (BuildReport.timings), so a short corpus is not judged by the model load. The forward
   passes inside the build are timed too: `stall` is the share of the embedding loop spent
   waiting on decoding, and `fwd-in-build/s` against `model/s` shows how much the decoding
-  threads slow the forward passes down by competing for the cores.
+  threads slow the forward passes down by competing for the cores;
+- bound: the embed ratio a build could reach if its decoding overlapped the forward passes
+  perfectly. The forward passes keep every core busy, so each item's decoding (read + hash +
+  load_image + prepare, one item at a time) adds its core time: 1 / (1 + decode s x model/s / cores).
+  A build near its bound gains only from less decoding work per item, not from better overlap.
 
 Model-only runs and builds alternate, M B M B M B M, and each build is divided by the mean of
 the two model-only runs beside it: on a shared machine the rate drifts between runs. The table
@@ -201,6 +205,8 @@ def run_corpus(corpus: Corpus, folder: Path, encoder: DualEncoder, args: argpars
         builds.append({**build, "model_items_per_s_beside": beside, "ratio_e2e": build["e2e_items_per_s"] / beside,
                        "ratio_embed": build["embed_items_per_s"] / beside})
     median = lambda key: statistics.median(b[key] for b in builds)  # noqa: E731
+    decode_core_s = sum(stages[k] for k in ("read", "hash", "load_image", "prepare")) / 1000
+    cores = len(os.sched_getaffinity(0))
     return {
         "corpus": asdict(corpus) | {"key": corpus.key},
         "items": len(paths),
@@ -217,6 +223,7 @@ def run_corpus(corpus: Corpus, folder: Path, encoder: DualEncoder, args: argpars
         "ratio_e2e": median("ratio_e2e"),
         "ratio_embed": median("ratio_embed"),
         "ratio_embed_range": [min(b["ratio_embed"] for b in builds), max(b["ratio_embed"] for b in builds)],
+        "ratio_bound": 1 / (1 + decode_core_s * statistics.median(models) / cores),
         "forward_in_build_items_per_s": median("forward_in_build_items_per_s"),
         "stall_fraction": median("stall_fraction"),
         "build_phases_s": {k: statistics.median(b["phases_s"][k] for b in builds) for k in builds[0]["phases_s"]},
@@ -239,7 +246,7 @@ def print_results(rows: list[dict], facts: dict) -> None:
         ("decode_items_per_s", "decode/s", ".1f"), ("model_items_per_s", "model/s", ".2f"),
         ("build_e2e_items_per_s", "build e2e/s", ".2f"), ("build_embed_items_per_s", "build embed/s", ".2f"),
         ("ratio_e2e", "ratio e2e", ".2f"), ("ratio_embed", "ratio embed", ".2f"),
-        ("embed_range", "embed range", "s")]))
+        ("embed_range", "embed range", "s"), ("ratio_bound", "bound", ".2f")]))
     print()
     print("per item, one at a time in a worker thread (ms, median); build phases (s, median); stall = share of the "
           "embed loop not spent in forward passes; every model-only run")
