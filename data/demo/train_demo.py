@@ -2,6 +2,9 @@
 
     python data/demo/train_demo.py                 # every stage; writes data/demo/*.safetensors
     python data/demo/train_demo.py --stage reranker --resume
+    python data/demo/train_demo.py --work W --out W/bundle --stage reranker \
+        --reranker-option random_negatives=0       # an experiment beside the bundled run: W holds
+                                                   # synth/ and encoders/best/ (links to work/'s will do)
 
 Stage "data" writes the synthetic dataset (train and val with confusable twin pairs; the test
 split is never read). Stage "encoders" trains the `itm-demo` dual encoders from random weights
@@ -85,7 +88,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE, help="where the bundle goes")
     ap.add_argument("--stage", choices=["all", *STAGES], default="all")
     ap.add_argument("--resume", action="store_true", help="continue a stage from its last checkpoint")
+    ap.add_argument("--reranker-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a TrainOptions field of the reranker and hard stages, for an experiment "
+                         "(e.g. random_negatives=0); repeat for several")
     args = ap.parse_args()
+    global STAGE2, STAGE3
+    try:
+        STAGE2, STAGE3 = (with_options(s, args.reranker_option) for s in (STAGE2, STAGE3))
+    except ValueError as e:
+        ap.error(str(e))
     t0 = time.time()
     dataset = args.work / "synth" / "dataset_karpathy.json"
     run = (lambda stage: args.stage in ("all", stage))
@@ -134,6 +145,39 @@ def main() -> None:
         plot_curves(args.work, args.out / "training_curves.png")
     minutes = (time.time() - t0) / 60
     print(f"done in {minutes:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())})")
+
+
+def with_options(opts: TrainOptions, pairs: list[str]) -> TrainOptions:
+    """`opts` with the fields named in KEY=VALUE `pairs` set, each value read as the field's current type."""
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in {f.name for f in dataclasses.fields(TrainOptions)}:
+            raise ValueError(f"--reranker-option {pair!r}: expected KEY=VALUE with KEY a TrainOptions field")
+        current = getattr(opts, key)
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--reranker-option {pair!r}: {key} is true or false")
+            changes[key] = value.lower() == "true"
+        elif value.lower() == "none":
+            changes[key] = None
+        elif current is None or isinstance(current, str):
+            changes[key] = _number_or_text(value)
+        else:
+            try:
+                changes[key] = type(current)(value)
+            except ValueError:
+                raise ValueError(f"--reranker-option {pair!r}: {key} is a {type(current).__name__}") from None
+    return dataclasses.replace(opts, **changes)
+
+
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 RELATIONAL = ("relation_flip", "position_flip")  # negative kinds that only a spatially aware model can reject

@@ -354,3 +354,17 @@ def test_the_demo_encoders_see_attribute_negatives_only(tmp_path):
             assert new == (None if kinds[caption] in RELATIONAL else neg)
         moved = twin_kind[before.image.name] == "position_swap"
         assert after.hard_images == (() if moved else before.hard_images) and after.captions == before.captions
+
+
+def test_the_recipe_takes_reranker_options_for_experiments():
+    """--reranker-option KEY=VALUE reads each value as its field's type and refuses what is not a field."""
+    from data.demo.train_demo import STAGE2, STAGE3, with_options
+
+    o = with_options(STAGE3, ["random_negatives=0", "lr=3e-4", "precision=fp32", "hard_images=false",
+                              "stop_after=3000"])
+    assert (o.random_negatives, o.lr, o.precision, o.hard_images, o.stop_after) == (0, 3e-4, "fp32", False, 3000)
+    assert o.neighbours == STAGE3.neighbours and with_options(STAGE2, ["stop_after=none"]).stop_after is None
+    for bad, why in (("nokey=1", "TrainOptions field"), ("lr", "KEY=VALUE"), ("lr=fast", "is a float"),
+                     ("hard_images=yes", "true or false")):
+        with pytest.raises(ValueError, match=why):
+            with_options(STAGE2, [bad])
