@@ -52,6 +52,7 @@ import benchlib
 from indexer.build import BuildOptions, build_index
 from indexer.encoder import DualEncoder
 from indexer.images import load_image, read_file
+from indexer.item_encoder import default_threads
 from indexer.models import resolve_model
 from indexer.parallel import ordered_map
 
@@ -206,7 +207,6 @@ def run_corpus(corpus: Corpus, folder: Path, encoder: DualEncoder, args: argpars
                        "ratio_embed": build["embed_items_per_s"] / beside})
     median = lambda key: statistics.median(b[key] for b in builds)  # noqa: E731
     decode_core_s = sum(stages[k] for k in ("read", "hash", "load_image", "prepare")) / 1000
-    cores = len(os.sched_getaffinity(0))
     return {
         "corpus": asdict(corpus) | {"key": corpus.key},
         "items": len(paths),
@@ -223,7 +223,7 @@ def run_corpus(corpus: Corpus, folder: Path, encoder: DualEncoder, args: argpars
         "ratio_e2e": median("ratio_e2e"),
         "ratio_embed": median("ratio_embed"),
         "ratio_embed_range": [min(b["ratio_embed"] for b in builds), max(b["ratio_embed"] for b in builds)],
-        "ratio_bound": 1 / (1 + decode_core_s * statistics.median(models) / cores),
+        "ratio_bound": 1 / (1 + decode_core_s * statistics.median(models) / default_threads()),
         "forward_in_build_items_per_s": median("forward_in_build_items_per_s"),
         "stall_fraction": median("stall_fraction"),
         "build_phases_s": {k: statistics.median(b["phases_s"][k] for b in builds) for k in builds[0]["phases_s"]},
