@@ -1,6 +1,7 @@
 """Training the fusion reranker (encoders frozen by default) and, optionally, the dual encoders."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -16,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from indexer.checkpoint import load_checkpoint, save_checkpoint
-from indexer.encoder import DualEncoder, bf16_is_emulated, save_encoder
+from indexer.encoder import DualEncoder, Encoded, bf16_is_emulated, save_encoder
 from indexer.errors import DecodeError, ItmError, ItmWarning
 from indexer.images import load_image, read_file
 from indexer.models import ModelSpec
@@ -66,6 +67,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     workers: int = 2  # image decoding threads
+    feature_cache_gb: float = 4.0  # frozen encoders: keep each image's and text's features, up to this size (0: off)
     save_every: int = 200  # steps between checkpoints
     log_every: int = 10  # steps averaged per line of log.jsonl
     progress: bool = False
@@ -131,6 +133,9 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     if not 0.0 <= opts.augment <= 1.0:
         raise ItmError(f"augment is the share of images degraded, between 0 and 1; got {opts.augment}")
     images = _ImageCache(encoder, opts.workers, on_skip, variants=AUGMENT_VARIANTS if opts.augment else 0)
+    frozen = (_FrozenFeatures(encoder, images, reranker.cfg, opts.feature_cache_gb)
+              if reranker is not None and not opts.train_encoders and not opts.augment and opts.feature_cache_gb > 0
+              else None)
     near = _near_table(encoder, images, data, opts)
     history: list[dict[str, float]] = []
     validation: list[dict[str, float]] = []
@@ -140,7 +145,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         epoch, index = divmod(step, steps_per_epoch)
         batch = _batch(data, opts.seed, epoch, index, opts.batch_size, near)
         _set_lr(optimizer, groups, opts, step, total)
-        parts = _step(encoder, reranker, loss_fn, images, data, batch, opts, step)
+        parts = _step(encoder, reranker, loss_fn, frozen or images, data, batch, opts, step)
         if parts is None:  # every image of the batch failed to load
             step += 1
             continue
@@ -321,11 +326,14 @@ def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[Ima
     return torch.cat(near)
 
 
-def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss, images: "_ImageCache",
-          data: list[ImageCaptions], batch: list[_Row], opts: TrainOptions,
+def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss,
+          images: "_ImageCache | _FrozenFeatures", data: list[ImageCaptions], batch: list[_Row], opts: TrainOptions,
           step: int) -> dict[str, torch.Tensor] | None:
-    pixels, keep = images.get([data[r.item].image for r in batch],
-                              augment=opts.augment, seed=opts.seed * 1_000_003 + step)
+    paths = [data[r.item].image for r in batch]
+    if isinstance(images, _FrozenFeatures):
+        img, keep = images.encode_images(paths)
+    else:
+        pixels, keep = images.get(paths, augment=opts.augment, seed=opts.seed * 1_000_003 + step)
     if not keep:
         return None
     rows = [batch[i] for i in keep]
@@ -337,13 +345,17 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     image_ids = torch.tensor([r.item for r in rows], device=opts.device)
     grad = opts.train_encoders
     encoder.model.train(grad)
-    ilayers = reranker.cfg.image_layers if reranker is not None else ()
-    tlayers = reranker.cfg.text_layers if reranker is not None else ()
-    img = encoder.encode_images(pixels, ilayers, grad=grad)
-    txt = encoder.encode_texts(texts if has_neg.any() else captions, tlayers, grad=grad)
+    texts = texts if has_neg.any() else captions
+    if isinstance(images, _FrozenFeatures):
+        txt = images.encode_texts(texts)
+    else:
+        ilayers = reranker.cfg.image_layers if reranker is not None else ()
+        tlayers = reranker.cfg.text_layers if reranker is not None else ()
+        img = encoder.encode_images(pixels, ilayers, grad=grad)
+        txt = encoder.encode_texts(texts, tlayers, grad=grad)
     b = len(rows)
     # outputs of a frozen encoder are inference tensors: clone them so autograd may save them
-    own = (lambda t: t) if grad else (lambda t: t.clone())
+    own = (lambda t: t) if grad or isinstance(images, _FrozenFeatures) else (lambda t: t.clone())
     text_emb = own(txt.embeddings)
     known = KnownNegatives(text_emb=text_emb[b:], text_valid=has_neg) if has_neg.any() else KnownNegatives()
     if reranker is None:
@@ -385,6 +397,7 @@ def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[
                      torch.stack(targets).to(device))
 
 
+@functools.lru_cache(maxsize=1 << 18)  # every step asks again for the captions of earlier epochs
 def phrase_tokens(tokenizer, text: str, phrase: Phrase) -> range:
     """Positions of a phrase's tokens in the text's token ids (start token at 0), for tokenizers that split
     words before BPE as CLIP's does, so that a prefix ending at a word boundary encodes as a prefix."""
@@ -394,6 +407,7 @@ def phrase_tokens(tokenizer, text: str, phrase: Phrase) -> range:
     return range(1 + len(tokenizer.encode(text[:phrase.start])), 1 + len(tokenizer.encode(text[:phrase.end])))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # callers copy it (torch.stack), never change it in place
 def region_shares(box: tuple[float, float, float, float], regions: int) -> torch.Tensor:
     """(1 + regions**2,) the share of `box` (fractions of the image) in each region of the grid, row by row,
     after a zero for the CLS token: the attention a phrase naming that box should pay."""
@@ -481,6 +495,61 @@ class _ImageCache:
                 tensors[i] = tensors[i] if x is None else x
         stacked = torch.stack([tensors[i] for i in keep]).float() if keep else torch.empty(0)
         return stacked, keep
+
+
+class _FrozenFeatures:
+    """What frozen encoders make of each training image and text, computed once and kept (up to `budget_gb`),
+    so that a reranker's stage runs the encoders over its data about once instead of at every step.
+
+    Rows are the same, bit for bit, as those of the batch they would have been encoded in: each row of
+    an encoder's output depends on its own input only, and text padding is masked out downstream.
+    """
+
+    def __init__(self, encoder: DualEncoder, images: _ImageCache, cfg, budget_gb: float):
+        self.encoder, self.images, self.cfg = encoder, images, cfg
+        self.room = int(budget_gb * 2**30)  # bytes left
+        self.image: dict[Path, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.text: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.grid: tuple[int, int] | None = None
+
+    def _keep(self, table: dict, key, emb: torch.Tensor, tokens: list[torch.Tensor]) -> tuple:
+        row = (emb.clone(), [t.clone() for t in tokens])  # own storage: not a view of the whole batch
+        size = sum(t.numel() * t.element_size() for t in (row[0], *row[1]))
+        if size <= self.room:
+            table[key], self.room = row, self.room - size
+        return row
+
+    def encode_images(self, paths: list[Path]) -> tuple[Encoded | None, list[int]]:
+        """The images' features (Encoded as encode_images gives them), for those that load, and their positions."""
+        rows = {p: self.image[p] for p in paths if p in self.image}
+        missing = [p for p in dict.fromkeys(paths) if p not in rows]
+        if missing:
+            pixels, keep = self.images.get(missing)
+            if keep:
+                out = self.encoder.encode_images(pixels, self.cfg.image_layers)
+                self.grid = out.grid
+                for j, i in enumerate(keep):
+                    rows[missing[i]] = self._keep(self.image, missing[i], out.embeddings[j], [t[j] for t in out.tokens])
+        keep = [i for i, p in enumerate(paths) if p in rows]
+        if not keep:
+            return None, keep
+        chosen = [rows[paths[i]] for i in keep]
+        return Encoded(torch.stack([r[0] for r in chosen]), [torch.stack(level) for level in zip(*(r[1] for r in chosen))],
+                       grid=self.grid), keep
+
+    def encode_texts(self, texts: list[str]) -> Encoded:
+        """The texts' features, as encode_texts gives them (padding rows zero, and masked)."""
+        rows = {t: self.text[t] for t in texts if t in self.text}
+        missing = [t for t in dict.fromkeys(texts) if t not in rows]
+        if missing:
+            out = self.encoder.encode_texts(missing, self.cfg.text_layers)
+            for j, (t, n) in enumerate(zip(missing, out.mask.sum(1).tolist())):
+                rows[t] = self._keep(self.text, t, out.embeddings[j], [x[j, :n] for x in out.tokens])
+        chosen = [rows[t] for t in texts]
+        lengths = torch.tensor([len(r[1][0]) for r in chosen])
+        tokens = [torch.nn.utils.rnn.pad_sequence(level, batch_first=True) for level in zip(*(r[1] for r in chosen))]
+        mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+        return Encoded(torch.stack([r[0] for r in chosen]), tokens, mask=mask)
 
 
 def _set_lr(optimizer, groups, opts: TrainOptions, step: int, total: int) -> None:

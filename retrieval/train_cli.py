@@ -46,6 +46,8 @@ def train_command(
     seed: int = typer.Option(0),
     device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     workers: int = typer.Option(2, min=0),
+    feature_cache_gb: float = typer.Option(4.0, min=0.0, help="With frozen encoders, keep each image's and text's "
+                                           "features in memory up to this size, so each is encoded once (0: off)."),
     save_every: int = typer.Option(200, min=1),
     resume: bool = typer.Option(False, help="Continue from the checkpoints in --out."),
 ) -> None:
@@ -65,7 +67,8 @@ def train_command(
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,
                             grounding_weight=grounding_weight,
                             num_negatives=num_negatives, hard_negatives=hard_negatives, seed=seed, device=device,
-                            precision=precision, workers=workers, save_every=save_every, progress=True)
+                            precision=precision, workers=workers, feature_cache_gb=feature_cache_gb,
+                            save_every=save_every, progress=True)
         r = train(spec, data, out, opts, resume=resume, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
     parts = ", ".join(f"{k} {v:.4f}" for k, v in r.losses.items())
     typer.echo(f"{r.steps} steps in {r.seconds:.0f}s on {len(data)} images; last losses: {parts}")

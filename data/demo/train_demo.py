@@ -22,14 +22,17 @@ fine-tunes that checkpoint for 1,000 steps with each image batched with its twin
 images by the frozen encoders, so that the mined negatives are as close as the candidates a
 search over a whole collection hands the reranker (a batch of random images holds few such).
 Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
-natively (AVX-512 BF16, AMX), fp32 elsewhere: a step costs about a seventh less.
+natively (AVX-512 BF16, AMX), fp32 elsewhere: a step costs about a seventh less. They run the
+frozen encoders over each training image and text once and keep the features (TrainOptions.
+feature_cache_gb), instead of once per step: about a twelfth of a step.
 Stage "robust" fine-tunes the image tower alone (retrieval.robust.harden_images) so that copies of
 the training images shrunk and re-encoded as JPEG give the frozen encoder's features of the clean
 image, embedding and the reranker's token layers both: the reranker, trained on clean features,
 then reads degraded photos as it reads clean ones, and the text tower does not change. Its
 validation figure is that feature error on the val images, clean and degraded (lower is better).
 The stages are validated on the val split every EVAL_EVERY steps (the reranker's every
-2 x EVAL_EVERY: a validation with reranking costs it about 17 s) and stop when PATIENCE
+4 x EVAL_EVERY and at its last step, the hard stage's every 2 x EVAL_EVERY: a validation with
+reranking costs them about 17 s) and stop when PATIENCE
 validations in a row bring nothing better; the best checkpoint of each is what the next stage and
 the bundle take. Stage "weight"
 picks the weight of the match logit in the final score (recall cosine + weight x logit) from
@@ -74,9 +77,10 @@ STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128,
 # random_negatives=0 saves a sixth of the reranker stages' time, and costs held-out pairs' truth@1 (README)
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
                       stop_after=4500, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
-                      seed=SEED, save_every=250, eval_every=2 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
+                      seed=SEED, save_every=250, eval_every=4 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
                       precision="bf16" if cpu_has_native_bf16() else "fp32", progress=True)
-STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=None, neighbours=3)
+STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=None, neighbours=3,
+                             eval_every=2 * EVAL_EVERY)
 STAGE4 = HardenOptions(steps=1500, batch_size=128, lr=2e-4, warmup_steps=50, eval_every=EVAL_EVERY, seed=SEED,
                        progress=True)
 WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)

@@ -353,3 +353,68 @@ def test_grounded_phrases_reach_the_loss(tmp_path, tiny_spec, monkeypatch):
     seen.clear()
     train(tiny_spec, data, tmp_path / "r0", TrainOptions(**{**OPTS, "max_steps": 1, "grounding_weight": 0.0}))
     assert seen[0][0] is None and "grounding" not in seen[0][1]
+
+
+def test_frozen_encoders_encode_each_image_and_text_once(tmp_path, karpathy_with_negatives, tiny_spec, monkeypatch):
+    """A reranker's run keeps what the frozen encoders make of each item: later epochs encode nothing, and the
+    losses are those of encoding every batch afresh."""
+    from indexer.encoder import DualEncoder
+
+    data = load_dataset(karpathy_with_negatives)
+    texts = {t for d in data for t in (*d.captions, *(n for n in d.negatives or () if n))}
+    encoded = {"images": 0, "texts": []}
+    real_images, real_texts = DualEncoder.encode_images, DualEncoder.encode_texts
+
+    def count_images(self, pixels, *a, **k):
+        encoded["images"] += len(pixels)
+        return real_images(self, pixels, *a, **k)
+
+    def count_texts(self, batch, *a, **k):
+        encoded["texts"] += list(batch)
+        return real_texts(self, batch, *a, **k)
+
+    monkeypatch.setattr(DualEncoder, "encode_images", count_images)
+    monkeypatch.setattr(DualEncoder, "encode_texts", count_texts)
+    opts = TrainOptions(**{**OPTS, "max_steps": 4 * len(data), "batch_size": 4, "save_every": 100})
+    cached = train(tiny_spec, data, tmp_path / "a", opts)
+    assert encoded["images"] == len(data)  # each image once, though every image was drawn four times
+    assert len(encoded["texts"]) == len(set(encoded["texts"])) and set(encoded["texts"]) <= texts
+    encoded.update(images=0, texts=[])
+    drawn = []
+    real_batch = train_mod._batch
+    monkeypatch.setattr(train_mod, "_batch", lambda *a, **k: drawn.append(real_batch(*a, **k)) or drawn[-1])
+    fresh = train(tiny_spec, data, tmp_path / "b", TrainOptions(**{**OPTS, "max_steps": 4 * len(data), "batch_size": 4,
+                                                                   "save_every": 100, "feature_cache_gb": 0}))
+    assert encoded["images"] == sum(map(len, drawn)) > 3 * len(data)  # without the cache, every step encodes its batch
+    assert cached.losses == pytest.approx(fresh.losses, rel=1e-4)
+    a, b = load_file(str(cached.reranker)), load_file(str(fresh.reranker))
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_frozen_features_are_the_encoders_own(caption_file, tiny_encoder):
+    """Kept rows, stacked and padded again, equal the encoders' output for the same batch where it is read."""
+    data = load_dataset(caption_file)
+    cfg = get_fusion_config("fusion-tiny", image_width=tiny_encoder.image_width, text_width=tiny_encoder.text_width)
+    images = train_mod._ImageCache(tiny_encoder, 0, None)
+    frozen = train_mod._FrozenFeatures(tiny_encoder, images, cfg, budget_gb=1.0)
+    texts = ["a", "picture 3 with red", "a much longer caption than the others, with more words", "picture 3 with red"]
+    frozen.encode_texts(texts[:2])  # some kept from an earlier batch
+    got, want = frozen.encode_texts(texts), tiny_encoder.encode_texts(texts, cfg.text_layers)
+    assert torch.equal(got.mask, want.mask) and torch.allclose(got.embeddings, want.embeddings, atol=1e-5)
+    for g, w in zip(got.tokens, want.tokens):
+        assert torch.allclose(g[got.mask], w[want.mask], atol=1e-5) and not g[~got.mask].any()
+    paths = [d.image for d in data[:5]]
+    frozen.encode_images(paths[:2])
+    got, keep = frozen.encode_images(paths)
+    pixels, _ = images.get(paths)
+    want = tiny_encoder.encode_images(pixels, cfg.image_layers)
+    assert keep == list(range(5)) and got.grid == want.grid
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got.tokens, want.tokens))
+    tiny = train_mod._FrozenFeatures(tiny_encoder, images, cfg, budget_gb=1e-9)  # no room: encoded, not kept
+    tiny.encode_texts(texts)
+    again = tiny.encode_texts(texts)
+    assert not tiny.text and not tiny.image and torch.equal(again.mask, want_mask(tiny_encoder, cfg, texts))
+
+
+def want_mask(encoder, cfg, texts):
+    return encoder.encode_texts(texts, cfg.text_layers).mask
