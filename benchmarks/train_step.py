@@ -1,15 +1,18 @@
-"""Seconds per training step of the demo recipe's reranker stage, fp32 against bf16 autocast.
+"""Seconds per training step of the demo recipe's reranker stage: fp32 against bf16 autocast, and
+with against without the frozen encoders' feature cache.
 
     python data/demo/train_demo.py --stage data      # the synthetic dataset, once
     python benchmarks/train_step.py [--steps 40] [--repeats 2] [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step.py --variants bf16,bf16-nocache --out benchmarks/results/train_step_feature_cache.json
 
 Runs `retrieval.train.train` as the recipe's reranker stage does (its TrainOptions, no validation,
 no checkpoints but the last) on the frozen bundled demo encoder and the first --images training
-images, twice per precision: a warm-up of one epoch and a step (every image is decoded and
-cached by then), then the warm-up and --steps more. The difference of the two runs' times, over
---steps, is the cost of a step with the set-up (building the model, decoding) taken out. Precisions alternate, --repeats times, and each figure is the median over repeats, so a
-drift of the machine's speed touches both alike. bf16 is fast only on a CPU with native bf16
-arithmetic (AVX-512 BF16, AMX); the script records whether this one has it.
+images, twice per variant: a warm-up of an epoch and a step (every image is decoded and cached by
+then), then the warm-up and --steps more. The difference of the two runs' times, over --steps, is
+the cost of a step with the set-up (building the model, decoding, filling the feature cache) taken
+out. Variants alternate, --repeats times, and each figure is the median over repeats, so a drift
+of the machine's speed touches both alike. bf16 is fast only on a CPU with native bf16 arithmetic
+(AVX-512 BF16, AMX); the script records whether this one has it.
 """
 from __future__ import annotations
 
@@ -35,9 +38,13 @@ from retrieval.train import train  # noqa: E402
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
 
-def seconds(spec, data, steps: int, precision: str) -> float:
+VARIANTS = {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"},
+            "bf16-nocache": {"precision": "bf16", "feature_cache_gb": 0.0}}
+
+
+def seconds(spec, data, steps: int, variant: str) -> float:
     opts = dataclasses.replace(STAGE2, max_steps=steps, stop_after=None, eval_every=0, patience=0,
-                               save_every=10**9, progress=False, precision=precision)
+                               save_every=10**9, progress=False, **VARIANTS[variant])
     with tempfile.TemporaryDirectory() as out:
         return train(spec, data, out, opts).seconds
 
@@ -49,6 +56,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=640, help="training images used")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variants", default="fp32,bf16", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
     args = ap.parse_args()
     if not args.dataset.is_file():
@@ -56,20 +64,24 @@ def main() -> None:
     facts = benchlib.machine_facts()
     spec = resolve_model("itm-demo", checkpoint=args.encoder)
     data = load_dataset(args.dataset, split="train")[:args.images]
+    names = args.variants.split(",")
+    if len(names) != 2 or not set(names) <= set(VARIANTS):
+        sys.exit(f"--variants: two of {', '.join(VARIANTS)}, comma-separated")
     warmup = -(-len(data) // STAGE2.batch_size) + 1  # past the first epoch, which decodes the images
-    steps = {"fp32": [], "bf16": []}
+    steps = {name: [] for name in names}
     for _ in range(args.repeats):
-        for precision, seen in steps.items():
-            short = seconds(spec, data, warmup, precision)
-            seen.append((seconds(spec, data, warmup + args.steps, precision) - short) / args.steps)
-            print(f"{precision}: {seen[-1]:.3f} s per step", flush=True)
-    rows = {p: {"step_s": statistics.median(seen), "each_s": seen} for p, seen in steps.items()}
-    ratio = rows["bf16"]["step_s"] / rows["fp32"]["step_s"]
-    print(f"median s per step: fp32 {rows['fp32']['step_s']:.3f}, bf16 {rows['bf16']['step_s']:.3f}; "
-          f"bf16 / fp32 {ratio:.2f} (native bf16: {cpu_has_native_bf16()})")
+        for name, seen in steps.items():
+            short = seconds(spec, data, warmup, name)
+            seen.append((seconds(spec, data, warmup + args.steps, name) - short) / args.steps)
+            print(f"{name}: {seen[-1]:.3f} s per step", flush=True)
+    rows = {name: {"step_s": statistics.median(seen), "each_s": seen} for name, seen in steps.items()}
+    (a, b), ratio_key = names, f"{names[1]}_over_{names[0]}"
+    ratio = rows[b]["step_s"] / rows[a]["step_s"]
+    print(f"median s per step: {a} {rows[a]['step_s']:.3f}, {b} {rows[b]['step_s']:.3f}; "
+          f"{b} / {a} {ratio:.2f} (native bf16: {cpu_has_native_bf16()})")
     facts = benchlib.finish(facts)
     print(benchlib.describe_machine(facts))
-    benchlib.write_json(args.out, {"rows": rows, "bf16_over_fp32": ratio, "native_bf16": cpu_has_native_bf16(),
+    benchlib.write_json(args.out, {"rows": rows, ratio_key: ratio, "native_bf16": cpu_has_native_bf16(),
                                    "batch_size": STAGE2.batch_size, "steps": args.steps, "warmup": warmup,
                                    "images": len(data), "machine": facts, "finished_at": time.strftime("%F %T")})
     print(f"wrote {args.out}")

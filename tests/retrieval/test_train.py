@@ -398,23 +398,21 @@ def test_frozen_features_are_the_encoders_own(caption_file, tiny_encoder):
     images = train_mod._ImageCache(tiny_encoder, 0, None)
     frozen = train_mod._FrozenFeatures(tiny_encoder, images, cfg, budget_gb=1.0)
     texts = ["a", "picture 3 with red", "a much longer caption than the others, with more words", "picture 3 with red"]
-    frozen.encode_texts(texts[:2])  # some kept from an earlier batch
-    got, want = frozen.encode_texts(texts), tiny_encoder.encode_texts(texts, cfg.text_layers)
+    paths = [d.image for d in data[:5]]
+    frozen.fill(paths[:2], texts[:2])  # some kept, the rest encoded when asked for
+    assert set(frozen.text) == set(texts[:2]) and set(frozen.image) == set(paths[:2])
+    got_texts = got = frozen.encode_texts(texts)
+    want = tiny_encoder.encode_texts(texts, cfg.text_layers)
+    assert set(frozen.text) == set(texts[:2])  # filled once, not as batches come
     assert torch.equal(got.mask, want.mask) and torch.allclose(got.embeddings, want.embeddings, atol=1e-5)
     for g, w in zip(got.tokens, want.tokens):
         assert torch.allclose(g[got.mask], w[want.mask], atol=1e-5) and not g[~got.mask].any()
-    paths = [d.image for d in data[:5]]
-    frozen.encode_images(paths[:2])
     got, keep = frozen.encode_images(paths)
     pixels, _ = images.get(paths)
     want = tiny_encoder.encode_images(pixels, cfg.image_layers)
     assert keep == list(range(5)) and got.grid == want.grid
     assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got.tokens, want.tokens))
     tiny = train_mod._FrozenFeatures(tiny_encoder, images, cfg, budget_gb=1e-9)  # no room: encoded, not kept
-    tiny.encode_texts(texts)
+    tiny.fill(paths, texts)
     again = tiny.encode_texts(texts)
-    assert not tiny.text and not tiny.image and torch.equal(again.mask, want_mask(tiny_encoder, cfg, texts))
-
-
-def want_mask(encoder, cfg, texts):
-    return encoder.encode_texts(texts, cfg.text_layers).mask
+    assert not tiny.text and not tiny.image and torch.equal(again.mask, got_texts.mask)

@@ -1,0 +1,75 @@
+"""Memory and fill time of reranker training's feature cache, on the demo recipe's training data.
+
+    python data/demo/train_demo.py --stage data      # the synthetic dataset, once
+    python benchmarks/feature_cache.py [--images 10000] [--out benchmarks/results/feature_cache.json]
+
+Fills the cache that `retrieval.train.train` keeps for frozen encoders with every image, caption
+and false caption of the first --images training images, as the trainer does before its first
+step, with the bundled demo encoder and the `fusion-demo` reranker's layers (the images decoded
+beforehand: the trainer decodes them with or without the cache). Prints what the cache holds in tensor bytes (what
+`--feature-cache-gb` counts), how much the process's resident memory grew meanwhile (the tensors
+plus the objects that hold them, and what the allocator keeps), and the seconds it took: the
+encoder work a reranker stage does once with the cache, and at every step without it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from indexer.encoder import DualEncoder  # noqa: E402
+from indexer.models import resolve_model  # noqa: E402
+from retrieval.data import load_dataset  # noqa: E402
+from retrieval.fusion import get_fusion_config  # noqa: E402
+from retrieval.train import _FrozenFeatures, _ImageCache  # noqa: E402
+
+DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
+
+
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", type=Path, default=DATASET)
+    ap.add_argument("--encoder", type=Path, default=ROOT / "data" / "demo" / "encoder.safetensors")
+    ap.add_argument("--images", type=int, default=10_000, help="training images used")
+    ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
+    args = ap.parse_args()
+    if not args.dataset.is_file():
+        sys.exit(f"{args.dataset} not found: run `python data/demo/train_demo.py --stage data` first")
+    facts = benchlib.machine_facts()
+    encoder = DualEncoder.load(resolve_model("itm-demo", checkpoint=args.encoder))
+    cfg = get_fusion_config("fusion-demo", image_width=encoder.image_width, text_width=encoder.text_width)
+    data = load_dataset(args.dataset, split="train")[:args.images]
+    paths = [d.image for d in data]
+    texts = [t for d in data for t in (*d.captions, *(d.negatives or ())) if t]
+    images = _ImageCache(encoder, 2, None)
+    for s in range(0, len(paths), 256):
+        images.get(paths[s:s + 256])
+    cache = _FrozenFeatures(encoder, images, cfg, budget_gb=1024.0)
+    budget, before, t0 = cache.room, resident_bytes(), time.perf_counter()
+    cache.fill(paths, texts)
+    seconds, grown, held = time.perf_counter() - t0, resident_bytes() - before, budget - cache.room
+    print(f"{len(cache.image)} images and {len(cache.text)} texts: {held / 2**30:.2f} GiB of tensors, "
+          f"resident memory +{grown / 2**30:.2f} GiB, filled in {seconds:.1f} s")
+    facts = benchlib.finish(facts)
+    print(benchlib.describe_machine(facts))
+    benchlib.write_json(args.out, {"images": len(cache.image), "texts": len(cache.text), "tensor_bytes": held,
+                                   "resident_growth_bytes": grown, "fill_s": seconds, "machine": facts,
+                                   "finished_at": time.strftime("%F %T")})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
