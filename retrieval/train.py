@@ -506,7 +506,7 @@ class _FrozenFeatures:
 
     Filled in one pass, not as batches first draw each item: kept rows made between steps, hundreds of
     thousands of small tensors among each step's large temporaries, left a whole reranker stage's
-    process growing to 10 GB and its steps slowing from 0.66 to 1.0 s.
+    process growing to 10 GB and its steps slowing from 0.66 to about 0.9 s.
 
     Each row of an encoder's output depends on its own input only, and text padding is masked out
     downstream, so a kept row equals the one its batch would have given, up to rounding: matrix kernels
