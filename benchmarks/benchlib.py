@@ -107,6 +107,14 @@ def finish(facts: dict[str, Any]) -> dict[str, Any]:
     return {**facts, "loadavg_end": list(os.getloadavg())}
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS), or -1 where /proc/self/status does not give it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 100]."""
     s = sorted(values)

@@ -32,13 +32,6 @@ from retrieval.train import _FrozenFeatures, _ImageCache  # noqa: E402
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
 
-def resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", type=Path, default=DATASET)
@@ -58,9 +51,11 @@ def main() -> None:
     for s in range(0, len(paths), 256):
         images.get(paths[s:s + 256])
     cache = _FrozenFeatures(encoder, images, cfg, budget_gb=1024.0)
-    budget, before, t0 = cache.room, resident_bytes(), time.perf_counter()
+    budget, before, t0 = cache.room, benchlib.rss_bytes(), time.perf_counter()
+    if before < 0:
+        sys.exit("resident memory is read from /proc/self/status, which this system does not have")
     cache.fill(paths, texts)
-    seconds, grown, held = time.perf_counter() - t0, resident_bytes() - before, budget - cache.room
+    seconds, grown, held = time.perf_counter() - t0, benchlib.rss_bytes() - before, budget - cache.room
     print(f"{len(cache.image)} images and {len(cache.text)} texts: {held / 2**30:.2f} GiB of tensors, "
           f"resident memory +{grown / 2**30:.2f} GiB, filled in {seconds:.1f} s")
     facts = benchlib.finish(facts)

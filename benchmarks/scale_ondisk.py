@@ -62,13 +62,6 @@ class Corpus:
         return rng.permutation(np.concatenate(out))[:m]
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return -1
-
-
 def drop_from_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -144,9 +137,9 @@ def main() -> None:
     nprobe_chosen, build_recall = built.nprobe, built.recall_at_10
     del built  # the build's own index object: what a search process opens is measured below
     faiss.omp_set_num_threads(1)  # latency of one query on one thread
-    rss = {"before_open": rss_bytes()}
+    rss = {"before_open": benchlib.rss_bytes()}
     index = ivf_disk.open_on_disk(args.work / "ann.faiss", nprobe_chosen)
-    rss["after_open"] = rss_bytes()
+    rss["after_open"] = benchlib.rss_bytes()
     queries = held_out_queries(corpus.sample(args.queries, seed=2), corpus.blocks, 3)  # not the build's queries
     truth = exact_neighbours(queries, corpus.blocks, 10)
     rows = []
@@ -159,7 +152,7 @@ def main() -> None:
         warm = warm_latencies(index, queries, 10)
         rows.append({"nprobe": nprobe, "recall_at_10": recall, **{f"cold_{k}": v for k, v in summary(cold).items()},
                      **{f"warm_{k}": v for k, v in summary(warm).items()}})
-    rss["after_searches"] = rss_bytes()  # touched pages of the mapped lists count here too
+    rss["after_searches"] = benchlib.rss_bytes()  # touched pages of the mapped lists count here too
     print(benchlib.format_table(rows, [("nprobe", "nprobe", "d"), ("recall_at_10", "recall@10", ".3f"),
                                        ("cold_p50_ms", "cold p50 ms", ".1f"), ("cold_p95_ms", "cold p95 ms", ".1f"),
                                        ("warm_p50_ms", "warm p50 ms", ".2f"), ("warm_p95_ms", "warm p95 ms", ".2f")]))
