@@ -27,7 +27,7 @@ from indexer.encoder import DualEncoder  # noqa: E402
 from indexer.models import resolve_model  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
 from retrieval.fusion import get_fusion_config  # noqa: E402
-from retrieval.train import _FrozenFeatures, _ImageCache  # noqa: E402
+from retrieval.train import _FrozenFeatures, _ImageCache, texts_of  # noqa: E402
 
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
@@ -46,7 +46,6 @@ def main() -> None:
     cfg = get_fusion_config("fusion-demo", image_width=encoder.image_width, text_width=encoder.text_width)
     data = load_dataset(args.dataset, split="train")[:args.images]
     paths = [d.image for d in data]
-    texts = [t for d in data for t in (*d.captions, *(d.negatives or ())) if t]
     images = _ImageCache(encoder, 2, None)
     for s in range(0, len(paths), 256):
         images.get(paths[s:s + 256])
@@ -54,7 +53,7 @@ def main() -> None:
     budget, before, t0 = cache.room, benchlib.rss_bytes(), time.perf_counter()
     if before < 0:
         sys.exit("resident memory is read from /proc/self/status, which this system does not have")
-    cache.fill(paths, texts)
+    cache.fill(paths, texts_of(data))
     seconds, grown, held = time.perf_counter() - t0, benchlib.rss_bytes() - before, budget - cache.room
     print(f"{len(cache.image)} images and {len(cache.text)} texts: {held / 2**30:.2f} GiB of tensors, "
           f"resident memory +{grown / 2**30:.2f} GiB, filled in {seconds:.1f} s")

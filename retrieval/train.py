@@ -136,8 +136,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     frozen = None
     if reranker is not None and not opts.train_encoders and not opts.augment and opts.feature_cache_gb > 0:
         frozen = _FrozenFeatures(encoder, images, reranker.cfg, opts.feature_cache_gb)
-        frozen.fill([d.image for d in data], [t for d in data for t in (
-            *d.captions, *(d.negatives or () if opts.caption_negatives else ())) if t])
+        frozen.fill([d.image for d in data], texts_of(data, negatives=opts.caption_negatives))
     near = _near_table(encoder, images, data, opts)
     history: list[dict[str, float]] = []
     validation: list[dict[str, float]] = []
@@ -497,6 +496,11 @@ class _ImageCache:
                 tensors[i] = tensors[i] if x is None else x
         stacked = torch.stack([tensors[i] for i in keep]).float() if keep else torch.empty(0)
         return stacked, keep
+
+
+def texts_of(data: list[ImageCaptions], negatives: bool = True) -> list[str]:
+    """Every caption of the data, and with `negatives` every false caption, in order (repeats kept)."""
+    return [t for d in data for t in (*d.captions, *(d.negatives or () if negatives else ())) if t]
 
 
 class _FrozenFeatures:
