@@ -107,8 +107,10 @@ def main() -> None:
     run = (lambda stage: args.stage in ("all", stage))
     timings = {}
     if run("data"):
-        print(prepare(dataset.parent, SPLITS, SEED, image_size=64, captions_per_image=5, workers=2,
-                      twin_fraction=TWIN_FRACTION))
+        r = prepare(dataset.parent, SPLITS, SEED, image_size=64, captions_per_image=5, workers=2,
+                    twin_fraction=TWIN_FRACTION)
+        timings["data"] = r.seconds
+        print(r)
     if any(map(run, ("encoders", "reranker", "hard", "robust", "weight"))):
         data, val = load_dataset(dataset, split="train"), load_dataset(dataset, split="val")
     if run("encoders"):
@@ -138,7 +140,9 @@ def main() -> None:
     robust = args.work / "robust" / "best" / ENCODER_FILE
     weight_file = args.work / "hard" / "score_weight.json"
     if run("weight"):
+        t_weight = time.time()
         weight_file.write_text(json.dumps(fit_score_weight(robust, reranker, val), indent=1) + "\n")
+        timings["weight"] = time.time() - t_weight
     if run("bundle"):
         write_bundle(robust, reranker, json.loads(weight_file.read_text())["score_weight"], args.out)
     if run("calibrate"):  # the match probability behind --min-prob, fitted on val queries (itm-calibrate)
