@@ -123,7 +123,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         groups[0]["params"] += list(reranker.parameters())
     if opts.train_encoders:
         groups.append({"params": list(encoder.model.parameters()), "lr": opts.encoder_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
+    optimizer = adamw(groups, weight_decay=opts.weight_decay)
     steps_per_epoch = max(1, len(data) // opts.batch_size)
     total = opts.max_steps or opts.epochs * steps_per_epoch
     end = min(total, opts.stop_after or total)
@@ -251,6 +251,18 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
     check_layers(what, cfg.image_layers, encoder.n_image_layers)
     check_layers(what, cfg.text_layers, encoder.n_text_layers)
     return reranker.train()
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with its fused kernel where this torch has one for the parameters' device.
+
+    The default on a CPU updates each tensor in a Python loop: a fifth to a third of a fused step's speed,
+    about a tenth of an encoder-training step here (benchmarks/optimizer_step.py). Same update up to rounding.
+    """
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch version
+        return torch.optim.AdamW(params, **kwargs)
 
 
 TRAIN_PRECISIONS = ("fp32", "bf16")

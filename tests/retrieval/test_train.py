@@ -416,3 +416,38 @@ def test_frozen_features_are_the_encoders_own(caption_file, tiny_encoder):
     tiny.fill(paths, texts)
     again = tiny.encode_texts(texts)
     assert not tiny.text and not tiny.image and torch.equal(again.mask, got_texts.mask)
+
+
+def test_adamw_is_fused_on_cpu_and_updates_as_the_default_does():
+    torch.manual_seed(0)
+    start = [torch.randn(40, 30), torch.randn(30)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(20)]
+    results = []
+    for make in (lambda ps: train_mod.adamw(ps, lr=1e-2, weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append((opt, params))
+    (fused, got), (loop, want) = results
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+    assert not torch.allclose(got[0], start[0])  # the parameters moved
+
+
+def test_adamw_falls_back_where_there_is_no_fused_kernel(monkeypatch):
+    made = []
+
+    class NoFused(torch.optim.AdamW):
+        def __init__(self, params, fused=None, **kw):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            made.append(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(train_mod.torch.optim, "AdamW", NoFused)
+    opt = train_mod.adamw([torch.zeros(3, requires_grad=True)], lr=0.5, weight_decay=0.0)
+    assert isinstance(opt, NoFused) and made == [{"lr": 0.5, "weight_decay": 0.0}]
