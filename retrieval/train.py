@@ -256,7 +256,7 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with its fused kernel where this torch has one for the parameters' device.
 
-    The default on a CPU updates each tensor in a Python loop: a fifth to a third of a fused step's speed,
+    The default on a CPU updates each tensor in a Python loop, about a fifth of the fused kernel's speed and
     about a tenth of an encoder-training step here (benchmarks/optimizer_step.py). Same update up to rounding.
     """
     try:
