@@ -69,7 +69,8 @@ def main() -> None:
             for fused in (False, True):
                 ms, built = ms_per_update(params, fused, args.steps)
                 runs.setdefault((name, fused), []).append(ms)
-                fused_built[name] = built if fused else fused_built.get(name, False)
+                if fused:
+                    fused_built[name] = built
     rows = []
     for name, params in sets.items():
         loop, fused = (statistics.median(runs[name, f]) for f in (False, True))
