@@ -24,7 +24,7 @@ search over a whole collection hands the reranker (a batch of random images hold
 Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
 natively (AVX-512 BF16, AMX), fp32 elsewhere: a step costs about a seventh less. They run the
 frozen encoders over each training image and text once, before the first step, and keep the
-features (TrainOptions.feature_cache_gb) instead of encoding every batch: about a sixth less a step.
+features (TrainOptions.feature_cache_gb) instead of encoding every batch: about 7% less a step.
 Stage "robust" fine-tunes the image tower alone (retrieval.robust.harden_images) so that copies of
 the training images shrunk and re-encoded as JPEG give the frozen encoder's features of the clean
 image, embedding and the reranker's token layers both: the reranker, trained on clean features,
