@@ -26,7 +26,7 @@ from indexer.errors import ItmError
 from indexer.models import ModelSpec
 
 from .data import ImageCaptions
-from .train import AUGMENT_VARIANTS, ENCODER_FILE, _ImageCache, _Log, _start_run, adamw, check_layers
+from .train import AUGMENT_VARIANTS, ENCODER_FILE, _ImageCache, _Log, _start_run, check_layers
 
 VAL_SEED = 7919  # which degraded copy of each validation image is measured: the same one at every validation
 
@@ -73,7 +73,7 @@ def harden_images(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | st
     for name, p in student.model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
     params = [p for p in student.model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=opts.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     images = _ImageCache(teacher, opts.workers, on_skip, variants=AUGMENT_VARIANTS)
     val_images = _ImageCache(teacher, opts.workers, on_skip, variants=AUGMENT_VARIANTS)
     paths = list(dict.fromkeys(d.image for d in data))

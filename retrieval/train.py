@@ -61,6 +61,7 @@ class TrainOptions:
     augment: float = 0.0  # share of training images seen as one of their AUGMENT_VARIANTS degraded copies (`degrade`)
     precision: str = "fp32"  # "bf16": the fusion layers and losses under bf16 autocast (weights, store projections fp32)
     grounding_weight: float = 1.0  # weight of the grounding loss, for data whose captions ground phrases in boxes
+    fused_optimizer: bool = False  # AdamW's fused kernel (`adamw`): faster on a CPU, and a run's trajectory differs
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
     val_rerank_k: int = 10  # candidates reranked when validating a reranker
@@ -123,7 +124,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         groups[0]["params"] += list(reranker.parameters())
     if opts.train_encoders:
         groups.append({"params": list(encoder.model.parameters()), "lr": opts.encoder_lr})
-    optimizer = adamw(groups, weight_decay=opts.weight_decay)
+    optimizer = (adamw if opts.fused_optimizer else torch.optim.AdamW)(groups, weight_decay=opts.weight_decay)
     steps_per_epoch = max(1, len(data) // opts.batch_size)
     total = opts.max_steps or opts.epochs * steps_per_epoch
     end = min(total, opts.stop_after or total)
@@ -257,7 +258,9 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with its fused kernel where this torch has one for the parameters' device.
 
     The default on a CPU updates each tensor in a Python loop, about a fifth of the fused kernel's speed and
-    about a tenth of an encoder-training step here (benchmarks/optimizer_step.py). Same update up to rounding.
+    about a tenth of an encoder-training step here (benchmarks/optimizer_step.py). Same update up to rounding,
+    and rounding is enough to move a long run elsewhere: training uses it only when asked
+    (TrainOptions.fused_optimizer), so that a recipe's trajectory stays the one it was checked on.
     """
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)

@@ -82,10 +82,10 @@ def test_train_then_eval_gives_the_oracle_figures(karpathy, tmp_path):
     assert {k: figures[k] for k in oracle} == pytest.approx(oracle)
     assert oracle["t2i_r1"] < 100 and oracle["t2i_r5"] < 100  # figures that could have come out otherwise
 
-    # a fine-tune of those weights, its batches holding each image's nearest images, in bf16
+    # a fine-tune of those weights, its batches holding each image's nearest images, in bf16, fused AdamW
     r = run("itm-train", karpathy / "karpathy.json", "--out", tmp_path / "tuned", "--model", "itm-tiny",
             "--pretrained", "random", "--init-reranker", reranker_path, "--neighbours", "2", "--augment", "0.5",
-            "--precision", "bf16", "--batch-size", "4", "--max-steps", "1", "--lr", "0")
+            "--precision", "bf16", "--fused-optimizer", "--batch-size", "4", "--max-steps", "1", "--lr", "0")
     assert r.returncode == 0, r.stderr
     before, after = load_file(str(reranker_path)), load_file(str(tmp_path / "tuned" / "reranker.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

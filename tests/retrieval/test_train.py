@@ -451,3 +451,14 @@ def test_adamw_falls_back_where_there_is_no_fused_kernel(monkeypatch):
     monkeypatch.setattr(train_mod.torch.optim, "AdamW", NoFused)
     opt = train_mod.adamw([torch.zeros(3, requires_grad=True)], lr=0.5, weight_decay=0.0)
     assert isinstance(opt, NoFused) and made == [{"lr": 0.5, "weight_decay": 0.0}]
+
+
+def test_training_takes_the_fused_optimizer_only_when_asked(tmp_path, caption_file, tiny_spec, monkeypatch):
+    made = []
+    real = train_mod.adamw
+    monkeypatch.setattr(train_mod, "adamw", lambda *a, **k: made.append(1) or real(*a, **k))
+    data = load_dataset(caption_file)
+    loop = train(tiny_spec, data, tmp_path / "a", TrainOptions(**{**OPTS, "max_steps": 1}))
+    assert not made
+    fused = train(tiny_spec, data, tmp_path / "b", TrainOptions(**{**OPTS, "max_steps": 1}, fused_optimizer=True))
+    assert made == [1] and loop.steps == fused.steps == 1
