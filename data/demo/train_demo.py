@@ -16,9 +16,11 @@ on images that look the same to the encoder teaches the text tower to make "left
 alike, which leaves the reranker nothing to read them from. Stage "reranker" freezes the
 encoders and trains the `fusion-demo` reranker with matching + ranking losses on mined, random
 and named negatives (every false caption, both kinds of twins), and the grounding loss on each
-mention's cell. Both stop at step 4,500 of their 5,000-step schedules, where their best
-checkpoints lay (the last 500 steps, at a small learning rate, brought nothing on val). Stage "hard"
-fine-tunes that checkpoint for 1,000 steps with each image batched with its twin and its nearest
+mention's cell; before it starts, the recipe checks that the encoder's text tokens still tell a
+caption from its relation flip (check_relation_words), since nothing in the encoder stage's loss
+keeps "left" and "right" apart and a run on another trajectory can lose them. Both stop at step
+4,500 of their 5,000-step schedules, where their best checkpoints lay (the last 500 steps, at a
+small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 1,000 steps with each image batched with its twin and its nearest
 images by the frozen encoders, so that the mined negatives are as close as the candidates a
 search over a whole collection hands the reranker (a batch of random images holds few such).
 Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
@@ -61,9 +63,11 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from data.synth.prepare import prepare  # noqa: E402
 from indexer.encoder import DualEncoder, cpu_has_native_bf16  # noqa: E402
+from indexer.errors import ItmError  # noqa: E402
 from indexer.models import resolve_model  # noqa: E402
 from retrieval.checkpoint import load_reranker  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
+from retrieval.fusion import get_fusion_config  # noqa: E402
 from retrieval.robust import HardenOptions, harden_images  # noqa: E402
 from retrieval.train import ENCODER_FILE, RERANKER_FILE, VAL_FIGURE, TrainOptions, train, validate_weights  # noqa: E402
 
@@ -83,6 +87,7 @@ STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, s
                              eval_every=2 * EVAL_EVERY)
 STAGE4 = HardenOptions(steps=1500, batch_size=128, lr=2e-4, warmup_steps=50, eval_every=EVAL_EVERY, seed=SEED,
                        progress=True)
+RELATION_SPLIT = 0.05  # check_relation_words: below this, the text tower has washed relation words out
 WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 STAGES = ("data", "encoders", "reranker", "hard", "robust", "weight", "bundle", "calibrate", "curves")
 
@@ -120,6 +125,7 @@ def main() -> None:
         print(f"encoders: {r.steps} steps in {r.seconds / 60:.1f} min, best at step {r.best_step}")
     encoder = args.work / "encoders" / "best" / ENCODER_FILE
     if run("reranker"):
+        check_relation_words(encoder, dataset)
         r = train(resolve_model("itm-demo", checkpoint=encoder), data, args.work / "reranker", STAGE2,
                   resume=args.resume, val_data=val)
         timings["reranker"] = r.seconds
@@ -203,6 +209,38 @@ def attribute_negatives(data: list, dataset: Path) -> list:
     return [dataclasses.replace(
         d, negatives=tuple(None if c in flips.get(d.image, ()) else n for c, n in zip(d.captions, d.negatives)),
         hard_images=() if d.image in moved else d.hard_images) for d in data]
+
+
+def relation_distance(encoder: DualEncoder, pairs: list[tuple[str, str]], layers) -> float:
+    """How far apart the text tower keeps relation words where the reranker reads them: for each caption
+    and its relation flip, the largest cosine distance between their features at any real token of any
+    of `layers`, averaged over the pairs (0 when the tower makes the two captions alike)."""
+    n = len(pairs)
+    enc = encoder.encode_texts([a for a, _ in pairs] + [b for _, b in pairs], layers)  # one call: one length
+    mask = enc.mask[:n] & enc.mask[n:]  # (n, L)
+    far = torch.stack([(1 - torch.cosine_similarity(t[:n], t[n:], -1)).masked_fill(~mask, 0).amax(1)
+                       for t in enc.tokens])  # (layers, n)
+    return float(far.amax(0).mean())
+
+
+def check_relation_words(encoder: Path, dataset: Path) -> float:
+    """Refuse an encoder whose text tower has washed relation words out (RELATION_SPLIT): the reranker reads
+    its tokens and could not learn relations from them, and its stage would spend most of the recipe's time
+    for nothing. The encoder stage never trains on relation flips, so nothing in its loss keeps "left" and
+    "right" apart; a seeded run has kept them so far, and a run on another trajectory (another optimizer,
+    other settings) can lose them."""
+    enc = DualEncoder.load(resolve_model("itm-demo", checkpoint=encoder))
+    cfg = get_fusion_config(STAGE2.fusion, image_width=enc.image_width, text_width=enc.text_width)
+    pairs = [(s["raw"], s["negative"]) for im in json.loads(dataset.read_text())["images"] if im["split"] == "val"
+             for s in im["sentences"] if s.get("negative_kind") == "relation_flip"]
+    distance = relation_distance(enc, pairs, cfg.text_layers)
+    print(f"encoders: relation words {distance:.3f} apart in the text tokens the reranker reads "
+          f"({len(pairs)} val captions and their relation flips)")
+    if distance < RELATION_SPLIT:
+        raise ItmError(f"the encoder stage's text tower makes captions and their relation flips alike "
+                       f"({distance:.4f} < {RELATION_SPLIT}): a reranker cannot learn relations from it; "
+                       f"train the encoder stage again on the recipe's settings")
+    return distance
 
 
 def fit_score_weight(encoder: Path, reranker: Path, val) -> dict:

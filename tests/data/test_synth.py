@@ -368,3 +368,30 @@ def test_the_recipe_takes_reranker_options_for_experiments():
                      ("hard_images=yes", "true or false")):
         with pytest.raises(ValueError, match=why):
             with_options(STAGE2, [bad])
+
+
+def test_the_recipe_refuses_encoders_that_make_relation_words_alike(tmp_path):
+    """The bundled encoder keeps a caption and its relation flip apart where the reranker reads them; the same
+    encoder with every relation word's embedding made one (so "left of" and "right of" read alike) is refused."""
+    import torch
+    from data.demo.train_demo import RELATION_SPLIT, check_relation_words
+    from indexer.encoder import DualEncoder
+    from indexer.errors import ItmError
+    from indexer.models import resolve_model
+
+    prepare(tmp_path / "synth", {"val": 40}, 3)
+    dataset = tmp_path / "synth" / "dataset_karpathy.json"
+    bundled = Path(__file__).resolve().parents[2] / "data" / "demo" / "encoder.safetensors"
+    assert check_relation_words(bundled, dataset) > RELATION_SPLIT
+
+    enc = DualEncoder.load(resolve_model("itm-demo", checkpoint=bundled))
+    words = ("left", "right", "above", "below", "over", "under", "higher", "lower")
+    ids = enc.tokenizer(list(words))
+    assert bool((ids[:, 2] == ids[0, 2]).all())  # each word is one token, followed by the same end token
+    table = enc.model.token_embedding.weight
+    with torch.no_grad():
+        table[ids[:, 1]] = table[ids[0, 1]].clone()
+    (tmp_path / "alike").mkdir()
+    alike = enc.save(tmp_path / "alike" / "encoder.safetensors")
+    with pytest.raises(ItmError, match="relation flips alike"):
+        check_relation_words(alike, dataset)
