@@ -20,9 +20,10 @@ mention's cell; before it starts, the recipe checks that the encoder's text toke
 caption from its relation flip (check_relation_words), since nothing in the encoder stage's loss
 keeps "left" and "right" apart and a run on another trajectory can lose them. Both stop at step
 4,500 of their 5,000-step schedules, where their best checkpoints lay (the last 500 steps, at a
-small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 1,000 steps with each image batched with its twin and its nearest
-images by the frozen encoders, so that the mined negatives are as close as the candidates a
-search over a whole collection hands the reranker (a batch of random images holds few such).
+small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 1,000
+steps with each image batched with its twin and its nearest images by the frozen encoders, so
+that the mined negatives are as close as the candidates a search over a whole collection hands
+the reranker (a batch of random images holds few such).
 Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
 natively (AVX-512 BF16, AMX), fp32 elsewhere: a step costs about a seventh less. They run the
 frozen encoders over each training image and text once, before the first step, and keep the
@@ -233,6 +234,8 @@ def check_relation_words(encoder: Path, dataset: Path) -> float:
     cfg = get_fusion_config(STAGE2.fusion, image_width=enc.image_width, text_width=enc.text_width)
     pairs = [(s["raw"], s["negative"]) for im in json.loads(dataset.read_text())["images"] if im["split"] == "val"
              for s in im["sentences"] if s.get("negative_kind") == "relation_flip"]
+    if not pairs:
+        raise ItmError(f"{dataset}: no val caption has a relation flip to check the encoder's text tower on")
     distance = relation_distance(enc, pairs, cfg.text_layers)
     print(f"encoders: relation words {distance:.3f} apart in the text tokens the reranker reads "
           f"({len(pairs)} val captions and their relation flips)")

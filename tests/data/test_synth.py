@@ -395,3 +395,8 @@ def test_the_recipe_refuses_encoders_that_make_relation_words_alike(tmp_path):
     alike = enc.save(tmp_path / "alike" / "encoder.safetensors")
     with pytest.raises(ItmError, match="relation flips alike"):
         check_relation_words(alike, dataset)
+    flat = tmp_path / "flat.json"  # nothing to measure on is said, not passed
+    flat.write_text(json.dumps({"images": [{"split": "val", "sentences": [
+        {"raw": "a red circle", "negative": "a blue circle", "negative_kind": "colour_change"}]}]}))
+    with pytest.raises(ItmError, match="no val caption has a relation flip"):
+        check_relation_words(bundled, flat)
