@@ -104,8 +104,8 @@ def quantize_export(src: Path, out: Path, spec: ModelSpec, reduce_range: bool = 
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); use --precision fp32") from None
     shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
     meta = json.loads((src / META).read_text())
-    int8 = {"ops": INT8_OPS, "per_channel": True, "reduce_range": reduce_range}
-    (out / META).write_text(json.dumps({**meta, "int8": int8}, indent=1) + "\n")
+    how = {"ops": INT8_OPS, "per_channel": True, "reduce_range": reduce_range}
+    (out / META).write_text(json.dumps({**meta, "int8": how}, indent=1) + "\n")
     fp32, int8 = OnnxItemEncoder(src, spec, threads=1), OnnxItemEncoder(out, spec, threads=1)
     rng = np.random.default_rng(0)
     size = fp32.prep.size
