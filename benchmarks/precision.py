@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import benchlib
+from indexer.cpu import cpu_flags as indexer_cpu_flags
 from indexer.encoder import DualEncoder
 from indexer.item_encoder import Runtime, load_item_encoder
 from indexer.models import resolve_model
@@ -40,10 +41,7 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 def cpu_flags(wanted: tuple[str, ...]) -> list[str]:
     """Which of `wanted` the CPU reports (Linux's /proc/cpuinfo; empty elsewhere)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
+    flags = indexer_cpu_flags() or frozenset()
     return [f for f in wanted if f in flags]
 
 

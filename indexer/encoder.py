@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from .cpu import cpu_flags
 from .errors import CheckpointError, DecodeError, ItmError, ItmWarning
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .manifest import ModelIdentity
@@ -189,10 +190,8 @@ def bf16_is_emulated(device: str | torch.device) -> bool:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively; without it torch emulates bf16, several times slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            words = set(f.read().split())
-    except OSError:  # not Linux: ask oneDNN
+    words = cpu_flags()
+    if words is None:  # not Linux: ask oneDNN
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):

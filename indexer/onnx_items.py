@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import export_cache
 from .checkpoint import file_sha256
+from .cpu import cpu_flags
 from .errors import DecodeError, ExportError
 from .images import load_image
 from .item_encoder import ItemFeatures, StoreLayout, with_spec_names
@@ -47,18 +48,14 @@ INT8_OPS = ["MatMul", "Gemm"]  # what is quantized; a quantized Conv (the patch 
 INT8_MIN_COSINE = 0.99  # an int8 graph whose embeddings stray further from fp32's on the check inputs is refused
 
 
-def int8_reduce_range(cpuinfo: str | None = None) -> bool:
+def int8_reduce_range(flags: frozenset[str] | None = None) -> bool:
     """Whether int8 weights keep to 7 bits here: ONNX Runtime's u8 x s8 products on an x86 CPU without VNNI
     (AVX2, AVX-512 without VNNI) add pairs in 16 bits and can saturate with full-range weights: on a Zen 3
     CPU a small random encoder's int8 embeddings fell to cosine 0.982 of fp32's with 8 bits, and passed
-    INT8_MIN_COSINE with 7. With VNNI, and off x86, 8 bits."""
-    try:
-        if cpuinfo is None:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-    except OSError:  # not Linux: 7 bits, accurate on every CPU
+    INT8_MIN_COSINE with 7. With VNNI, and off x86, 8 bits. `flags`: the CPU's (`cpu_flags`) by default."""
+    words = cpu_flags() if flags is None else flags
+    if words is None:  # not Linux: 7 bits, accurate on every CPU
         return True
-    words = set(cpuinfo.split())
     return "avx2" in words and not words & {"avx512_vnni", "avx_vnni"}
 
 
