@@ -31,6 +31,9 @@ class ImageCaptions:
     negatives: tuple[str | None, ...] = ()  # a false caption worded like each caption, where the data has one
     hard_images: tuple[Path, ...] = ()  # images known to be confusable with this one (none of its captions fit)
     phrases: tuple[tuple[Phrase, ...], ...] = ()  # per caption, its grounded phrases, where the data has them
+    # per caption, a false caption the text tower must keep apart from it in its tokens only
+    # (TrainOptions.token_margin), not in the pooled embedding: a relation flip, where images look alike to it
+    token_negatives: tuple[str | None, ...] = ()
 
 
 def load_dataset(path: Path | str, image_root: Path | str | None = None, split: str = "train",

@@ -14,6 +14,10 @@
   in each region, as supervised-attention grounding does. Without it, a reranker trained from
   scratch learns which object a phrase names but not where it is, and cannot tell "A left of B"
   from "A right of B".
+- tokens (encoder training, where the data names token negatives): a hinge that keeps each caption's
+  text-tower tokens apart from its token negative's (a caption worded like it that a pooled embedding
+  need not tell from it, such as its relation flip), at every layer the reranker reads, so that the
+  reranker has something to read the difference from (`token_distances`).
 
 >>> loss_fn = ItmLoss(hard_negatives="hardest")
 >>> parts = loss_fn(model, image_feats, text_feats, text_mask, image_emb, text_emb)  # doctest: +SKIP
@@ -84,6 +88,19 @@ class Grounding:
     rows: Tensor  # (N,)
     tokens: Tensor  # (N,)
     targets: Tensor  # (N, Ti)
+
+
+def token_distances(a: list[Tensor], b: list[Tensor], mask: Tensor) -> Tensor:
+    """(layers, N): for each pair of texts, the largest cosine distance between their features at any
+    position both have (mask (N, T)), per layer; a, b: one (N, T, W) tensor per layer. 0 where a tower
+    makes the two texts alike at every token."""
+    return torch.stack([(1 - F.cosine_similarity(x, y, dim=-1)).masked_fill(~mask, 0).amax(1)
+                        for x, y in zip(a, b)])
+
+
+def token_separation_loss(a: list[Tensor], b: list[Tensor], mask: Tensor, margin: float) -> Tensor:
+    """Hinge on `token_distances`: each pair's distance at each layer must reach `margin`."""
+    return F.relu(margin - token_distances(a, b, mask)).mean()
 
 
 def grounding_loss(maps: list[Tensor], grounding: Grounding) -> Tensor:

@@ -27,7 +27,7 @@ from .checkpoint import load_reranker, save_reranker
 from .data import ImageCaptions, Phrase
 from .evaluate import embed_dataset, rankings, recall, swap_scores
 from .fusion import FusionReranker, get_fusion_config
-from .loss import Grounding, ItmLoss, KnownNegatives
+from .loss import Grounding, ItmLoss, KnownNegatives, token_separation_loss
 
 STATE_KIND = "train_state"
 AUGMENT_VARIANTS = 3  # degraded copies made of each training image, when augmenting
@@ -61,6 +61,9 @@ class TrainOptions:
     augment: float = 0.0  # share of training images seen as one of their AUGMENT_VARIANTS degraded copies (`degrade`)
     precision: str = "fp32"  # "bf16": the fusion layers and losses under bf16 autocast (weights, store projections fp32)
     grounding_weight: float = 1.0  # weight of the grounding loss, for data whose captions ground phrases in boxes
+    # encoder training: each caption's text tokens stay at least this cosine distance from its token negative's
+    # (ImageCaptions.token_negatives) at every text layer of the fusion config, where they differ most (0: off)
+    token_margin: float = 0.0
     fused_optimizer: bool = False  # AdamW's fused kernel (`adamw`): faster on a CPU, and a run's trajectory differs
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
@@ -116,6 +119,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     encoder = DualEncoder.load(ModelSpec(spec.arch, checkpoint=out_dir / ENCODER_FILE)
                                if resuming and opts.train_encoders else spec, opts.device)
     reranker = _make_reranker(encoder, opts, out_dir, resume)
+    token_layers = _token_layers(encoder, reranker, opts)
     loss_fn = ItmLoss(opts.contrastive_weight, opts.matching_weight, opts.ranking_weight, opts.margin,
                       opts.num_negatives, opts.hard_negatives, random_negatives=opts.random_negatives,
                       grounding_weight=opts.grounding_weight).to(opts.device)
@@ -147,7 +151,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         epoch, index = divmod(step, steps_per_epoch)
         batch = _batch(data, opts.seed, epoch, index, opts.batch_size, near)
         _set_lr(optimizer, groups, opts, step, total)
-        parts = _step(encoder, reranker, loss_fn, frozen or images, data, batch, opts, step)
+        parts = _step(encoder, reranker, loss_fn, frozen or images, data, batch, opts, step, token_layers)
         if parts is None:  # every image of the batch failed to load
             step += 1
             continue
@@ -254,6 +258,20 @@ def _make_reranker(encoder: DualEncoder, opts: TrainOptions, out_dir: Path, resu
     return reranker.train()
 
 
+def _token_layers(encoder: DualEncoder, reranker: FusionReranker | None, opts: TrainOptions) -> tuple[int, ...]:
+    """The text layers opts.token_margin keeps token negatives apart at: those the reranker reads (the one
+    trained beside the encoders, else opts.fusion's); () when the margin is off."""
+    if not opts.token_margin:
+        return ()
+    if opts.token_margin < 0 or not opts.train_encoders:
+        raise ItmError(f"token_margin keeps the text tower's tokens apart: it is a positive distance and needs "
+                       f"the encoders to train (got {opts.token_margin}, train_encoders={opts.train_encoders})")
+    cfg = reranker.cfg if reranker is not None else get_fusion_config(
+        opts.fusion, image_width=encoder.image_width, text_width=encoder.text_width)
+    check_layers(f"fusion config {cfg.name}", cfg.text_layers, encoder.n_text_layers)
+    return tuple(cfg.text_layers)
+
+
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with its fused kernel where this torch has one for the parameters' device.
 
@@ -344,7 +362,7 @@ def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[Ima
 
 def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss,
           images: "_ImageCache | _FrozenFeatures", data: list[ImageCaptions], batch: list[_Row], opts: TrainOptions,
-          step: int) -> dict[str, torch.Tensor] | None:
+          step: int, token_layers: tuple[int, ...] = ()) -> dict[str, torch.Tensor] | None:
     paths = [data[r.item].image for r in batch]
     if isinstance(images, _FrozenFeatures):
         img, keep = images.encode_images(paths)
@@ -362,20 +380,29 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     grad = opts.train_encoders
     encoder.model.train(grad)
     texts = texts if has_neg.any() else captions
+    apart = [(i, t) for i, r in enumerate(rows) if token_layers and data[r.item].token_negatives
+             and (t := data[r.item].token_negatives[r.caption]) is not None]  # (caption row, its token negative)
+    separation = torch.zeros((), device=opts.device) if token_layers else None  # logged every step when on
     if isinstance(images, _FrozenFeatures):
         txt = images.encode_texts(texts)
     else:
         ilayers = reranker.cfg.image_layers if reranker is not None else ()
-        tlayers = reranker.cfg.text_layers if reranker is not None else ()
+        tlayers = reranker.cfg.text_layers if reranker is not None else token_layers
         img = encoder.encode_images(pixels, ilayers, grad=grad)
-        txt = encoder.encode_texts(texts, tlayers, grad=grad)
+        txt = encoder.encode_texts(texts + [t for _, t in apart], tlayers, grad=grad)  # one call: one length
+        if apart:
+            n, near = len(texts), torch.tensor([i for i, _ in apart], device=opts.device)
+            separation = token_separation_loss([t[near] for t in txt.tokens], [t[n:] for t in txt.tokens],
+                                               txt.mask[near] & txt.mask[n:], opts.token_margin)
+            txt = Encoded(txt.embeddings[:n], [t[:n] for t in txt.tokens], txt.mask[:n])
     b = len(rows)
     # outputs of a frozen encoder are inference tensors: clone them so autograd may save them
     own = (lambda t: t) if grad or isinstance(images, _FrozenFeatures) else (lambda t: t.clone())
     text_emb = own(txt.embeddings)
     known = KnownNegatives(text_emb=text_emb[b:], text_valid=has_neg) if has_neg.any() else KnownNegatives()
     if reranker is None:
-        return loss_fn(None, None, None, None, own(img.embeddings), text_emb[:b], image_ids=image_ids, known=known)
+        return _with_separation(loss_fn(None, None, None, None, own(img.embeddings), text_emb[:b],
+                                        image_ids=image_ids, known=known), separation)
     hard = _hard_image_rows(data, rows) if opts.hard_images else None
     if hard is not None:
         known = replace(known, images=hard.to(opts.device))
@@ -387,8 +414,17 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
         known = replace(known, text_feats=text_feats[b:], text_mask=mask[b:])
     # bf16: the fusion layers and losses only; the store projections in bf16 too were slower (casts of their output)
     with torch.autocast(torch.device(opts.device).type, torch.bfloat16, enabled=opts.precision == "bf16"):
-        return loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
-                       image_ids=image_ids, generator=generator, known=known, grounding=grounding)
+        parts = loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
+                        image_ids=image_ids, generator=generator, known=known, grounding=grounding)
+    return _with_separation(parts, separation)
+
+
+def _with_separation(parts: dict[str, torch.Tensor], separation: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The loss parts with the token-separation hinge (TrainOptions.token_margin) added, where a batch had one."""
+    if separation is not None:
+        parts["tokens"] = separation
+        parts["total"] = parts["total"] + separation
+    return parts
 
 
 def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[_Row],

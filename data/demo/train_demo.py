@@ -18,7 +18,10 @@ encoders and trains the `fusion-demo` reranker with matching + ranking losses on
 and named negatives (every false caption, both kinds of twins), and the grounding loss on each
 mention's cell; before it starts, the recipe checks that the encoder's text tokens still tell a
 caption from its relation flip (check_relation_words), since nothing in the encoder stage's loss
-keeps "left" and "right" apart and a run on another trajectory can lose them. Both stop at step
+keeps "left" and "right" apart and a run on another trajectory can lose them. The encoder stage's
+token_margin (`--encoder-option token_margin=0.2`; off in the recipe as the bundle was made) is
+the loss that does: relation and position flips become token negatives, kept that far apart at
+every text layer the reranker reads (retrieval.loss.token_separation_loss). Both stop at step
 4,500 of their 5,000-step schedules, where their best checkpoints lay (the last 500 steps, at a
 small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 1,000
 steps with each image batched with its twin and its nearest images by the frozen encoders, so
@@ -69,6 +72,7 @@ from indexer.models import resolve_model  # noqa: E402
 from retrieval.checkpoint import load_reranker  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
 from retrieval.fusion import get_fusion_config  # noqa: E402
+from retrieval.loss import token_distances  # noqa: E402
 from retrieval.robust import HardenOptions, harden_images  # noqa: E402
 from retrieval.train import ENCODER_FILE, RERANKER_FILE, VAL_FIGURE, TrainOptions, train, validate_weights  # noqa: E402
 
@@ -76,9 +80,9 @@ SPLITS = {"train": 10_000, "val": 500}
 SEED = 0
 TWIN_FRACTION = 0.5  # share of train/val image pairs that are confusable twins
 EVAL_EVERY, PATIENCE = 250, 6
-STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, batch_size=128, encoder_lr=1e-3, lr=1e-3,
-                      weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4500, epochs=1000, seed=SEED,
-                      save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
+STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, fusion="fusion-demo", batch_size=128,
+                      encoder_lr=1e-3, lr=1e-3, weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4500,
+                      epochs=1000, seed=SEED, save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
 # random_negatives=0 saves a sixth of the reranker stages' time, and costs held-out pairs' truth@1 (README)
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
                       stop_after=4500, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
@@ -99,12 +103,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE, help="where the bundle goes")
     ap.add_argument("--stage", choices=["all", *STAGES], default="all")
     ap.add_argument("--resume", action="store_true", help="continue a stage from its last checkpoint")
+    ap.add_argument("--encoder-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a TrainOptions field of the encoder stage, for an experiment "
+                         "(e.g. token_margin=0.2); repeat for several")
     ap.add_argument("--reranker-option", action="append", default=[], metavar="KEY=VALUE",
                     help="change a TrainOptions field of the reranker and hard stages, for an experiment "
                          "(e.g. random_negatives=0); repeat for several")
     args = ap.parse_args()
-    global STAGE2, STAGE3
+    global STAGE1, STAGE2, STAGE3
     try:
+        STAGE1 = with_options(STAGE1, args.encoder_option)
         STAGE2, STAGE3 = (with_options(s, args.reranker_option) for s in (STAGE2, STAGE3))
     except ValueError as e:
         ap.error(str(e))
@@ -200,15 +208,18 @@ RELATIONAL = ("relation_flip", "position_flip")  # negative kinds that only a sp
 
 
 def attribute_negatives(data: list, dataset: Path) -> list:
-    """`data` without its relational negatives: false captions that flip a relation or a position become
-    None, and position-swapped twins are no longer named as confusable images."""
+    """`data` without its relational negatives: false captions that flip a relation or a position move from
+    `negatives` to `token_negatives` (kept apart in the text tokens only, where the encoder stage's
+    token_margin asks), and position-swapped twins are no longer named as confusable images."""
     images = json.loads(dataset.read_text())["images"]
     where = lambda im: (dataset.parent / im["filepath"] / im["filename"]).resolve()  # noqa: E731
     flips = {where(im): {s["raw"].strip() for s in im["sentences"] if s.get("negative_kind") in RELATIONAL}
              for im in images}
     moved = {where(im) for im in images if im.get("twin_kind") == "position_swap"}
+    relational = lambda d: [c in flips.get(d.image, ()) for c in d.captions]  # noqa: E731
     return [dataclasses.replace(
-        d, negatives=tuple(None if c in flips.get(d.image, ()) else n for c, n in zip(d.captions, d.negatives)),
+        d, negatives=tuple(None if r else n for r, n in zip(relational(d), d.negatives)),
+        token_negatives=tuple(n if r else None for r, n in zip(relational(d), d.negatives)),
         hard_images=() if d.image in moved else d.hard_images) for d in data]
 
 
@@ -218,9 +229,7 @@ def relation_distance(encoder: DualEncoder, pairs: list[tuple[str, str]], layers
     of `layers`, averaged over the pairs (0 when the tower makes the two captions alike)."""
     n = len(pairs)
     enc = encoder.encode_texts([a for a, _ in pairs] + [b for _, b in pairs], layers)  # one call: one length
-    mask = enc.mask[:n] & enc.mask[n:]  # (n, L)
-    far = torch.stack([(1 - torch.cosine_similarity(t[:n], t[n:], -1)).masked_fill(~mask, 0).amax(1)
-                       for t in enc.tokens])  # (layers, n)
+    far = token_distances([t[:n] for t in enc.tokens], [t[n:] for t in enc.tokens], enc.mask[:n] & enc.mask[n:])
     return float(far.amax(0).mean())
 
 

@@ -337,7 +337,8 @@ def test_grounded_phrases_name_their_objects_and_cells(tmp_path):
 
 
 def test_the_demo_encoders_see_attribute_negatives_only(tmp_path):
-    """The recipe's encoder stage drops relation and position flips and position-swapped twins, nothing else."""
+    """The recipe's encoder stage drops relation and position flips and position-swapped twins, nothing else;
+    the flips become token negatives (kept apart in the text tokens only)."""
     from data.demo.train_demo import RELATIONAL, attribute_negatives
     from retrieval.data import load_dataset
 
@@ -350,14 +351,17 @@ def test_the_demo_encoders_see_attribute_negatives_only(tmp_path):
     twin_kind = {im["filename"]: im["twin_kind"] for im in images}
     assert {k for k in kinds.values() if k in RELATIONAL} and {k for k in twin_kind.values()} >= {"position_swap"}
     for before, after in zip(data, kept):
-        for caption, neg, new in zip(before.captions, before.negatives, after.negatives):
-            assert new == (None if kinds[caption] in RELATIONAL else neg)
+        for caption, neg, new, token in zip(before.captions, before.negatives, after.negatives,
+                                            after.token_negatives, strict=True):
+            relational = kinds[caption] in RELATIONAL
+            assert (new, token) == ((None, neg) if relational else (neg, None))
         moved = twin_kind[before.image.name] == "position_swap"
         assert after.hard_images == (() if moved else before.hard_images) and after.captions == before.captions
 
 
 def test_the_recipe_takes_reranker_options_for_experiments():
-    """--reranker-option KEY=VALUE reads each value as its field's type and refuses what is not a field."""
+    """--reranker-option (and --encoder-option) KEY=VALUE reads each value as its field's type and refuses
+    what is not a field."""
     from data.demo.train_demo import STAGE2, STAGE3, with_options
 
     o = with_options(STAGE3, ["random_negatives=0", "lr=3e-4", "precision=fp32", "hard_images=false",

@@ -228,3 +228,25 @@ def test_grounding_loss_teaches_text_tokens_where_to_look(model, batch):
         opt.step()
     assert float(parts["grounding"].detach()) < first / 4
     assert (looked().argmax(-1) == target_region).all()
+
+
+def test_token_separation_holds_texts_apart_at_their_most_different_real_token():
+    from retrieval.loss import token_distances, token_separation_loss
+    a = [torch.randn(3, 5, 8) for _ in range(2)]  # 2 layers, 3 texts of 5 tokens
+    same = [t.clone() for t in a]
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    assert torch.allclose(token_separation_loss(a, same, mask, 0.3), torch.tensor(0.3), atol=1e-6)
+    apart = [t.clone() for t in a]
+    for t in apart:
+        t[:, 2] = -t[:, 2]  # one token opposite: cosine distance 2 there, at every layer
+    assert torch.allclose(token_distances(a, apart, mask), torch.full((2, 3), 2.0), atol=1e-5)
+    assert token_separation_loss(a, apart, mask, 0.3) == 0
+    mask[:, 2] = False  # the only difference lies where one text has no token: nothing holds them apart
+    assert torch.allclose(token_separation_loss(a, apart, mask, 0.3), torch.tensor(0.3), atol=1e-6)
+    # texts nearly alike are pushed apart (texts exactly alike are a saddle: cosine's gradient vanishes there)
+    x = [(t + 0.01 * torch.randn_like(t)).requires_grad_() for t in a]
+    token_separation_loss(x, same, torch.ones(3, 5, dtype=torch.bool), 0.3).backward()
+    with torch.no_grad():
+        pushed = [t - 10 * t.grad for t in x]
+    ones = torch.ones(3, 5, dtype=torch.bool)
+    assert (token_distances(pushed, same, ones) > token_distances(x, same, ones)).all()

@@ -58,6 +58,37 @@ def test_encoder_training_writes_a_loadable_checkpoint(tmp_path, caption_file, t
     assert not torch.equal(trained.encode_images(x).embeddings, before.encode_images(x).embeddings)
 
 
+def test_token_margin_keeps_token_negatives_apart_in_the_text_tower(tmp_path, caption_file, tiny_spec):
+    """Encoder training with token_margin pushes each caption's tokens, at the fusion config's text layers,
+    away from its token negative's; without it the same seeded run leaves them closer."""
+    from dataclasses import replace
+
+    from indexer.encoder import DualEncoder
+    from indexer.models import resolve_model
+    from retrieval.loss import token_distances
+
+    flip = {"red": "blue", "blue": "red"}
+    data = [replace(d, token_negatives=tuple(c.rsplit(" ", 1)[0] + " " + flip[c.rsplit(" ", 1)[1]]
+                                             for c in d.captions)) for d in load_dataset(caption_file)]
+    pairs = [(c, n) for d in data for c, n in zip(d.captions, d.token_negatives)]
+    layers = get_fusion_config("fusion-tiny").text_layers
+
+    def distance(spec) -> float:
+        enc = DualEncoder.load(spec)
+        e = enc.encode_texts([a for a, _ in pairs] + [b for _, b in pairs], layers)
+        n = len(pairs)
+        return float(token_distances([t[:n] for t in e.tokens], [t[n:] for t in e.tokens],
+                                     e.mask[:n] & e.mask[n:]).mean())
+
+    opts = TrainOptions(**{**OPTS, "max_steps": 12}, train_encoders=True, train_reranker=False, encoder_lr=3e-3)
+    plain = train(tiny_spec, data, tmp_path / "plain", opts)
+    apart = train(tiny_spec, data, tmp_path / "apart", replace(opts, token_margin=1.5))
+    assert "tokens" in apart.losses and "tokens" not in plain.losses
+    before = distance(tiny_spec)
+    after = {r.out_dir.name: distance(resolve_model("itm-tiny", checkpoint=r.encoder)) for r in (plain, apart)}
+    assert after["apart"] > before and after["apart"] > after["plain"] + 0.05, (before, after)
+
+
 def test_a_fine_tune_starts_from_the_given_reranker(tmp_path, caption_file, tiny_spec):
     data = load_dataset(caption_file)
     first = train(tiny_spec, data, tmp_path / "a", TrainOptions(**{**OPTS, "max_steps": 2}))
@@ -144,6 +175,10 @@ def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
                                                             train_reranker=False))
     with pytest.raises(ItmError, match="reads layers"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**{**OPTS, "fusion": "fusion-base"}))
+    with pytest.raises(ItmError, match="token_margin .* needs the encoders to train"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, token_margin=0.2))
+    with pytest.raises(ItmError, match="positive distance"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, token_margin=-0.2, train_encoders=True))
     wide = FusionReranker(get_fusion_config("fusion-tiny", image_width=8, text_width=8))
     from retrieval.checkpoint import save_reranker
     save_reranker(wide, tmp_path / "wide.safetensors")
