@@ -1,13 +1,17 @@
 """Seconds per training step of the demo recipe's reranker stage: fp32 against bf16 autocast, and
-with against without the frozen encoders' feature cache.
+with against without the frozen encoders' feature cache; or of its encoder stage, without against
+with the token margin (relation flips kept apart in the text tokens).
 
     python data/demo/train_demo.py --stage data      # the synthetic dataset, once
     python benchmarks/train_step.py [--steps 40] [--repeats 2] [--out benchmarks/results/train_step.json]
     python benchmarks/train_step.py --variants bf16,bf16-nocache --out benchmarks/results/train_step_feature_cache.json
+    python benchmarks/train_step.py --variants encoders,encoders-token-margin \
+        --out benchmarks/results/train_step_token_margin.json
 
-Runs `retrieval.train.train` as the recipe's reranker stage does (its TrainOptions, no validation,
-no checkpoints but the last) on the frozen bundled demo encoder and the first --images training
-images, twice per variant: a warm-up of an epoch and a step (every image is decoded and cached by
+Runs `retrieval.train.train` as the recipe's stage does (its TrainOptions, no validation, no
+checkpoints but the last) from the bundled demo encoder (frozen in the reranker stage) on the first
+--images training images (the encoder stage's without relational negatives, as the recipe gives it),
+twice per variant: a warm-up of an epoch and a step (every image is decoded and cached by
 then), then the warm-up and --steps more. The difference of the two runs' times, over --steps, is
 the cost of a step with the set-up (building the model, decoding, filling the feature cache) taken
 out. Variants alternate, --repeats times, and each figure is the median over repeats, so a drift
@@ -29,7 +33,7 @@ import benchlib
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.demo.train_demo import STAGE2  # noqa: E402
+from data.demo.train_demo import STAGE1, STAGE2, attribute_negatives  # noqa: E402
 from indexer.encoder import cpu_has_native_bf16  # noqa: E402
 from indexer.models import resolve_model  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
@@ -38,13 +42,15 @@ from retrieval.train import train  # noqa: E402
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
 
-VARIANTS = {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"},
-            "bf16-nocache": {"precision": "bf16", "feature_cache_gb": 0.0}}
+VARIANTS = {"fp32": (STAGE2, {"precision": "fp32"}), "bf16": (STAGE2, {"precision": "bf16"}),
+            "bf16-nocache": (STAGE2, {"precision": "bf16", "feature_cache_gb": 0.0}),
+            "encoders": (STAGE1, {}), "encoders-token-margin": (STAGE1, {"token_margin": 0.2})}
 
 
 def seconds(spec, data, steps: int, variant: str) -> float:
-    opts = dataclasses.replace(STAGE2, max_steps=steps, stop_after=None, eval_every=0, patience=0,
-                               save_every=10**9, progress=False, **VARIANTS[variant])
+    stage, changes = VARIANTS[variant]
+    opts = dataclasses.replace(stage, max_steps=steps, stop_after=None, eval_every=0, patience=0,
+                               save_every=10**9, progress=False, **changes)
     with tempfile.TemporaryDirectory() as out:
         return train(spec, data, out, opts).seconds
 
@@ -65,9 +71,12 @@ def main() -> None:
     spec = resolve_model("itm-demo", checkpoint=args.encoder)
     data = load_dataset(args.dataset, split="train")[:args.images]
     names = args.variants.split(",")
-    if len(names) != 2 or not set(names) <= set(VARIANTS):
-        sys.exit(f"--variants: two of {', '.join(VARIANTS)}, comma-separated")
-    warmup = -(-len(data) // STAGE2.batch_size) + 1  # past the first epoch, which decodes the images
+    if len(names) != 2 or not set(names) <= set(VARIANTS) or VARIANTS[names[0]][0] is not VARIANTS[names[1]][0]:
+        sys.exit(f"--variants: two of {', '.join(VARIANTS)} of the same stage, comma-separated")
+    stage = VARIANTS[names[0]][0]
+    if stage.train_encoders:
+        data = attribute_negatives(data, args.dataset)
+    warmup = -(-len(data) // stage.batch_size) + 1  # past the first epoch, which decodes the images
     steps = {name: [] for name in names}
     for _ in range(args.repeats):
         for name, seen in steps.items():
@@ -82,7 +91,7 @@ def main() -> None:
     facts = benchlib.finish(facts)
     print(benchlib.describe_machine(facts))
     benchlib.write_json(args.out, {"rows": rows, ratio_key: ratio, "native_bf16": cpu_has_native_bf16(),
-                                   "batch_size": STAGE2.batch_size, "steps": args.steps, "warmup": warmup,
+                                   "batch_size": stage.batch_size, "steps": args.steps, "warmup": warmup,
                                    "images": len(data), "machine": facts, "finished_at": time.strftime("%F %T")})
     print(f"wrote {args.out}")
 

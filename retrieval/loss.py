@@ -14,7 +14,7 @@
   in each region, as supervised-attention grounding does. Without it, a reranker trained from
   scratch learns which object a phrase names but not where it is, and cannot tell "A left of B"
   from "A right of B".
-- tokens (encoder training, where the data names token negatives): a hinge that keeps each caption's
+- separation (encoder training, where the data names token negatives): a hinge that keeps each caption's
   text-tower tokens apart from its token negative's (a caption worded like it that a pooled embedding
   need not tell from it, such as its relation flip), at every layer the reranker reads, so that the
   reranker has something to read the difference from (`token_distances`).

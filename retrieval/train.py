@@ -382,7 +382,7 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     texts = texts if has_neg.any() else captions
     apart = [(i, t) for i, r in enumerate(rows) if token_layers and data[r.item].token_negatives
              and (t := data[r.item].token_negatives[r.caption]) is not None]  # (caption row, its token negative)
-    separation = torch.zeros((), device=opts.device) if token_layers else None  # logged every step when on
+    separation = torch.zeros((), device=opts.device) if token_layers else None  # a part of every step when on
     if isinstance(images, _FrozenFeatures):
         txt = images.encode_texts(texts)
     else:
@@ -422,7 +422,7 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
 def _with_separation(parts: dict[str, torch.Tensor], separation: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The loss parts with the token-separation hinge (TrainOptions.token_margin) added, where a batch had one."""
     if separation is not None:
-        parts["tokens"] = separation
+        parts["separation"] = separation
         parts["total"] = parts["total"] + separation
     return parts
 

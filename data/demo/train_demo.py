@@ -223,14 +223,24 @@ def attribute_negatives(data: list, dataset: Path) -> list:
         hard_images=() if d.image in moved else d.hard_images) for d in data]
 
 
-def relation_distance(encoder: DualEncoder, pairs: list[tuple[str, str]], layers) -> float:
-    """How far apart the text tower keeps relation words where the reranker reads them: for each caption
-    and its relation flip, the largest cosine distance between their features at any real token of any
-    of `layers`, averaged over the pairs (0 when the tower makes the two captions alike)."""
+def relation_pairs(dataset: Path, split: str = "val") -> list[tuple[str, str]]:
+    """Each caption of the split that has a relation flip, with its flip."""
+    return [(s["raw"], s["negative"]) for im in json.loads(dataset.read_text())["images"] if im["split"] == split
+            for s in im["sentences"] if s.get("negative_kind") == "relation_flip"]
+
+
+def pair_distances(encoder: DualEncoder, pairs: list[tuple[str, str]], layers) -> torch.Tensor:
+    """(layers, pairs): for each caption and its flip, the largest cosine distance between their features at
+    any real token, per layer of `layers` (0 where the tower makes the two captions alike)."""
     n = len(pairs)
     enc = encoder.encode_texts([a for a, _ in pairs] + [b for _, b in pairs], layers)  # one call: one length
-    far = token_distances([t[:n] for t in enc.tokens], [t[n:] for t in enc.tokens], enc.mask[:n] & enc.mask[n:])
-    return float(far.amax(0).mean())
+    return token_distances([t[:n] for t in enc.tokens], [t[n:] for t in enc.tokens], enc.mask[:n] & enc.mask[n:])
+
+
+def relation_distance(encoder: DualEncoder, pairs: list[tuple[str, str]], layers) -> float:
+    """How far apart the text tower keeps relation words where the reranker reads them: `pair_distances`'
+    largest over the layers, averaged over the pairs."""
+    return float(pair_distances(encoder, pairs, layers).amax(0).mean())
 
 
 def check_relation_words(encoder: Path, dataset: Path) -> float:
@@ -241,8 +251,7 @@ def check_relation_words(encoder: Path, dataset: Path) -> float:
     other settings) can lose them."""
     enc = DualEncoder.load(resolve_model("itm-demo", checkpoint=encoder))
     cfg = get_fusion_config(STAGE2.fusion, image_width=enc.image_width, text_width=enc.text_width)
-    pairs = [(s["raw"], s["negative"]) for im in json.loads(dataset.read_text())["images"] if im["split"] == "val"
-             for s in im["sentences"] if s.get("negative_kind") == "relation_flip"]
+    pairs = relation_pairs(dataset)
     if not pairs:
         raise ItmError(f"{dataset}: no val caption has a relation flip to check the encoder's text tower on")
     distance = relation_distance(enc, pairs, cfg.text_layers)
