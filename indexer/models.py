@@ -67,7 +67,11 @@ def resolve_model(
     """
     reranker = Path(reranker) if reranker else None
     if model in BUNDLES or Path(model, "bundle.json").is_file():
-        return _bundle_spec(model, reranker)
+        spec = _bundle_spec(model, reranker)
+        if checkpoint:  # taking the bundle's encoder instead would answer for other weights than asked
+            raise UnknownModelError(f"model {model!r} is a bundle with its own encoder; for the weights in "
+                                    f"{checkpoint}, name their architecture: --model {spec.arch} --checkpoint PATH")
+        return spec
     if not _is_architecture(model):
         raise UnknownModelError(
             f"unknown model {model!r}; choose one of: {', '.join(sorted(BUNDLES))}, "

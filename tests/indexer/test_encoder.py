@@ -88,6 +88,10 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(UnknownModelError, match="no pretrained weights tagged"):
         DualEncoder.load(resolve_model("ViT-B-32", "no-such-tag"))
     assert "demo" in list_models() and "itm-tiny" in list_models()
+    # a bundle brings its own encoder: other weights for it are refused, not silently replaced by the bundle's
+    with pytest.raises(UnknownModelError, match="'demo' is a bundle .* --model itm-demo --checkpoint PATH"):
+        resolve_model("demo", checkpoint="other/encoder.safetensors")
+    assert resolve_model("itm-demo", checkpoint="other/encoder.safetensors").checkpoint.name == "encoder.safetensors"
 
 
 class WordTokenizer:
