@@ -246,9 +246,9 @@ def relation_distance(encoder: DualEncoder, pairs: list[tuple[str, str]], layers
 def check_relation_words(encoder: Path, dataset: Path) -> float:
     """Refuse an encoder whose text tower has washed relation words out (RELATION_SPLIT): the reranker reads
     its tokens and could not learn relations from them, and its stage would spend most of the recipe's time
-    for nothing. The encoder stage never trains on relation flips, so nothing in its loss keeps "left" and
-    "right" apart; a seeded run has kept them so far, and a run on another trajectory (another optimizer,
-    other settings) can lose them."""
+    for nothing. The encoder stage keeps relation flips out of its contrastive loss, so without its
+    token_margin nothing keeps "left" and "right" apart; a seeded run has kept them so far, and a run on
+    another trajectory (another optimizer, other settings) can lose them."""
     enc = DualEncoder.load(resolve_model("itm-demo", checkpoint=encoder))
     cfg = get_fusion_config(STAGE2.fusion, image_width=enc.image_width, text_width=enc.text_width)
     pairs = relation_pairs(dataset)
