@@ -16,15 +16,17 @@ on images that look the same to the encoder teaches the text tower to make "left
 alike, which leaves the reranker nothing to read them from. Stage "reranker" freezes the
 encoders and trains the `fusion-demo` reranker with matching + ranking losses on mined, random
 and named negatives (every false caption, both kinds of twins), and the grounding loss on each
-mention's cell; before it starts, the recipe checks that the encoder's text tokens still tell a
-caption from its relation flip (check_relation_words), since nothing in the encoder stage's loss
-keeps "left" and "right" apart and a run on another trajectory can lose them. The encoder stage's
-token_margin (`--encoder-option token_margin=0.2`; off in the recipe as the bundle was made) is
-the loss that does: relation and position flips become token negatives, kept that far apart at
-every text layer the reranker reads (retrieval.loss.token_separation_loss). Both stop at step
-4,500 of their 5,000-step schedules, where their best checkpoints lay (the last 500 steps, at a
-small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 1,000
-steps with each image batched with its twin and its nearest images by the frozen encoders, so
+mention's cell. What lets the reranker read relations is the encoder stage's token_margin:
+relation and position flips are that stage's token negatives, kept 0.2 apart at every text layer
+the reranker reads (retrieval.loss.token_separation_loss); without it nothing kept "left" and
+"right" apart, and a run on another trajectory lost them. Before the reranker stage starts, the
+recipe checks that the encoder's text tokens tell a caption from its relation flip
+(check_relation_words). The encoder and reranker stages update with AdamW's fused kernel
+(TrainOptions.fused_optimizer). Both stop at step
+4,000 of their 5,000-step schedules, where their best checkpoints lay (the next 500 steps, at a
+small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 500
+steps of a 1,000-step schedule (the second 500 brought nothing) with each image batched with its
+twin and its nearest images by the frozen encoders, so
 that the mined negatives are as close as the candidates a search over a whole collection hands
 the reranker (a batch of random images holds few such).
 Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
@@ -80,15 +82,17 @@ SPLITS = {"train": 10_000, "val": 500}
 SEED = 0
 TWIN_FRACTION = 0.5  # share of train/val image pairs that are confusable twins
 EVAL_EVERY, PATIENCE = 250, 6
+# token_margin keeps relation words apart in the text tokens the reranker reads (check_relation_words)
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, fusion="fusion-demo", batch_size=128,
-                      encoder_lr=1e-3, lr=1e-3, weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4500,
-                      epochs=1000, seed=SEED, save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE, progress=True)
+                      encoder_lr=1e-3, lr=1e-3, weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4000,
+                      epochs=1000, seed=SEED, save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE,
+                      token_margin=0.2, fused_optimizer=True, progress=True)
 # random_negatives=0 saves a sixth of the reranker stages' time, and costs held-out pairs' truth@1 (README)
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
-                      stop_after=4500, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
+                      stop_after=4000, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
                       seed=SEED, save_every=250, eval_every=4 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
-                      precision="bf16" if cpu_has_native_bf16() else "fp32", progress=True)
-STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=None, neighbours=3,
+                      precision="bf16" if cpu_has_native_bf16() else "fp32", fused_optimizer=True, progress=True)
+STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=500, neighbours=3,
                              eval_every=2 * EVAL_EVERY)
 STAGE4 = HardenOptions(steps=1500, batch_size=128, lr=2e-4, warmup_steps=50, eval_every=EVAL_EVERY, seed=SEED,
                        progress=True)
@@ -105,7 +109,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue a stage from its last checkpoint")
     ap.add_argument("--encoder-option", action="append", default=[], metavar="KEY=VALUE",
                     help="change a TrainOptions field of the encoder stage, for an experiment "
-                         "(e.g. token_margin=0.2); repeat for several")
+                         "(e.g. token_margin=0); repeat for several")
     ap.add_argument("--reranker-option", action="append", default=[], metavar="KEY=VALUE",
                     help="change a TrainOptions field of the reranker and hard stages, for an experiment "
                          "(e.g. random_negatives=0); repeat for several")
@@ -247,8 +251,8 @@ def check_relation_words(encoder: Path, dataset: Path) -> float:
     """Refuse an encoder whose text tower has washed relation words out (RELATION_SPLIT): the reranker reads
     its tokens and could not learn relations from them, and its stage would spend most of the recipe's time
     for nothing. The encoder stage keeps relation flips out of its contrastive loss, so without its
-    token_margin nothing keeps "left" and "right" apart; a seeded run has kept them so far, and a run on
-    another trajectory (another optimizer, other settings) can lose them."""
+    token_margin (`--encoder-option token_margin=0`) nothing keeps "left" and "right" apart, and a run on
+    some trajectories (the fused optimizer's, for one) loses them."""
     enc = DualEncoder.load(resolve_model("itm-demo", checkpoint=encoder))
     cfg = get_fusion_config(STAGE2.fusion, image_width=enc.image_width, text_width=enc.text_width)
     pairs = relation_pairs(dataset)

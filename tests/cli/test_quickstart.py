@@ -1,11 +1,11 @@
 """The README's first command, as a new user runs it: the bundled demo model on the sample corpus.
 
 The answers are checked with the synthetic world's own parser and truth checker, not against
-stored file names, so a retrained demo model is held to what the query means. The demo model
-finds the objects a caption names with their colours, shapes and sizes, but does not yet tell
-which way round two of them stand (README, "The demo model"): these tests hold it to the first,
-and to the share of relational captions it currently answers right, so that a retrained model
-that does worse fails.
+stored file names, so a retrained demo model is held to what the query means: the quickstart
+query's first hit makes it true and its five hits hold every image that does, and over every
+relational caption of the corpus the shares of top images that hold the caption's objects and
+that make it true stay near what the bundled model answers, so that a retrained model that does
+worse fails.
 """
 import dataclasses
 import re
@@ -49,19 +49,20 @@ def objects_match(scene, caption: str) -> bool:
     return caption_matches(scene, dataclasses.replace(parse_caption(caption), relation=None))
 
 
-def test_the_quickstart_query_finds_its_objects_and_a_right_answer(demo_index, scenes):
+def test_the_quickstart_query_answers_right_first(demo_index, scenes):
     query = quickstart_query()
     assert re.search(r"\b(left|right|above|below)\b", query)  # a compositional query, not a bag of words
     r = run("itm-search", query, "--index", demo_index, "-k", "5", "--paths-only")
     assert r.returncode == 0, r.stderr
-    top3 = [scenes[Path(line).name] for line in r.stdout.splitlines()[:3]]
-    assert all(objects_match(scene, query) for scene in top3)  # as the README says
-    assert any(caption_matches(scene, parse_caption(query)) for scene in top3)
+    hits = [Path(line).name for line in r.stdout.splitlines()]
+    assert caption_matches(scenes[hits[0]], parse_caption(query))  # the first answer is right
+    right = {name for name, scene in scenes.items() if caption_matches(scene, parse_caption(query))}
+    assert 0 < len(right) <= 5 and right <= set(hits)  # and every right answer of the corpus is shown
 
 
 def test_compositional_queries_on_the_sample_corpus(demo_index, scenes):
     """Every relational caption of the corpus as a query: how often the top image holds its objects, and
-    how often the caption is true of it (measured 95.8% and 80.4% for the bundled model)."""
+    how often the caption is true of it (measured 94.8% and 94.1% for the bundled model)."""
     from retrieval.search import Searcher
 
     searcher = Searcher(demo_index)
@@ -69,4 +70,4 @@ def test_compositional_queries_on_the_sample_corpus(demo_index, scenes):
     tops = [scenes[Path(searcher.search(text=q, k=1)[0].path).name] for q in queries]
     objects = sum(objects_match(scene, q) for scene, q in zip(tops, queries)) / len(queries)
     true = sum(caption_matches(scene, parse_caption(q)) for scene, q in zip(tops, queries)) / len(queries)
-    assert len(queries) > 200 and objects >= 0.93 and true >= 0.75
+    assert len(queries) > 200 and objects >= 0.92 and true >= 0.9
