@@ -10,8 +10,8 @@ Stage "data" writes the synthetic dataset (train and val with confusable twin pa
 split is never read). Stage "encoders" trains the `itm-demo` dual encoders from random weights
 with the contrastive loss, each image's false caption joining the softmax as a negative where
 it swaps attributes (colour, shape, size), and colour-swapped twins batched together. Relation
-and position flips, and position-swapped twins, are kept out of this stage: a pooled image
-embedding does not learn where things are here, and a caption that must score below its flip
+and position flips, and position-swapped twins, are kept out of its contrastive loss: a pooled
+image embedding does not learn where things are here, and a caption that must score below its flip
 on images that look the same to the encoder teaches the text tower to make "left" and "right"
 alike, which leaves the reranker nothing to read them from. Stage "reranker" freezes the
 encoders and trains the `fusion-demo` reranker with matching + ranking losses on mined, random
@@ -22,13 +22,13 @@ the reranker reads (retrieval.loss.token_separation_loss); without it nothing ke
 "right" apart, and a run on another trajectory lost them. Before the reranker stage starts, the
 recipe checks that the encoder's text tokens tell a caption from its relation flip
 (check_relation_words). The encoder and reranker stages update with AdamW's fused kernel
-(TrainOptions.fused_optimizer). Both stop at step
-4,000 of their 5,000-step schedules, where their best checkpoints lay (the next 500 steps, at a
-small learning rate, brought nothing on val). Stage "hard" fine-tunes that checkpoint for 500
-steps of a 1,000-step schedule (the second 500 brought nothing) with each image batched with its
-twin and its nearest images by the frozen encoders, so
-that the mined negatives are as close as the candidates a search over a whole collection hands
-the reranker (a batch of random images holds few such).
+(TrainOptions.fused_optimizer). Both stop at step 4,000 of their 5,000-step schedules, where
+the bundled run's best checkpoints lay (its next 500 steps, at a small learning rate, brought
+nothing on val). Stage "hard" fine-tunes that checkpoint for 500 steps of a 1,000-step schedule
+(the bundled run's second 500 brought nothing) with each image batched with its twin and its
+nearest images by the frozen encoders, so that the mined negatives are as close as the
+candidates a search over a whole collection hands the reranker (a batch of random images holds
+few such).
 Both reranker stages run the fusion layers under bf16 autocast where the CPU computes in bf16
 natively (AVX-512 BF16, AMX), fp32 elsewhere: a step costs about a seventh less. They run the
 frozen encoders over each training image and text once, before the first step, and keep the
