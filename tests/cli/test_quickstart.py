@@ -54,9 +54,9 @@ def test_the_quickstart_query_answers_right_first(demo_index, scenes):
     assert re.search(r"\b(left|right|above|below)\b", query)  # a compositional query, not a bag of words
     r = run("itm-search", query, "--index", demo_index, "-k", "5", "--paths-only")
     assert r.returncode == 0, r.stderr
-    hits = [Path(line).name for line in r.stdout.splitlines()]
-    assert caption_matches(scenes[hits[0]], parse_caption(query))  # the first answer is right
-    right = {name for name, scene in scenes.items() if caption_matches(scene, parse_caption(query))}
+    hits, caption = [Path(line).name for line in r.stdout.splitlines()], parse_caption(query)
+    assert caption_matches(scenes[hits[0]], caption)  # the first answer is right
+    right = {name for name, scene in scenes.items() if caption_matches(scene, caption)}
     assert 0 < len(right) <= 5 and right <= set(hits)  # and every right answer of the corpus is shown
 
 
@@ -70,4 +70,4 @@ def test_compositional_queries_on_the_sample_corpus(demo_index, scenes):
     tops = [scenes[Path(searcher.search(text=q, k=1)[0].path).name] for q in queries]
     objects = sum(objects_match(scene, q) for scene, q in zip(tops, queries)) / len(queries)
     true = sum(caption_matches(scene, parse_caption(q)) for scene, q in zip(tops, queries)) / len(queries)
-    assert len(queries) > 200 and objects >= 0.92 and true >= 0.9
+    assert len(queries) > 200 and objects >= 0.93 and true >= 0.9
