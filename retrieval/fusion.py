@@ -183,9 +183,17 @@ class TwoWayBlock(nn.Module):
     def forward(self, t: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """New text and image states, and where each text token looked: (B, Tt, Ti), averaged over heads."""
         # t (B, Tt, D) text states; v (B, Ti, D) image states; mask (B, Tt) True for real text tokens
+        return self.cross(*self.self_attend(t, v, mask), mask)
+
+    def self_attend(self, t: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Each stream attending to itself (or as it is, without self-attention): text and image apart."""
         if self.self_attention:
             tn, vn = self.text_self_norm(t), self.image_self_norm(v)
             t, v = t + self.text_self(tn, tn, mask), v + self.image_self(vn, vn)
+        return t, v
+
+    def cross(self, t: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` after `self_attend`: the two-way attention and the feed-forward layers."""
         tn, vn = self.text_norm(t), self.image_norm(v)
         seen, looked = self.text_from_image(tn, vn, weights=True)
         t, v = t + seen, v + self.image_from_text(vn, tn, mask)
@@ -209,8 +217,16 @@ class LevelGate(nn.Module):
         self.gate_level = nn.Linear(d, d, bias=False)
 
     def forward(self, state: Tensor, level: Tensor) -> Tensor:
+        return self.mix(state, *self.incoming(level))
+
+    def incoming(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        """What the gate takes from the level's tokens alone: the projected tokens and their share of the gate."""
         x = self.proj(self.level_norm(level))  # (B', T, D)
-        g = torch.sigmoid(self.gate_state(self.state_norm(state)) + self.gate_level(x))  # (B, T, D)
+        return x, self.gate_level(x)
+
+    def mix(self, state: Tensor, x: Tensor, x_gate: Tensor) -> Tensor:
+        """`forward` from `incoming`'s output."""
+        g = torch.sigmoid(self.gate_state(self.state_norm(state)) + x_gate)  # (B, T, D)
         return state + g * x
 
 
@@ -290,8 +306,8 @@ class FusionReranker(nn.Module):
         """
         return self.store.encode_texts(tokens, mask)
 
-    def forward(self, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
-                attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(self, image_feats: Tensor, text_feats: Tensor, text_mask: Tensor, attention: bool = False,
+                pairs: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Match logits (B,) for row-aligned pairs of store features.
 
         image_feats (B, Lv, Ti, D), text_feats (B, Lt, Tt, D), text_mask (B, Tt) bool. Either side
@@ -299,6 +315,11 @@ class FusionReranker(nn.Module):
         are cast to the parameters' dtype, so fp16 store tensors can be passed as they are. With
         `attention`, also each level's text-to-image attention, (B, Tt', Ti) averaged over heads,
         Tt' the stored text length cut after the last real token (what a grounding loss supervises).
+
+        With `pairs` (image rows, text rows), (P,) each, the logits are those of the P pairs they name
+        (the same as indexing the features first): what depends on one side alone (the first level's
+        self-attention, the later levels' gate inputs) is computed once per image and per text, not
+        once per pair, which is most of a training batch's cost where each item is in several pairs.
         """
         dtype = self.image_pos.dtype
         image_feats, text_feats, text_mask = image_feats.to(dtype), text_feats.to(dtype), text_mask.bool()
@@ -307,15 +328,23 @@ class FusionReranker(nn.Module):
         text_feats, text_mask = text_feats[:, :, :tt], text_mask[:, :tt]
         first, *rest = self.order
         pos = self.image_pos + self.box_embed(self.boxes.to(dtype)) if self.cfg.region_boxes else self.image_pos
-        v = image_feats[:, first] + pos  # (B, Ti, D)
-        t = text_feats[:, first] + self.text_pos[:tt]  # (B, Tt, D)
-        t, v, looked = self.blocks[0](t, v, text_mask)
+        # each side alone: the first level's states after self-attention, and each later level's gate input
+        t, v = self.blocks[0].self_attend(text_feats[:, first] + self.text_pos[:tt], image_feats[:, first] + pos,
+                                          text_mask)  # (B, Tt, D), (B, Ti, D)
+        text_in = [gate.incoming(text_feats[:, level]) for gate, level in zip(self.text_gates, rest)]
+        image_in = [gate.incoming(image_feats[:, level]) for gate, level in zip(self.image_gates, rest)]
+        if pairs is not None:
+            image_idx, text_idx = pairs
+            t, text_mask, v = t[text_idx], text_mask[text_idx], v[image_idx]
+            text_in = [(x[text_idx], g[text_idx]) for x, g in text_in]
+            image_in = [(x[image_idx], g[image_idx]) for x, g in image_in]
+        t, v, looked = self.blocks[0].cross(t, v, text_mask)
         maps = [looked]
-        for step, level in enumerate(rest, 1):
+        for step in range(1, len(self.order)):
             if self.cfg.attended_boxes:
                 t = t + self.looked_embed(maps[-1] @ self.boxes.to(dtype))  # (B, Tt, 4) -> (B, Tt, D)
-            t = self.text_gates[step - 1](t, text_feats[:, level])  # (B, Tt, D)
-            v = self.image_gates[step - 1](v, image_feats[:, level])  # (B, Ti, D)
+            t = self.text_gates[step - 1].mix(t, *text_in[step - 1])  # (B, Tt, D)
+            v = self.image_gates[step - 1].mix(v, *image_in[step - 1])  # (B, Ti, D)
             t, v, looked = self.blocks[step](t, v, text_mask)
             maps.append(looked)
         real = text_mask[..., None]  # (B, Tt, 1)

@@ -159,12 +159,6 @@ def mine_hard_negatives(sim: Tensor, positives: Tensor, num: int = 1, mode: str 
     return HardNegatives(texts, texts_valid, images, images_valid)
 
 
-def fusion_pairs(image_feats: Tensor, text_feats: Tensor, text_mask: Tensor,
-                 image_idx: Tensor, text_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The row-aligned batch FusionReranker.forward takes: pair n is (image image_idx[n], text text_idx[n])."""
-    return image_feats[image_idx], text_feats[text_idx], text_mask[text_idx]
-
-
 def matching_loss(pos_logits: Tensor, neg_logits: Tensor, neg_valid: Tensor) -> Tensor:
     """Binary cross-entropy: positives (B,) labelled 1, the valid negatives of neg_logits (...) labelled 0."""
     logits = torch.cat([pos_logits, neg_logits[neg_valid]])
@@ -268,7 +262,7 @@ class ItmLoss(nn.Module):
             has = known.images >= 0
             image_idx = torch.cat([image_idx, torch.where(has, known.images, anchors)])
             text_idx = torch.cat([text_idx, anchors])
-        logits, maps = model(*fusion_pairs(image_feats, text_feats, text_mask, image_idx, text_idx), attention=True)
+        logits, maps = model(image_feats, text_feats, text_mask, attention=True, pairs=(image_idx, text_idx))
         pos, neg_texts, neg_images, hard_images = logits.split([b, b * m, b * m, len(logits) - b * (1 + 2 * m)])
         neg_texts, neg_images = neg_texts.view(b, m), neg_images.view(b, m)
         if known.images is not None:

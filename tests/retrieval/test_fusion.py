@@ -114,6 +114,23 @@ def test_shared_query_broadcasts_like_copies(model, store, query):
     torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)
 
 
+def test_named_pairs_equal_indexed_features_with_their_gradients(model, store):
+    """pairs=(image rows, text rows) computes each side's own layers once per item: the logits, attention
+    maps and gradients must be those of the features indexed into row-aligned pairs first."""
+    img, txt, mask = (x.clone() for x in store)
+    image_idx, text_idx = torch.tensor([0, 0, 1, 4, 2, 3, 3, 1]), torch.tensor([0, 2, 1, 1, 4, 3, 0, 3])
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    indexed, maps = model(img[image_idx], txt[text_idx], mask[text_idx], attention=True)
+    grads = torch.autograd.grad(indexed.square().sum(), [img, txt])
+    named, named_maps = model(img, txt, mask, attention=True, pairs=(image_idx, text_idx))
+    named_grads = torch.autograd.grad(named.square().sum(), [img, txt])
+    assert named.shape == (len(image_idx),)
+    torch.testing.assert_close(named, indexed, rtol=1e-5, atol=1e-6)
+    for a, b in [*zip(named_maps, maps), *zip(named_grads, grads)]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_padding_is_masked(model, store):
     img, txt, mask = store
     noisy = txt.clone()
