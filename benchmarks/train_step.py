@@ -7,6 +7,7 @@ with the token margin (relation flips kept apart in the text tokens).
     python benchmarks/train_step.py --variants bf16,bf16-nocache --out benchmarks/results/train_step_feature_cache.json
     python benchmarks/train_step.py --variants encoders,encoders-token-margin \
         --out benchmarks/results/train_step_token_margin.json
+    python benchmarks/train_step.py --variants fp32-indexed,fp32 --out benchmarks/results/train_step_pairs.json
 
 Runs `retrieval.train.train` as the recipe's stage does (its TrainOptions, no validation, no
 checkpoints but the last) from the bundled demo encoder (frozen in the reranker stage) on the first
@@ -16,7 +17,9 @@ then), then the warm-up and --steps more. The difference of the two runs' times,
 the cost of a step with the set-up (building the model, decoding, filling the feature cache) taken
 out. Variants alternate, --repeats times, and each figure is the median over repeats, so a drift
 of the machine's speed touches both alike. bf16 is fast only on a CPU with native bf16 arithmetic
-(AVX-512 BF16, AMX); the script records whether this one has it.
+(AVX-512 BF16, AMX); the script records whether this one has it. "fp32-indexed" scores the
+batch's pairs as the loss did before FusionReranker.forward took them by index (`pairs`): the
+features indexed into one row per pair first, so that each side's own layers run once per pair.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import benchlib
 
@@ -37,6 +42,7 @@ from data.demo.train_demo import STAGE1, STAGE2, attribute_negatives  # noqa: E4
 from indexer.encoder import cpu_has_native_bf16  # noqa: E402
 from indexer.models import resolve_model  # noqa: E402
 from retrieval.data import load_dataset  # noqa: E402
+from retrieval.fusion import FusionReranker  # noqa: E402
 from retrieval.train import train  # noqa: E402
 
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
@@ -44,14 +50,27 @@ DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
 VARIANTS = {"fp32": (STAGE2, {"precision": "fp32"}), "bf16": (STAGE2, {"precision": "bf16"}),
             "bf16-nocache": (STAGE2, {"precision": "bf16", "feature_cache_gb": 0.0}),
+            "fp32-indexed": (STAGE2, {"precision": "fp32"}),
             "encoders": (STAGE1, {}), "encoders-token-margin": (STAGE1, {"token_margin": 0.2})}
+
+
+def forward_indexed(model, image_feats, text_feats, text_mask, attention=False, pairs=None):
+    """FusionReranker.forward on features indexed into one row per pair, whatever computes once per item."""
+    if pairs is not None:
+        image_feats, text_feats, text_mask = image_feats[pairs[0]], text_feats[pairs[1]], text_mask[pairs[1]]
+    return PAIRED_FORWARD(model, image_feats, text_feats, text_mask, attention=attention)
+
+
+PAIRED_FORWARD = FusionReranker.forward
 
 
 def seconds(spec, data, steps: int, variant: str) -> float:
     stage, changes = VARIANTS[variant]
     opts = dataclasses.replace(stage, max_steps=steps, stop_after=None, eval_every=0, patience=0,
                                save_every=10**9, progress=False, **changes)
-    with tempfile.TemporaryDirectory() as out:
+    indexed = mock.patch.object(FusionReranker, "forward", forward_indexed) if variant.endswith("-indexed") \
+        else nullcontext()
+    with tempfile.TemporaryDirectory() as out, indexed:
         return train(spec, data, out, opts).seconds
 
 

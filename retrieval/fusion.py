@@ -146,15 +146,27 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None = None,
                 weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attended values (B*, Tq, D); with `weights`, also the attention averaged over heads (B*, Tq, Tk)."""
-        b, tq, d = x.shape  # x (B, Tq, D); ctx (B', Tk, D); ctx_mask (B', Tk), True = attend
-        q = self.q(x).view(b, tq, self.heads, -1).transpose(1, 2)  # (B, h, Tq, dh)
-        k, v = self.kv(ctx).view(*ctx.shape[:2], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B', h, Tk, dh)
+        # x (B, Tq, D); ctx (B', Tk, D); ctx_mask (B', Tk), True = attend
+        return self.attend(self.queries(x), *self.keys_values(ctx), ctx_mask, weights)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """(B, h, Tq, dh) from x (B, Tq, D)."""
+        return self.q(x).view(*x.shape[:2], self.heads, -1).transpose(1, 2)
+
+    def keys_values(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """2 x (B', h, Tk, dh) from ctx (B', Tk, D)."""
+        return self.kv(ctx).view(*ctx.shape[:2], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx_mask: Tensor | None = None,
+               weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """`forward` from `queries` and `keys_values`."""
         att = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B*, h, Tq, Tk), B* = max(B, B')
         if ctx_mask is not None:
             # finfo.min rather than -inf: masked keys get exactly zero weight, and no row can turn NaN
             att = att.masked_fill(~ctx_mask[:, None, None, :], torch.finfo(att.dtype).min)
         att = att.softmax(-1)
-        y = self.drop(self.out((att @ v).transpose(1, 2).reshape(att.shape[0], tq, d)))  # (B*, Tq, D)
+        y = (att @ v).transpose(1, 2)  # (B*, Tq, h, dh)
+        y = self.drop(self.out(y.reshape(*y.shape[:2], -1)))  # (B*, Tq, D)
         return (y, att.mean(1)) if weights else y
 
 
@@ -192,11 +204,20 @@ class TwoWayBlock(nn.Module):
             t, v = t + self.text_self(tn, tn, mask), v + self.image_self(vn, vn)
         return t, v
 
-    def cross(self, t: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`forward` after `self_attend`: the two-way attention and the feed-forward layers."""
+    def cross(self, t: Tensor, v: Tensor, mask: Tensor,
+              pairs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` after `self_attend`: the two-way attention and the feed-forward layers. With `pairs`
+        (image rows, text rows), t, mask and v are per item and what comes back per pair: the norms and
+        the attention's projections run once per item."""
         tn, vn = self.text_norm(t), self.image_norm(v)
-        seen, looked = self.text_from_image(tn, vn, weights=True)
-        t, v = t + seen, v + self.image_from_text(vn, tn, mask)
+        tq, tkv = self.text_from_image.queries(tn), self.image_from_text.keys_values(tn)
+        vq, vkv = self.image_from_text.queries(vn), self.text_from_image.keys_values(vn)
+        if pairs is not None:
+            image_idx, text_idx = pairs
+            t, mask, tq, tkv = t[text_idx], mask[text_idx], tq[text_idx], [x[text_idx] for x in tkv]
+            v, vq, vkv = v[image_idx], vq[image_idx], [x[image_idx] for x in vkv]
+        seen, looked = self.text_from_image.attend(tq, *vkv, weights=True)
+        t, v = t + seen, v + self.image_from_text.attend(vq, *tkv, mask)
         t = t + self.text_ff(self.text_ff_norm(t))  # (B, Tt, D)
         v = v + self.image_ff(self.image_ff_norm(v))  # (B, Ti, D)
         return t, v, looked
@@ -318,8 +339,9 @@ class FusionReranker(nn.Module):
 
         With `pairs` (image rows, text rows), (P,) each, the logits are those of the P pairs they name
         (the same as indexing the features first): what depends on one side alone (the first level's
-        self-attention, the later levels' gate inputs) is computed once per image and per text, not
-        once per pair, which is most of a training batch's cost where each item is in several pairs.
+        self-attention and the norms and projections its cross-attention starts from, the later levels'
+        gate inputs) is computed once per image and per text, not once per pair: a training batch scores
+        each item in several pairs.
         """
         dtype = self.image_pos.dtype
         image_feats, text_feats, text_mask = image_feats.to(dtype), text_feats.to(dtype), text_mask.bool()
@@ -333,12 +355,12 @@ class FusionReranker(nn.Module):
                                           text_mask)  # (B, Tt, D), (B, Ti, D)
         text_in = [gate.incoming(text_feats[:, level]) for gate, level in zip(self.text_gates, rest)]
         image_in = [gate.incoming(image_feats[:, level]) for gate, level in zip(self.image_gates, rest)]
-        if pairs is not None:
+        t, v, looked = self.blocks[0].cross(t, v, text_mask, pairs)
+        if pairs is not None:  # from here on, one row per pair
             image_idx, text_idx = pairs
-            t, text_mask, v = t[text_idx], text_mask[text_idx], v[image_idx]
+            text_mask = text_mask[text_idx]
             text_in = [(x[text_idx], g[text_idx]) for x, g in text_in]
             image_in = [(x[image_idx], g[image_idx]) for x, g in image_in]
-        t, v, looked = self.blocks[0].cross(t, v, text_mask)
         maps = [looked]
         for step in range(1, len(self.order)):
             if self.cfg.attended_boxes:

@@ -39,7 +39,7 @@ image, embedding and the reranker's token layers both: the reranker, trained on 
 then reads degraded photos as it reads clean ones, and the text tower does not change. Its
 validation figure is that feature error on the val images, clean and degraded (lower is better).
 The stages are validated on the val split every EVAL_EVERY steps (the reranker's every
-4 x EVAL_EVERY and at its last step, the hard stage's every 2 x EVAL_EVERY: a validation with
+8 x EVAL_EVERY and at its last step, the hard stage's every 2 x EVAL_EVERY: a validation with
 reranking costs them about 17 s) and stop when PATIENCE
 validations in a row bring nothing better; the best checkpoint of each is what the next stage and
 the bundle take. Stage "weight"
@@ -90,7 +90,7 @@ STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, fusion="fusion-
 # random_negatives=0 saves a sixth of the reranker stages' time, and costs held-out pairs' truth@1 (README)
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
                       stop_after=4000, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
-                      seed=SEED, save_every=250, eval_every=4 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
+                      seed=SEED, save_every=250, eval_every=8 * EVAL_EVERY, patience=PATIENCE, val_rerank_k=10,
                       precision="bf16" if cpu_has_native_bf16() else "fp32", fused_optimizer=True, progress=True)
 STAGE3 = dataclasses.replace(STAGE2, lr=2e-4, warmup_steps=50, max_steps=1000, stop_after=500, neighbours=3,
                              eval_every=2 * EVAL_EVERY)
