@@ -16,6 +16,7 @@ from .captions import (
     caption_matches,
     describe,
     hard_negative,
+    more_negatives,
     negative_parts,
     parse_caption,
     render_caption,
@@ -42,7 +43,7 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "COL_NAMES", "HELD_OUT", "NEGATIVE_KINDS", "ROW_NAMES", "SHAPES",
     "SIZES", "SPLITS", "TWIN_KINDS", "WORDS",
     "CaptionParts", "Mention", "Obj", "Position", "Sample", "Scene", "Surface",
-    "caption_matches", "describe", "generate_split", "hard_negative", "negative_parts",
+    "caption_matches", "describe", "generate_split", "hard_negative", "more_negatives", "negative_parts",
     "parse_caption", "relations", "render_caption", "render_scene", "sample_scene",
     "swap_colours", "swap_positions",
 ]

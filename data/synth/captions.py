@@ -381,6 +381,31 @@ def negative_parts(scene: Scene, parts: CaptionParts, rng: np.random.Generator,
     return _colour_change(scene, parts, rng, allow_held_out), "colour_change"
 
 
+def more_negatives(scene: Scene, parts: CaptionParts, rng: np.random.Generator, *,
+                   allow_held_out: bool = True, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """Texts of every other minimal edit that makes a true caption false of `scene`, beside its hard negative.
+
+    The edits `negative_parts` draws one of (binding swaps, relation, position and size flips), and two
+    that it never makes: one mention's size flipped alone, and one mention's shape changed to another
+    (drawn). Those two are what a scene holding the same objects in other sizes or shapes differs by,
+    which a single drawn negative rarely covers. Texts in `exclude` (the hard negative) are left out.
+    """
+    edits = [edit() for _, _, edit in _candidates(parts, rng)]
+    def changed(i: int, **attr) -> CaptionParts:
+        ms = list(parts.mentions)
+        ms[i] = replace(ms[i], **attr)
+        return replace(parts, mentions=tuple(ms))
+
+    for i, m in enumerate(parts.mentions):
+        if m.size is not None:
+            edits.append(changed(i, size=SIZES[1 - SIZES.index(m.size)]))
+        shapes = [s for s in SHAPES if s != m.shape and (allow_held_out or (m.colour, s) not in HELD_OUT)]
+        edits.append(changed(i, shape=shapes[int(rng.integers(len(shapes)))]))
+    out = (render_caption(e) for e in edits
+           if not caption_matches(scene, e) and (allow_held_out or not mentions_held_out(e)))
+    return tuple(t for t in dict.fromkeys(out) if t not in exclude)
+
+
 def hard_negative(scene: Scene, caption_parts: CaptionParts, rng: np.random.Generator,
                   *, allow_held_out: bool = True) -> str:
     """Text of a caption that is false of `scene` but worded like `caption_parts`.

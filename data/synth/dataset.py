@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from .captions import CaptionParts, caption_matches, describe, negative_parts, render_caption
+from .captions import CaptionParts, caption_matches, describe, more_negatives, negative_parts, render_caption
 from .render import render_scene
 from .world import OBJECT_COUNT_P, Scene, sample_scene, swap_colours, swap_positions
 
@@ -47,6 +47,7 @@ class Sample:
     twin_id: str | None = None              # the test image this one is a confusable twin of
     twin_kind: str | None = None            # one of TWIN_KINDS
     negative_kinds: tuple[str, ...] = ()    # which edit made each hard negative
+    more_negatives: tuple[tuple[str, ...], ...] = ()  # per caption, its other false edits (more_negatives)
 
     def render(self) -> Image.Image:
         return render_scene(self.scene, self.image_size, self.render_seed)
@@ -80,9 +81,10 @@ def _test_pair(seed: int, pair: int) -> tuple[Scene, Scene, str | None]:
     return first, second, None
 
 
-def _captions(scene: Scene, rng: np.random.Generator, n: int, allow_held_out: bool,
-              twin: Scene | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """n distinct true captions (false of the twin, if any), their negatives and negative kinds.
+def _captions(scene: Scene, rng: np.random.Generator, n: int, allow_held_out: bool, twin: Scene | None,
+              more_rng: np.random.Generator) -> tuple[tuple[str, ...], ...]:
+    """n distinct true captions (false of the twin, if any), their negatives, negative kinds and more
+    negatives (drawn with `more_rng`, so that the rest are what they were before there were any).
 
     Fewer than n only if the grammar runs out of wordings, which it does not at n = 5.
     """
@@ -93,12 +95,13 @@ def _captions(scene: Scene, rng: np.random.Generator, n: int, allow_held_out: bo
         parts = describe(scene, rng)
         if twin is None or not caption_matches(twin, parts):
             chosen.setdefault(render_caption(parts), parts)
-    negs, kinds = [], []
+    negs, kinds, more = [], [], []
     for parts in chosen.values():
         neg, kind = negative_parts(scene, parts, rng, allow_held_out=allow_held_out)
         negs.append(render_caption(neg))
         kinds.append(kind)
-    return tuple(chosen), tuple(negs), tuple(kinds)
+        more.append(more_negatives(scene, parts, more_rng, allow_held_out=allow_held_out, exclude=(negs[-1],)))
+    return tuple(chosen), tuple(negs), tuple(kinds), tuple(more)
 
 
 @lru_cache(maxsize=16)
@@ -126,9 +129,10 @@ def _sample(split: str, i: int, n_images: int, seed: int, image_size: int,
             twin_id, twin_kind, twin = _image_id(split, i ^ 1), pair[2], pair[1 - i % 2]
     else:
         scene = sample_scene(rng, allow_held_out=False)
-    caps, negs, kinds = _captions(scene, rng, captions_per_image, split == "test", twin)
+    caps, negs, kinds, more = _captions(scene, rng, captions_per_image, split == "test", twin,
+                                        _rng(seed, split, i, 3))
     return Sample(_image_id(split, i), scene, caps, negs, scene.has_held_out, split, render_seed,
-                  image_size, twin_id, twin_kind, kinds)
+                  image_size, twin_id, twin_kind, kinds, more)
 
 
 def _image_id(split: str, i: int) -> str:

@@ -7,10 +7,10 @@ Layout under --out:
     captions.jsonl          {"image", "caption", "split"} per caption
     hard_negatives.jsonl    {"image", "caption", "negative", "held_out", "kind"} per test caption
     dataset_karpathy.json   COCO/Flickr30k Karpathy layout; each sentence also carries
-                            its hard negative ("negative", "negative_kind") and its
-                            grounded phrases ("phrases": span and grid cell of each
-                            mention), each image its scene (for truth checks) and its
-                            twin, if any
+                            its hard negative ("negative", "negative_kind"), its other
+                            false edits ("more_negatives") and its grounded phrases
+                            ("phrases": span and grid cell of each mention), each image
+                            its scene (for truth checks) and its twin, if any
 
 --twin-fraction makes that share of train and val image pairs confusable twins (hard
 negative images for training); the test split is the same whatever it is.
@@ -71,9 +71,10 @@ def _karpathy(samples: list[Sample]) -> dict:
     images, sentid = [], 0
     for imgid, s in enumerate(samples):
         sentences = []
-        for raw, neg, kind in zip(s.captions, s.hard_negatives, s.negative_kinds):
+        for raw, neg, kind, more in zip(s.captions, s.hard_negatives, s.negative_kinds, s.more_negatives):
             sentences.append({"raw": raw, "tokens": _tokens(raw), "imgid": imgid, "sentid": sentid,
-                              "negative": neg, "negative_kind": kind, "phrases": _phrases(s.scene, raw)})
+                              "negative": neg, "negative_kind": kind, "more_negatives": list(more),
+                              "phrases": _phrases(s.scene, raw)})
             sentid += 1
         images.append({
             "filepath": f"images/{s.split}", "filename": f"{s.image_id}.png", "split": s.split,

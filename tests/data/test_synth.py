@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from data.synth import (
     render_scene,
     sample_scene,
 )
-from data.synth.captions import caption_kind, why_false
+from data.synth.captions import caption_kind, mentions_held_out, why_false
 from data.synth.prepare import main as prepare_main
 from data.synth.prepare import prepare
 
@@ -141,6 +142,33 @@ def test_captions_true_and_negatives_false(name):
             assert not caption_matches(s.scene, parse_caption(neg)), (cap, neg)
             if kind in SWAP_KINDS:
                 assert words(cap) == words(neg)   # same words, different binding
+
+
+@pytest.mark.parametrize("name", ["train", "test"])
+def test_more_negatives_are_false_distinct_and_keep_held_out_pairs_out_of_training(name):
+    edits = set()
+    for s in split(name):
+        assert len(s.more_negatives) == len(s.captions)
+        for cap, neg, more in zip(s.captions, s.hard_negatives, s.more_negatives):
+            assert more and len(set(more)) == len(more) and neg not in more and cap not in more
+            for text in more:
+                parts = parse_caption(text)
+                assert not caption_matches(s.scene, parts), (cap, text)
+                assert name == "test" or not mentions_held_out(parts)
+                said, changed = parse_caption(cap).mentions, parts.mentions
+                edits |= {a for m, n in zip(said, changed) for a in ("size", "shape") if getattr(m, a) != getattr(n, a)}
+    assert edits == {"size", "shape"}  # one mention's size flipped or shape changed, among the rest
+
+
+def test_more_negatives_leave_the_rest_of_a_split_as_it_was(monkeypatch):
+    """They are drawn from a stream of their own: captions and hard negatives do not depend on them."""
+    from data.synth import dataset
+
+    with_more = generate_split("train", 12, seed=3, twin_fraction=0.5)
+    monkeypatch.setattr(dataset, "more_negatives", lambda *a, **k: ())
+    without = generate_split("train", 12, seed=3, twin_fraction=0.5)
+    assert all(s.more_negatives for s in with_more) and not any(any(s.more_negatives) for s in without)
+    assert [replace(s, more_negatives=()) for s in with_more] == [replace(s, more_negatives=()) for s in without]
 
 
 def test_negatives_are_mostly_binding_swaps_or_relation_flips():
