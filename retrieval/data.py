@@ -34,6 +34,8 @@ class ImageCaptions:
     # per caption, a false caption the text tower must keep apart from it in its tokens only
     # (TrainOptions.token_margin), not in the pooled embedding: a relation flip, where images look alike to it
     token_negatives: tuple[str | None, ...] = ()
+    # per caption, more false captions worded like it, beside `negatives` (TrainOptions.more_negatives draws from them)
+    more_negatives: tuple[tuple[str, ...], ...] = ()
 
 
 def load_dataset(path: Path | str, image_root: Path | str | None = None, split: str = "train",
@@ -44,7 +46,8 @@ def load_dataset(path: Path | str, image_root: Path | str | None = None, split: 
     and a caption column (caption/text), one row per caption; its `split` column, if any, is
     filtered on. Relative image paths are taken from `image_root` (default: the file's folder).
     Karpathy split "train" includes "restval", as is usual. Karpathy sentences may carry a
-    "negative" (a false caption of the image, used as a hard negative in training) and "phrases"
+    "negative" (a false caption of the image, used as a hard negative in training), "more_negatives"
+    (a list of other false captions, drawn from as more hard negatives) and "phrases"
     ([{"span": [start, end], "box": [x0, y0, x1, y1]}]: character spans of the raw sentence and the
     boxes they name, as fractions of the image size, as Flickr30k Entities grounds phrases), and
     images a "twin" (a confusable image of the same split, used as a hard negative image). A line or
@@ -128,10 +131,18 @@ def _karpathy_image(im: dict[str, Any], root: Path) -> ImageCaptions:
     sentences = im["sentences"]
     negatives = tuple(s.get("negative") for s in sentences)
     phrases = tuple(_phrases(s) for s in sentences)
+    more = tuple(_texts(s.get("more_negatives") or ()) for s in sentences)
     twin = (folder / im["twin"]).resolve() if im.get("twin") else None
     return ImageCaptions((folder / im["filename"]).resolve(), tuple(s["raw"].strip() for s in sentences),
                          negatives if any(negatives) else (), (twin,) if twin else (),
-                         phrases if any(phrases) else ())
+                         phrases if any(phrases) else (), more_negatives=more if any(more) else ())
+
+
+def _texts(values: Any) -> tuple[str, ...]:
+    """A list of non-empty strings, stripped; TypeError otherwise."""
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise TypeError(f"expected a list of non-empty strings, got {values!r}")
+    return tuple(v.strip() for v in values)
 
 
 def _phrases(sentence: dict[str, Any]) -> tuple[Phrase, ...]:

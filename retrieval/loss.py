@@ -5,10 +5,11 @@
   negatives, as NegCLIP does.
 - matching: binary cross-entropy on fusion match logits for the positive pairs and for hard
   negatives mined from the in-batch dual similarity, in both directions, plus each image's
-  known false caption and each caption's known confusable image.
+  known false captions and each caption's known confusable image.
 - ranking: VSE++ max-violation margin loss on the same fusion logits, plus the same margin between
-  each caption and its own known false caption on its image (the one negative that differs from
-  it in nothing but a binding or a relation, which a max over many negatives may pass over).
+  each caption and each of its own known false captions on its image (negatives that differ from
+  it in nothing but a binding, a relation or one attribute, which a max over many negatives may
+  pass over).
 - grounding (where the data grounds phrases in boxes): cross-entropy between each grounded text
   token's attention over image regions, at every fusion level, and the share of the phrase's box
   in each region, as supervised-attention grounding does. Without it, a reranker trained from
@@ -65,12 +66,13 @@ def contrastive_loss(logits: Tensor, positives: Tensor, extra_negatives: Tensor 
 
 @dataclass(frozen=True)
 class KnownNegatives:
-    """Negatives the data names, beside the mined ones: one per anchor at most.
+    """Negatives the data names, beside the mined ones.
 
-    texts: a false caption for each image (e.g. its caption with two colours swapped), as store
-    features (B, Lt, Tt, D), mask (B, Tt) and unit embeddings (B, E); text_valid (B,) says which
-    images have one. images (B,): for each caption, the batch row of an image it is false of
-    though confusable with its own (a twin), or -1.
+    texts: false captions of each image (e.g. its caption with two colours swapped), N per image in
+    blocks of B rows (block k holds each image's k-th), as store features (N*B, Lt, Tt, D), mask
+    (N*B, Tt) and unit embeddings (N*B, E); text_valid (N*B,) says which rows hold one. images (B,):
+    for each caption, the batch row of an image it is false of though confusable with its own (a
+    twin), or -1.
     """
 
     text_feats: Tensor | None = None
@@ -258,30 +260,37 @@ class ItmLoss(nn.Module):
         image_idx = torch.cat([anchors, anchors.repeat_interleave(m), neg.images.flatten()])  # (B + 2Bm,)
         text_idx = torch.cat([anchors, neg.texts.flatten(), anchors.repeat_interleave(m)])
         texts_valid, images_valid = neg.texts_valid, neg.images_valid  # (B, m) each
+        n_hard = n_false = 0
         if known.images is not None:  # each caption's confusable image, where it is in the batch
-            has = known.images >= 0
+            has, n_hard = known.images >= 0, b
             image_idx = torch.cat([image_idx, torch.where(has, known.images, anchors)])
             text_idx = torch.cat([text_idx, anchors])
+        if known.text_feats is not None:  # each image's false captions, as more texts of the batch
+            n_false = len(known.text_feats)
+            image_idx = torch.cat([image_idx, anchors.repeat(n_false // b)])
+            text_idx = torch.cat([text_idx, b + torch.arange(n_false, device=sim.device)])
+            text_feats = torch.cat([text_feats, known.text_feats])
+            text_mask = torch.cat([text_mask, known.text_mask])
         logits, maps = model(image_feats, text_feats, text_mask, attention=True, pairs=(image_idx, text_idx))
-        pos, neg_texts, neg_images, hard_images = logits.split([b, b * m, b * m, len(logits) - b * (1 + 2 * m)])
+        pos, neg_texts, neg_images, hard_images, false_caps = logits.split([b, b * m, b * m, n_hard, n_false])
         neg_texts, neg_images = neg_texts.view(b, m), neg_images.view(b, m)
         if known.images is not None:
             neg_images = torch.cat([neg_images, hard_images[:, None]], 1)  # (B, m + 1)
             images_valid = torch.cat([images_valid, has[:, None]], 1)
-        if known.text_feats is not None:  # each image's false caption
-            false_caps = model(image_feats, known.text_feats, known.text_mask)  # (B,)
-            neg_texts = torch.cat([neg_texts, false_caps[:, None]], 1)  # (B, m + 1)
-            texts_valid = torch.cat([texts_valid, known.text_valid[:, None]], 1)
+        if known.text_feats is not None:
+            false_caps, false_valid = false_caps.view(-1, b).T, known.text_valid.view(-1, b).T  # (B, N)
+            neg_texts = torch.cat([neg_texts, false_caps], 1)  # (B, m + N)
+            texts_valid = torch.cat([texts_valid, false_valid], 1)
         parts = {"matching": matching_loss(pos, torch.cat([neg_texts.flatten(), neg_images.flatten()]),
                                            torch.cat([texts_valid.flatten(), images_valid.flatten()]))}
         # per direction: each anchor's highest-scoring negative must stay a margin below its positive
         violations = [ranking_loss(pos, n, v, self.margin) * v.any(-1).sum()
                       for n, v in ((neg_texts, texts_valid), (neg_images, images_valid))]
         anchors_with = texts_valid.any(-1).sum() + images_valid.any(-1).sum()
-        if known.text_feats is not None:  # and each caption above its own false caption, by the margin
-            valid = known.text_valid[:, None]
-            violations.append(ranking_loss(pos, false_caps[:, None], valid, self.margin) * valid.sum())
-            anchors_with = anchors_with + valid.sum()
+        if known.text_feats is not None:  # and each caption above each of its own false captions, by the margin
+            each = (false_caps.T[..., None], false_valid.T[..., None])  # (N, B, 1): one negative an anchor
+            violations.append(ranking_loss(pos, *each, self.margin) * false_valid.sum())
+            anchors_with = anchors_with + false_valid.sum()
         parts["ranking"] = sum(violations) / anchors_with.clamp_min(1)
         if grounding is not None:  # the first B pairs are the positives
             parts["grounding"] = grounding_loss([m[:b] for m in maps], grounding)

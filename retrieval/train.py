@@ -57,6 +57,7 @@ class TrainOptions:
     random_negatives: int = 1  # negatives drawn uniformly per image and per text, beside the mined ones
     neighbours: int = 0  # batch each image with its N nearest images (frozen encoders), so in-batch negatives confuse
     caption_negatives: bool = True  # use the data's false captions as negatives (contrastive, matching, ranking)
+    more_negatives: int = 0  # and this many more per caption, drawn each step from the data's more_negatives
     hard_images: bool = True  # batch each image with the confusable images the data names, as negatives of its captions
     augment: float = 0.0  # share of training images seen as one of their AUGMENT_VARIANTS degraded copies (`degrade`)
     precision: str = "fp32"  # "bf16": the fusion layers and losses under bf16 autocast (weights, store projections fp32)
@@ -372,10 +373,10 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
         return None
     rows = [batch[i] for i in keep]
     captions = [data[r.item].captions[r.caption] for r in rows]
-    negatives = [data[r.item].negatives[r.caption] if opts.caption_negatives and data[r.item].negatives else None
-                 for r in rows]
-    has_neg = torch.tensor([n is not None for n in negatives], device=opts.device)
-    texts = captions + [n if n is not None else c for n, c in zip(negatives, captions)]  # placeholders masked out
+    false = _false_captions(data, rows, opts, step)
+    has_neg = torch.tensor([n is not None for column in false for n in column], dtype=torch.bool, device=opts.device)
+    texts = captions + [n if n is not None else c for column in false
+                        for n, c in zip(column, captions)]  # placeholders masked out
     image_ids = torch.tensor([r.item for r in rows], device=opts.device)
     grad = opts.train_encoders
     encoder.model.train(grad)
@@ -417,6 +418,24 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
         parts = loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
                         image_ids=image_ids, generator=generator, known=known, grounding=grounding)
     return _with_separation(parts, separation)
+
+
+def _false_captions(data: list[ImageCaptions], rows: list[_Row], opts: TrainOptions,
+                    step: int) -> list[list[str | None]]:
+    """The batch captions' named false captions, in columns of one per row (None where a row has none): the
+    data's hard negative, then opts.more_negatives drawn (seeded by the step) from its more_negatives."""
+    if not opts.caption_negatives:
+        return []
+    columns = [[data[r.item].negatives[r.caption] if data[r.item].negatives else None for r in rows]]
+    if opts.more_negatives:
+        rng, k = random.Random(opts.seed * 1_000_003 + step), opts.more_negatives
+        drawn = []
+        for r in rows:
+            pool = data[r.item].more_negatives[r.caption] if data[r.item].more_negatives else ()
+            picked = rng.sample(pool, min(k, len(pool)))
+            drawn.append(picked + [None] * (k - len(picked)))
+        columns += [list(c) for c in zip(*drawn)]
+    return columns
 
 
 def _with_separation(parts: dict[str, torch.Tensor], separation: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -36,6 +36,8 @@ def train_command(
     margin: float = typer.Option(1.0, help="Ranking-loss margin (match-logit units)."),
     grounding_weight: float = typer.Option(1.0, help="Grounding-loss weight, for data with grounded phrases."),
     num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
+    more_negatives: int = typer.Option(0, min=0, help="False captions drawn each step per caption from the data's "
+                                       "\"more_negatives\", beside its \"negative\"."),
     neighbours: int = typer.Option(0, min=0, help="Batch each image with its N nearest images (frozen encoders), "
                                    "so that in-batch negatives are confusable."),
     hard_negatives: str = typer.Option("sample", help="sample or hardest."),
@@ -64,7 +66,8 @@ def train_command(
         spec = resolve_model(model, pretrained, checkpoint)
         data = load_dataset(dataset, image_root, split, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
         opts = TrainOptions(fusion=fusion, init_reranker=init_reranker, epochs=epochs, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, neighbours=neighbours, augment=augment,
+                            batch_size=batch_size, lr=lr, neighbours=neighbours, more_negatives=more_negatives,
+                            augment=augment,
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,

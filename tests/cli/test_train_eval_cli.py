@@ -85,6 +85,7 @@ def test_train_then_eval_gives_the_oracle_figures(karpathy, tmp_path):
     # a fine-tune of those weights, its batches holding each image's nearest images, in bf16, fused AdamW
     r = run("itm-train", karpathy / "karpathy.json", "--out", tmp_path / "tuned", "--model", "itm-tiny",
             "--pretrained", "random", "--init-reranker", reranker_path, "--neighbours", "2", "--augment", "0.5",
+            "--more-negatives", "1",
             "--precision", "bf16", "--fused-optimizer", "--batch-size", "4", "--max-steps", "1", "--lr", "0")
     assert r.returncode == 0, r.stderr
     before, after = load_file(str(reranker_path)), load_file(str(tmp_path / "tuned" / "reranker.safetensors"))

@@ -68,6 +68,23 @@ def test_karpathy_negatives_twins_and_broken_entries(tmp_path):
     assert skips == ["image 3: no 'filename'"]
 
 
+def test_karpathy_more_negatives(tmp_path):
+    images = [
+        {"filename": "0.png", "split": "train",
+         "sentences": [{"raw": "a red circle", "more_negatives": [" a blue circle ", "a red star"]},
+                       {"raw": "a star"}]},
+        {"filename": "1.png", "split": "train", "sentences": [{"raw": "a red circle"}]},
+        {"filename": "2.png", "split": "train", "sentences": [{"raw": "a red circle", "more_negatives": "a star"}]},
+        {"filename": "3.png", "split": "train", "sentences": [{"raw": "a red circle", "more_negatives": ["", "x"]}]},
+    ]
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"images": images}))
+    skips = []
+    data = load_dataset(path, on_skip=lambda p, why: skips.append(why))
+    assert [d.more_negatives for d in data] == [(("a blue circle", "a red star"), ()), ()]
+    assert [s.split(":")[0] for s in skips] == ["image 3", "image 4"] and "list of non-empty strings" in skips[0]
+
+
 def test_karpathy_grounded_phrases(tmp_path):
     box = [0.0, 0.5, 0.5, 1.0]
     images = [

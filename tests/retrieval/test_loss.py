@@ -142,7 +142,8 @@ def test_contrastive_part_equals_open_clips_clip_loss():
         torch.testing.assert_close(ours, ClipLoss()(image_emb, text_emb, loss_fn.scale))
 
 
-def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch):
+@pytest.mark.parametrize("per_image", [1, 2])
+def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch, per_image):
     """Oracle: the loss parts recomputed from an explicit list of pairs, each scored on its own."""
     from retrieval.loss import KnownNegatives
 
@@ -150,10 +151,14 @@ def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch):
     g = torch.Generator().manual_seed(5)
     img = model.encode_image_store(images, GRID)
     txt, txt_mask = model.encode_text_store(texts, mask)
-    false_txt, false_mask = model.encode_text_store([torch.randn(B, L, model.cfg.text_width, generator=g)] * 2, mask)
+    n = per_image * B  # false captions in blocks of B: row k * B + i is image i's k-th
+    false_mask = mask.repeat(per_image, 1)
+    false_txt, false_mask = model.encode_text_store([torch.randn(n, L, model.cfg.text_width, generator=g)] * 2,
+                                                    false_mask)
     ie, te = F.normalize(ie, dim=-1), F.normalize(te, dim=-1)
-    false_emb = F.normalize(torch.randn(B, 32, generator=g), dim=-1)
-    valid = torch.tensor([True, False, True, True, True, True, False, True])
+    false_emb = F.normalize(torch.randn(n, 32, generator=g), dim=-1)
+    valid = torch.tensor([True, False, True, True, True, True, False, True, False, True, True, False, True,
+                          True, True, False])[:n]
     hard = torch.tensor([1, -1, 3, 2, -1, 6, 5, 0])  # each caption's confusable image row, or none
     known = KnownNegatives(false_txt, false_mask, false_emb, valid, hard)
     loss_fn = ItmLoss(num_negatives=1, hard_negatives="hardest", margin=0.7)
@@ -163,10 +168,11 @@ def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch):
     sim = loss_fn.scale * ie @ te.T
     eye = torch.eye(B, dtype=torch.bool)
     pos = torch.stack([score(img[i], txt[i], txt_mask[i]) for i in range(B)])
+    false_of = [[r for r in range(i, n, B) if valid[r]] for i in range(B)]  # each image's valid false captions
     image_negs, text_negs = [], []  # per anchor: logits of its negatives
     for i in range(B):
         j = int(sim[i].masked_fill(eye[i], -1e9).argmax())
-        negs = [score(img[i], txt[j], txt_mask[j])] + ([score(img[i], false_txt[i], false_mask[i])] if valid[i] else [])
+        negs = [score(img[i], txt[j], txt_mask[j])] + [score(img[i], false_txt[r], false_mask[r]) for r in false_of[i]]
         image_negs.append(negs)
     for j in range(B):
         i = int(sim[:, j].masked_fill(eye[:, j], -1e9).argmax())
@@ -178,7 +184,8 @@ def test_known_negatives_enter_every_part_as_explicit_pairs(model, batch):
     torch.testing.assert_close(parts["matching"], F.binary_cross_entropy_with_logits(logits, labels))
     violations = [F.relu(0.7 - pos[a] + torch.stack(negs).max()) for negs_list in (image_negs, text_negs)
                   for a, negs in enumerate(negs_list)]
-    violations += [F.relu(0.7 - pos[i] + score(img[i], false_txt[i], false_mask[i])) for i in range(B) if valid[i]]
+    violations += [F.relu(0.7 - pos[i] + score(img[i], false_txt[r], false_mask[r]))
+                   for i in range(B) for r in false_of[i]]
     torch.testing.assert_close(parts["ranking"], torch.stack(violations).mean())
     extra = (loss_fn.scale * ie @ false_emb.T).masked_fill(~valid[None], float("-inf"))
     target = torch.arange(B)

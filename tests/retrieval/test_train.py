@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -296,6 +297,48 @@ def test_known_negatives_reach_the_loss(tmp_path, karpathy_with_negatives, tiny_
             twin_rows = [k for k, o in enumerate(rows) if data[o.item].image in twin_of[data[r.item].image]]
             assert h == (twin_rows[0] if twin_rows else -1)
     assert any((k.images >= 0).any() for k in seen)  # twins are batched together
+
+
+def test_more_negatives_are_drawn_each_step_beside_the_hard_negative():
+    from pathlib import Path
+    from retrieval.data import ImageCaptions
+    data = [ImageCaptions(Path("/x/0.png"), ("c0", "c1"), ("n0", None), more_negatives=(("a", "b", "c"), ("d",))),
+            ImageCaptions(Path("/x/1.png"), ("c2",))]
+    rows = [train_mod._Row(0, 0), train_mod._Row(0, 1), train_mod._Row(1, 0)]
+    opts = TrainOptions(more_negatives=2)
+    first, *more = train_mod._false_captions(data, rows, opts, step=7)
+    assert first == ["n0", None, None] and len(more) == 2
+    drawn = [column[0] for column in more]
+    assert len(set(drawn)) == 2 and set(drawn) <= {"a", "b", "c"}  # without replacement, from the caption's own
+    assert [column[1] for column in more] == ["d", None] and [c[2] for c in more] == [None, None]
+    assert train_mod._false_captions(data, rows, opts, step=7) == [first, *more]  # seeded by the step
+    steps = {tuple(c[0] for c in train_mod._false_captions(data, rows, opts, step=s)[1:]) for s in range(20)}
+    assert len(steps) > 1  # and drawn afresh at each
+    assert train_mod._false_captions(data, rows, replace(opts, more_negatives=0), step=7) == [first]
+    assert train_mod._false_captions(data, rows, replace(opts, caption_negatives=False), step=7) == []
+
+
+def test_more_negatives_reach_the_loss_as_further_false_captions(tmp_path, karpathy_with_negatives, tiny_spec,
+                                                                  monkeypatch):
+    images = json.loads(karpathy_with_negatives.read_text())
+    for im in images["images"]:
+        for s in im["sentences"]:
+            s["more_negatives"] = [s["negative"] + " or so", s["negative"] + " at all"]
+    karpathy_with_negatives.write_text(json.dumps(images))
+    seen = []
+    real = train_mod.ItmLoss.forward
+
+    def spy(self, *args, known=None, **kwargs):
+        seen.append(known)
+        return real(self, *args, known=known, **kwargs)
+
+    monkeypatch.setattr(train_mod.ItmLoss, "forward", spy)
+    r = train(tiny_spec, load_dataset(karpathy_with_negatives), tmp_path / "r",
+              TrainOptions(**{**OPTS, "max_steps": 2, "batch_size": 6, "more_negatives": 2}))
+    assert r.steps == 2 and len(seen) == 2
+    for known in seen:  # three false captions per image: its hard negative and two more
+        b = len(known.images)
+        assert known.text_valid.shape == (3 * b,) and known.text_valid.all() and known.text_feats.shape[0] == 3 * b
 
 
 def test_validation_keeps_the_best_checkpoint_and_patience_stops(tmp_path, karpathy_with_negatives, tiny_spec):
