@@ -8,6 +8,7 @@ with the token margin (relation flips kept apart in the text tokens).
     python benchmarks/train_step.py --variants encoders,encoders-token-margin \
         --out benchmarks/results/train_step_token_margin.json
     python benchmarks/train_step.py --variants fp32-indexed,fp32 --out benchmarks/results/train_step_pairs.json
+    python benchmarks/train_step.py --variants fp32,fp32-more2 --out benchmarks/results/train_step_more_negatives.json
 
 Runs `retrieval.train.train` as the recipe's stage does (its TrainOptions, no validation, no
 checkpoints but the last) from the bundled demo encoder (frozen in the reranker stage) on the first
@@ -20,6 +21,8 @@ of the machine's speed touches both alike. bf16 is fast only on a CPU with nativ
 (AVX-512 BF16, AMX); the script records whether this one has it. "fp32-indexed" scores the
 batch's pairs as the loss did before FusionReranker.forward took them by index (`pairs`): the
 features indexed into one row per pair first, so that each side's own layers run once per pair.
+"fp32-more2" draws two more false captions per caption each step (TrainOptions.more_negatives): the
+dataset must carry them (`--stage data` writes them since they exist).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 VARIANTS = {"fp32": (STAGE2, {"precision": "fp32"}), "bf16": (STAGE2, {"precision": "bf16"}),
             "bf16-nocache": (STAGE2, {"precision": "bf16", "feature_cache_gb": 0.0}),
             "fp32-indexed": (STAGE2, {"precision": "fp32"}),
+            "fp32-more2": (STAGE2, {"precision": "fp32", "more_negatives": 2}),
             "encoders": (STAGE1, {}), "encoders-token-margin": (STAGE1, {"token_margin": 0.2})}
 
 

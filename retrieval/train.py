@@ -114,6 +114,9 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     if not opts.train_encoders and not opts.train_reranker:
         raise ItmError("nothing to train: enable the reranker or --train-encoders")
     check_precision(opts)
+    if opts.more_negatives and not any(d.more_negatives for d in data):
+        raise ItmError("more_negatives draws from the data's further false captions, and it names none "
+                       "(a Karpathy sentence's \"more_negatives\" list)")
     out_dir = _start_run(data, val_data, opts.eval_every, out_dir, opts.seed)
     resuming = resume and (out_dir / STATE_FILE).exists()
     # a resumed encoder run continues from its own last weights; the optimizer must hold those parameters

@@ -85,11 +85,17 @@ def test_train_then_eval_gives_the_oracle_figures(karpathy, tmp_path):
     # a fine-tune of those weights, its batches holding each image's nearest images, in bf16, fused AdamW
     r = run("itm-train", karpathy / "karpathy.json", "--out", tmp_path / "tuned", "--model", "itm-tiny",
             "--pretrained", "random", "--init-reranker", reranker_path, "--neighbours", "2", "--augment", "0.5",
-            "--more-negatives", "1",
             "--precision", "bf16", "--fused-optimizer", "--batch-size", "4", "--max-steps", "1", "--lr", "0")
     assert r.returncode == 0, r.stderr
     before, after = load_file(str(reranker_path)), load_file(str(tmp_path / "tuned" / "reranker.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_more_negatives_on_data_without_them_is_refused(karpathy, tmp_path):
+    r = run("itm-train", karpathy / "karpathy.json", "--out", tmp_path / "m", "--model", "itm-tiny",
+            "--pretrained", "random", "--fusion", "fusion-tiny", "--more-negatives", "1", "--max-steps", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "names none" in r.stderr, r.stderr
+    assert not (tmp_path / "m" / "reranker.safetensors").exists()
 
 
 def test_bad_dataset_lines_are_skipped_with_a_reason(karpathy, tmp_path):

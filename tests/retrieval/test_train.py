@@ -318,6 +318,12 @@ def test_more_negatives_are_drawn_each_step_beside_the_hard_negative():
     assert train_mod._false_captions(data, rows, replace(opts, caption_negatives=False), step=7) == []
 
 
+def test_more_negatives_need_data_that_names_them(tmp_path, karpathy_with_negatives, tiny_spec):
+    with pytest.raises(ItmError, match="names none"):
+        train(tiny_spec, load_dataset(karpathy_with_negatives), tmp_path / "r",
+              TrainOptions(**{**OPTS, "max_steps": 1, "more_negatives": 1}))
+
+
 def test_more_negatives_reach_the_loss_as_further_false_captions(tmp_path, karpathy_with_negatives, tiny_spec,
                                                                   monkeypatch):
     images = json.loads(karpathy_with_negatives.read_text())
