@@ -275,9 +275,8 @@ def karpathy_with_negatives(tmp_path):
     return tmp_path / "d.json"
 
 
-def test_known_negatives_reach_the_loss(tmp_path, karpathy_with_negatives, tiny_spec, monkeypatch):
-    data = load_dataset(karpathy_with_negatives)
-    assert all(d.negatives for d in data) and any(d.hard_images for d in data)
+def known_negatives_seen(monkeypatch) -> list:
+    """The KnownNegatives each step hands the loss, appended as training runs."""
     seen = []
     real = train_mod.ItmLoss.forward
 
@@ -286,6 +285,13 @@ def test_known_negatives_reach_the_loss(tmp_path, karpathy_with_negatives, tiny_
         return real(self, *args, known=known, **kwargs)
 
     monkeypatch.setattr(train_mod.ItmLoss, "forward", spy)
+    return seen
+
+
+def test_known_negatives_reach_the_loss(tmp_path, karpathy_with_negatives, tiny_spec, monkeypatch):
+    data = load_dataset(karpathy_with_negatives)
+    assert all(d.negatives for d in data) and any(d.hard_images for d in data)
+    seen = known_negatives_seen(monkeypatch)
     batches = []
     real_batch = train_mod._batch
     monkeypatch.setattr(train_mod, "_batch", lambda *a, **k: batches.append(real_batch(*a, **k)) or batches[-1])
@@ -331,14 +337,7 @@ def test_more_negatives_reach_the_loss_as_further_false_captions(tmp_path, karpa
         for s in im["sentences"]:
             s["more_negatives"] = [s["negative"] + " or so", s["negative"] + " at all"]
     karpathy_with_negatives.write_text(json.dumps(images))
-    seen = []
-    real = train_mod.ItmLoss.forward
-
-    def spy(self, *args, known=None, **kwargs):
-        seen.append(known)
-        return real(self, *args, known=known, **kwargs)
-
-    monkeypatch.setattr(train_mod.ItmLoss, "forward", spy)
+    seen = known_negatives_seen(monkeypatch)
     r = train(tiny_spec, load_dataset(karpathy_with_negatives), tmp_path / "r",
               TrainOptions(**{**OPTS, "max_steps": 2, "batch_size": 6, "more_negatives": 2}))
     assert r.steps == 2 and len(seen) == 2
