@@ -391,6 +391,7 @@ def more_negatives(scene: Scene, parts: CaptionParts, rng: np.random.Generator, 
     which a single drawn negative rarely covers. Texts in `exclude` (the hard negative) are left out.
     """
     edits = [edit() for _, _, edit in _candidates(parts, rng)]
+
     def changed(i: int, **attr) -> CaptionParts:
         ms = list(parts.mentions)
         ms[i] = replace(ms[i], **attr)
