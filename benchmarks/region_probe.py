@@ -11,6 +11,12 @@ cell's colour, shape and size (each with "empty" as a class), overall and on occ
 the object's size. Nothing here trains the model; the split is the report's own
 (quality_report.py generates it on first use).
 
+Then, as a test of composition, the same probes are fitted again without the cells that hold a
+colour-shape pair held out of training (data.synth HELD_OUT), and scored on the occupied cells
+of the scored images, those holding a seen pair and those holding a held-out one apart. If the
+tokens hold colour and shape as separate attributes, a held-out pair's cell reads as well as a
+seen pair's; if they hold them as one conjoint code, its shape or colour reads worse.
+
 High figures on occupied cells say that the frozen tokens hold that attribute, so that a reranker
 reading those layers can learn it; low ones, that the image tower loses it and must improve.
 (A linear probe is not the measure here: the tokens hold shape and size nonlinearly.) Writes JSON
@@ -27,11 +33,17 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from data.synth.world import COLOURS, SHAPES, SIZES
+from data.synth.world import COLOURS, HELD_OUT, SHAPES, SIZES
 from quality_report import ROOT, load_models, machine, split_meta, test_split
 from retrieval.data import load_dataset
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}
+
+
+def held_out_cells(scenes: list, grid: int = 3) -> np.ndarray:
+    """(N * grid * grid,) bool: the cell holds an object whose colour-shape pair is held out of training."""
+    return np.array([(r, c) in {(o.row, o.col) for o in scene.objects if o.combo in HELD_OUT}
+                     for scene in scenes for r in range(grid) for c in range(grid)])
 
 
 def cell_labels(scenes: list, grid: int = 3) -> dict[str, np.ndarray]:
@@ -101,8 +113,28 @@ def main() -> None:
             results[layer][name] = row
             print(f"{layer:5d} {'yes' if layer in read else 'no':>4} {name:9} {row['all']:9.1f} "
                   f"{row['occupied']:8.1f} {row['small']:6.1f} {row['large']:6.1f}")
+    held = torch.from_numpy(held_out_cells(scenes))
+    fit, seen, unseen = train & ~held, test & ~held & (labels["size"] > 0), test & held
+    composition = {}
+    print(f"probes fitted without held-out pairs' cells ({int((train & held).sum())} left out), scored on "
+          f"occupied cells: {int(seen.sum())} holding a seen pair, {int(unseen.sum())} a held-out one")
+    print(f"{'layer':>5} {'read':>4} {'attribute':9} {'seen':>6} {'held-out':>8}")
+    for layer, tokens in zip(layers, out.tokens):
+        x = tokens[:, 1:].reshape(-1, tokens.shape[-1])
+        composition[layer] = {}
+        for name, y in labels.items():
+            if name == "size":  # a pair is colour and shape; size is not part of what is held out
+                continue
+            pred = probe(x[fit], y[fit], x[seen | unseen])
+            ok = pred == y[seen | unseen]
+            row = {"seen": 100 * float(ok[seen[seen | unseen]].float().mean()),
+                   "held_out": 100 * float(ok[unseen[seen | unseen]].float().mean())}
+            composition[layer][name] = row
+            print(f"{layer:5d} {'yes' if layer in read else 'no':>4} {name:9} {row['seen']:6.1f} {row['held_out']:8.1f}")
     report = {"dataset": str(dataset.relative_to(ROOT)), "model": args.model, "train_images": args.train_images,
               "layers": {str(k): v for k, v in results.items()},
+              "composition": {"cells_seen": int(seen.sum()), "cells_held_out": int(unseen.sum()),
+                              "layers": {str(k): v for k, v in composition.items()}},
               "read_by_reranker": sorted(read), "machine": machine(),
               "seconds": round(time.time() - t0, 1)}
     benchlib.write_json(args.out, report)
