@@ -103,8 +103,8 @@ def main() -> None:
     results = {}
     print(f"{len(data)} images, probes fitted on the cells of {args.train_images}, scored on {len(data) - args.train_images}")
     print(f"{'layer':>5} {'read':>4} {'attribute':9} {'all cells':>9} {'occupied':>8} {'small':>6} {'large':>6}")
-    for layer, tokens in zip(layers, out.tokens):
-        x = tokens[:, 1:].reshape(-1, tokens.shape[-1])  # region tokens, row by row, after the class token
+    cells = [t[:, 1:].reshape(-1, t.shape[-1]) for t in out.tokens]  # region tokens, row by row, after the CLS
+    for layer, x in zip(layers, cells):
         results[layer] = {}
         for name, y in labels.items():
             ok = (probe(x[train], y[train], x[test]) == y[test]).float()
@@ -115,20 +115,19 @@ def main() -> None:
                   f"{row['occupied']:8.1f} {row['small']:6.1f} {row['large']:6.1f}")
     held = torch.from_numpy(held_out_cells(scenes))
     fit, seen, unseen = train & ~held, test & ~held & (labels["size"] > 0), test & held
+    scored = seen | unseen
+    seen_row = seen[scored]  # which of the scored cells hold a seen pair
     composition = {}
     print(f"probes fitted without held-out pairs' cells ({int((train & held).sum())} left out), scored on "
           f"occupied cells: {int(seen.sum())} holding a seen pair, {int(unseen.sum())} a held-out one")
     print(f"{'layer':>5} {'read':>4} {'attribute':9} {'seen':>6} {'held-out':>8}")
-    for layer, tokens in zip(layers, out.tokens):
-        x = tokens[:, 1:].reshape(-1, tokens.shape[-1])
+    for layer, x in zip(layers, cells):
         composition[layer] = {}
         for name, y in labels.items():
             if name == "size":  # a pair is colour and shape; size is not part of what is held out
                 continue
-            pred = probe(x[fit], y[fit], x[seen | unseen])
-            ok = pred == y[seen | unseen]
-            row = {"seen": 100 * float(ok[seen[seen | unseen]].float().mean()),
-                   "held_out": 100 * float(ok[unseen[seen | unseen]].float().mean())}
+            ok = (probe(x[fit], y[fit], x[scored]) == y[scored]).float()
+            row = {"seen": 100 * float(ok[seen_row].mean()), "held_out": 100 * float(ok[~seen_row].mean())}
             composition[layer][name] = row
             print(f"{layer:5d} {'yes' if layer in read else 'no':>4} {name:9} {row['seen']:6.1f} {row['held_out']:8.1f}")
     report = {"dataset": str(dataset.relative_to(ROOT)), "model": args.model, "train_images": args.train_images,
