@@ -19,6 +19,11 @@
   text-tower tokens apart from its token negative's (a caption worded like it that a pooled embedding
   need not tell from it, such as its relation flip), at every layer the reranker reads, so that the
   reranker has something to read the difference from (`token_distances`).
+- region words (encoder training, where the data grounds phrases in boxes): each grounded phrase's words
+  predicted, one sigmoid per word of the data's phrase vocabulary, from the image tokens its box covers,
+  pooled, at every layer the reranker reads. A word's sigmoid reads one attribute whatever the others
+  are, so the loss asks the image tower for a cell's colour and its shape as separate readings, not one
+  conjoint code that a colour-shape pair absent from training falls outside of (`RegionWordHeads`).
 
 >>> loss_fn = ItmLoss(hard_negatives="hardest")
 >>> parts = loss_fn(model, image_feats, text_feats, text_mask, image_emb, text_emb)  # doctest: +SKIP
@@ -90,6 +95,38 @@ class Grounding:
     rows: Tensor  # (N,)
     tokens: Tensor  # (N,)
     targets: Tensor  # (N, Ti)
+
+
+@dataclass(frozen=True)
+class PhraseWords:
+    """Grounded phrases of a batch's captions: phrase n's box covers image row rows[n]'s tokens in
+    proportion shares[n] (N, Ti), rows summing to 1, and words[n] (N, V) marks the vocabulary words it holds."""
+
+    rows: Tensor  # (N,)
+    shares: Tensor  # (N, Ti)
+    words: Tensor  # (N, V) float, 0 or 1
+
+
+class RegionWordHeads(nn.Module):
+    """One linear word classifier per image layer, over `vocabulary` (token ids), for `region_word_loss`.
+    Used in training only: the encoder it shapes is saved without it."""
+
+    def __init__(self, vocabulary: tuple[int, ...], layers: tuple[int, ...], width: int):
+        super().__init__()
+        self.vocabulary, self.layers = vocabulary, layers
+        self.index = {token: i for i, token in enumerate(vocabulary)}
+        self.heads = nn.ModuleList(nn.Linear(width, len(vocabulary)) for _ in layers)
+
+
+def region_word_loss(tokens: list[Tensor], heads: RegionWordHeads, phrases: PhraseWords) -> Tensor:
+    """Mean over layers and phrases of the summed per-word binary cross-entropy of each phrase's words
+    against its box's pooled, normalized image tokens; tokens: one (B, Ti, W) tensor per heads.layers."""
+    losses = []
+    for t, head in zip(tokens, heads.heads):
+        pooled = torch.einsum("nt,ntw->nw", phrases.shares, t[phrases.rows])  # (N, W)
+        logits = head(F.layer_norm(pooled, pooled.shape[-1:]))
+        losses.append(F.binary_cross_entropy_with_logits(logits, phrases.words, reduction="none").sum(1).mean())
+    return sum(losses) / len(losses)
 
 
 def token_distances(a: list[Tensor], b: list[Tensor], mask: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ from .checkpoint import load_reranker, save_reranker
 from .data import ImageCaptions, Phrase
 from .evaluate import embed_dataset, rankings, recall, swap_scores
 from .fusion import FusionReranker, get_fusion_config
-from .loss import Grounding, ItmLoss, KnownNegatives, token_separation_loss
+from .loss import (Grounding, ItmLoss, KnownNegatives, PhraseWords, RegionWordHeads, region_word_loss,
+                   token_separation_loss)
 
 STATE_KIND = "train_state"
 AUGMENT_VARIANTS = 3  # degraded copies made of each training image, when augmenting
@@ -65,6 +66,9 @@ class TrainOptions:
     # encoder training: each caption's text tokens stay at least this cosine distance from its token negative's
     # (ImageCaptions.token_negatives) at every text layer of the fusion config, where they differ most (0: off)
     token_margin: float = 0.0
+    # encoder training: weight of the region-word loss (loss.region_word_loss), for data whose captions ground
+    # phrases in boxes: each phrase's words read from its box's image tokens at the fusion config's image layers
+    region_words: float = 0.0
     fused_optimizer: bool = False  # AdamW's fused kernel (`adamw`): faster on a CPU, and a run's trajectory differs
     eval_every: int = 0  # steps between validations on the validation data (0: none)
     patience: int = 0  # stop after this many validations without a better figure (0: never early)
@@ -124,19 +128,21 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
                                if resuming and opts.train_encoders else spec, opts.device)
     reranker = _make_reranker(encoder, opts, out_dir, resume)
     token_layers = _token_layers(encoder, reranker, opts)
+    heads = _region_word_heads(encoder, reranker, data, opts)
     loss_fn = ItmLoss(opts.contrastive_weight, opts.matching_weight, opts.ranking_weight, opts.margin,
                       opts.num_negatives, opts.hard_negatives, random_negatives=opts.random_negatives,
                       grounding_weight=opts.grounding_weight).to(opts.device)
     groups = [{"params": list(loss_fn.parameters()), "lr": opts.lr}]
-    if reranker is not None:
-        groups[0]["params"] += list(reranker.parameters())
+    for module in (reranker, heads):
+        if module is not None:
+            groups[0]["params"] += list(module.parameters())
     if opts.train_encoders:
         groups.append({"params": list(encoder.model.parameters()), "lr": opts.encoder_lr})
     optimizer = (adamw if opts.fused_optimizer else torch.optim.AdamW)(groups, weight_decay=opts.weight_decay)
     steps_per_epoch = max(1, len(data) // opts.batch_size)
     total = opts.max_steps or opts.epochs * steps_per_epoch
     end = min(total, opts.stop_after or total)
-    state = _load_state(out_dir, optimizer, loss_fn) if resuming else {"step": 0}
+    state = _load_state(out_dir, optimizer, loss_fn, heads) if resuming else {"step": 0}
     step, best = state["step"], state.get("best")
     bad_evals = state.get("bad_evals", 0)
     if not 0.0 <= opts.augment <= 1.0:
@@ -155,7 +161,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
         epoch, index = divmod(step, steps_per_epoch)
         batch = _batch(data, opts.seed, epoch, index, opts.batch_size, near)
         _set_lr(optimizer, groups, opts, step, total)
-        parts = _step(encoder, reranker, loss_fn, frozen or images, data, batch, opts, step, token_layers)
+        parts = _step(encoder, reranker, loss_fn, frozen or images, data, batch, opts, step, token_layers, heads)
         if parts is None:  # every image of the batch failed to load
             step += 1
             continue
@@ -180,7 +186,7 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
                 bad_evals += 1
                 stop = bool(opts.patience) and bad_evals >= opts.patience
         if step % opts.save_every == 0 or step == end or stop:
-            _save(out_dir, encoder, reranker, optimizer, loss_fn, opts, spec,
+            _save(out_dir, encoder, reranker, optimizer, loss_fn, heads, opts, spec,
                   {"step": step, "best": best, "bad_evals": bad_evals})
         if stop:
             break
@@ -270,10 +276,35 @@ def _token_layers(encoder: DualEncoder, reranker: FusionReranker | None, opts: T
     if opts.token_margin < 0 or not opts.train_encoders:
         raise ItmError(f"token_margin keeps the text tower's tokens apart: it is a positive distance and needs "
                        f"the encoders to train (got {opts.token_margin}, train_encoders={opts.train_encoders})")
-    cfg = reranker.cfg if reranker is not None else get_fusion_config(
-        opts.fusion, image_width=encoder.image_width, text_width=encoder.text_width)
+    cfg = _reader_config(encoder, reranker, opts)
     check_layers(f"fusion config {cfg.name}", cfg.text_layers, encoder.n_text_layers)
     return tuple(cfg.text_layers)
+
+
+def _reader_config(encoder: DualEncoder, reranker: FusionReranker | None, opts: TrainOptions):
+    """The fusion config whose layers the encoder-stage losses shape: the reranker's trained beside the
+    encoders, else opts.fusion's."""
+    return reranker.cfg if reranker is not None else get_fusion_config(
+        opts.fusion, image_width=encoder.image_width, text_width=encoder.text_width)
+
+
+def _region_word_heads(encoder: DualEncoder, reranker: FusionReranker | None, data: list[ImageCaptions],
+                       opts: TrainOptions) -> RegionWordHeads | None:
+    """The word classifiers of opts.region_words, over every token id of the data's grounded phrases, at
+    the image layers the reranker reads; None when the loss is off."""
+    if not opts.region_words:
+        return None
+    if opts.region_words < 0 or not opts.train_encoders:
+        raise ItmError(f"region_words shapes the image tower: it is a positive weight and needs the encoders "
+                       f"to train (got {opts.region_words}, train_encoders={opts.train_encoders})")
+    vocabulary = sorted({t for d in data for text, phrases in zip(d.captions, d.phrases) for p in phrases
+                         for t in phrase_words(encoder.tokenizer, text, p)})
+    if not vocabulary:
+        raise ItmError("region_words reads grounded phrases, and the data grounds none (a Karpathy "
+                       "sentence's \"phrases\")")
+    cfg = _reader_config(encoder, reranker, opts)
+    check_layers(f"fusion config {cfg.name}", cfg.image_layers, encoder.n_image_layers)
+    return RegionWordHeads(tuple(vocabulary), tuple(cfg.image_layers), encoder.image_width).to(opts.device)
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
@@ -366,7 +397,8 @@ def _neighbour_table(encoder: DualEncoder, images: "_ImageCache", data: list[Ima
 
 def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLoss,
           images: "_ImageCache | _FrozenFeatures", data: list[ImageCaptions], batch: list[_Row], opts: TrainOptions,
-          step: int, token_layers: tuple[int, ...] = ()) -> dict[str, torch.Tensor] | None:
+          step: int, token_layers: tuple[int, ...] = (),
+          heads: RegionWordHeads | None = None) -> dict[str, torch.Tensor] | None:
     paths = [data[r.item].image for r in batch]
     if isinstance(images, _FrozenFeatures):
         img, keep = images.encode_images(paths)
@@ -390,7 +422,7 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     if isinstance(images, _FrozenFeatures):
         txt = images.encode_texts(texts)
     else:
-        ilayers = reranker.cfg.image_layers if reranker is not None else ()
+        ilayers = reranker.cfg.image_layers if reranker is not None else heads.layers if heads is not None else ()
         tlayers = reranker.cfg.text_layers if reranker is not None else token_layers
         img = encoder.encode_images(pixels, ilayers, grad=grad)
         txt = encoder.encode_texts(texts + [t for _, t in apart], tlayers, grad=grad)  # one call: one length
@@ -399,14 +431,19 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
             separation = token_separation_loss([t[near] for t in txt.tokens], [t[n:] for t in txt.tokens],
                                                txt.mask[near] & txt.mask[n:], opts.token_margin)
             txt = Encoded(txt.embeddings[:n], [t[:n] for t in txt.tokens], txt.mask[:n])
+    words = None
+    if heads is not None:  # the image tokens come from ilayers, which are heads.layers
+        phrases = _phrase_words(encoder, heads, img.grid, data, rows, opts.device)
+        words = (region_word_loss(img.tokens, heads, phrases) if phrases is not None
+                 else torch.zeros((), device=opts.device)) * opts.region_words
     b = len(rows)
     # outputs of a frozen encoder are inference tensors: clone them so autograd may save them
     own = (lambda t: t) if grad or isinstance(images, _FrozenFeatures) else (lambda t: t.clone())
     text_emb = own(txt.embeddings)
     known = KnownNegatives(text_emb=text_emb[b:], text_valid=has_neg) if has_neg.any() else KnownNegatives()
     if reranker is None:
-        return _with_separation(loss_fn(None, None, None, None, own(img.embeddings), text_emb[:b],
-                                        image_ids=image_ids, known=known), separation)
+        return _with_parts(loss_fn(None, None, None, None, own(img.embeddings), text_emb[:b],
+                                   image_ids=image_ids, known=known), separation=separation, words=words)
     hard = _hard_image_rows(data, rows) if opts.hard_images else None
     if hard is not None:
         known = replace(known, images=hard.to(opts.device))
@@ -420,7 +457,7 @@ def _step(encoder: DualEncoder, reranker: FusionReranker | None, loss_fn: ItmLos
     with torch.autocast(torch.device(opts.device).type, torch.bfloat16, enabled=opts.precision == "bf16"):
         parts = loss_fn(reranker, image_feats, text_feats[:b], mask[:b], own(img.embeddings), text_emb[:b],
                         image_ids=image_ids, generator=generator, known=known, grounding=grounding)
-    return _with_separation(parts, separation)
+    return _with_parts(parts, separation=separation, words=words)
 
 
 def _false_captions(data: list[ImageCaptions], rows: list[_Row], opts: TrainOptions,
@@ -441,12 +478,34 @@ def _false_captions(data: list[ImageCaptions], rows: list[_Row], opts: TrainOpti
     return columns
 
 
-def _with_separation(parts: dict[str, torch.Tensor], separation: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The loss parts with the token-separation hinge (TrainOptions.token_margin) added, where a batch had one."""
-    if separation is not None:
-        parts["separation"] = separation
-        parts["total"] = parts["total"] + separation
+def _with_parts(parts: dict[str, torch.Tensor], **extra: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The loss parts with the encoder-stage parts that are on (token separation, region words) added."""
+    for name, value in extra.items():
+        if value is not None:
+            parts[name] = value
+            parts["total"] = parts["total"] + value
     return parts
+
+
+def _phrase_words(encoder: DualEncoder, heads: RegionWordHeads, grid: tuple[int, int], data: list[ImageCaptions],
+                  rows: list[_Row], device: str) -> PhraseWords | None:
+    """The batch captions' grounded phrases: each one's box share of the image tokens, and its words."""
+    if grid[0] != grid[1]:
+        raise ItmError(f"region_words pools a square grid of image tokens; this tower's is {grid[0]} x {grid[1]}")
+    pairs, shares, words = [], [], []
+    for i, r in enumerate(rows):
+        item = data[r.item]
+        text = item.captions[r.caption]
+        for phrase in item.phrases[r.caption] if item.phrases else ():
+            pairs.append(i)
+            shares.append(region_shares(phrase.box, grid[0]))
+            hot = torch.zeros(len(heads.vocabulary))
+            hot[[heads.index[t] for t in phrase_words(encoder.tokenizer, text, phrase) if t in heads.index]] = 1
+            words.append(hot)
+    if not pairs:
+        return None
+    return PhraseWords(torch.tensor(pairs, device=device), torch.stack(shares).to(device),
+                       torch.stack(words).to(device))
 
 
 def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[_Row],
@@ -475,10 +534,21 @@ def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[
 def phrase_tokens(tokenizer, text: str, phrase: Phrase) -> range:
     """Positions of a phrase's tokens in the text's token ids (start token at 0), for tokenizers that split
     words before BPE as CLIP's does, so that a prefix ending at a word boundary encodes as a prefix."""
-    if not hasattr(tokenizer, "encode"):
-        raise ItmError("grounded phrases need a tokenizer with encode() (CLIP's BPE); train with "
-                       "--grounding-weight 0 for this model")
+    _check_bpe(tokenizer, "train with --grounding-weight 0 for this model")
     return range(1 + len(tokenizer.encode(text[:phrase.start])), 1 + len(tokenizer.encode(text[:phrase.end])))
+
+
+@functools.lru_cache(maxsize=1 << 18)  # every step asks again for the captions of earlier epochs
+def phrase_words(tokenizer, text: str, phrase: Phrase) -> tuple[int, ...]:
+    """The token ids of a phrase's words (CLIP's BPE splits words before merging, so they are the ids its
+    tokens have in the text)."""
+    _check_bpe(tokenizer, "train without region_words for this model")
+    return tuple(tokenizer.encode(text[phrase.start:phrase.end]))
+
+
+def _check_bpe(tokenizer, advice: str) -> None:
+    if not hasattr(tokenizer, "encode"):
+        raise ItmError(f"grounded phrases need a tokenizer with encode() (CLIP's BPE); {advice}")
 
 
 @functools.lru_cache(maxsize=1 << 16)  # callers copy it (torch.stack), never change it in place
@@ -669,21 +739,29 @@ def _save_weights(folder: Path, encoder: DualEncoder, reranker: FusionReranker |
 
 
 def _save(out_dir: Path, encoder: DualEncoder, reranker: FusionReranker | None, optimizer, loss_fn: ItmLoss,
-          opts: TrainOptions, spec: ModelSpec, progress: dict) -> None:
-    """The latest weights and everything a resumed run needs: optimizer, temperature, step, best so far."""
+          heads: RegionWordHeads | None, opts: TrainOptions, spec: ModelSpec, progress: dict) -> None:
+    """The latest weights and everything a resumed run needs: optimizer, temperature, region-word heads,
+    step, best so far."""
     _save_weights(out_dir, encoder, reranker, opts, spec)
     state = optimizer.state_dict()
     tensors = {f"opt.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     tensors["logit_scale"] = loss_fn.logit_scale.detach()
+    if heads is not None:
+        tensors.update({f"words.{k}": v for k, v in heads.state_dict().items()})
     save_checkpoint(tensors, {"kind": STATE_KIND, **progress, "param_groups": state["param_groups"],
                               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}},
                     out_dir / STATE_FILE)
 
 
-def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss) -> dict:
-    """Restore the optimizer and temperature; returns the saved progress (step, best, bad_evals)."""
+def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss, heads: RegionWordHeads | None = None) -> dict:
+    """Restore the optimizer, temperature and region-word heads; returns the saved progress (step, best,
+    bad_evals)."""
     path = out_dir / STATE_FILE
     tensors, meta = load_checkpoint(path, STATE_KIND)
+    saved = {k.removeprefix("words."): v for k, v in tensors.items() if k.startswith("words.")}
+    if bool(saved) != (heads is not None):
+        raise ItmError(f"{path} was saved {'with' if saved else 'without'} region-word heads; resume with the "
+                       f"region_words it was trained with")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
@@ -692,6 +770,8 @@ def _load_state(out_dir: Path, optimizer, loss_fn: ItmLoss) -> dict:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     with torch.no_grad():
         loss_fn.logit_scale.copy_(tensors["logit_scale"])
+    if heads is not None:
+        heads.load_state_dict(saved)
     return {"step": int(meta["step"]), "best": meta.get("best"), "bad_evals": int(meta.get("bad_evals", 0))}
 
 

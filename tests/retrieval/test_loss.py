@@ -257,3 +257,27 @@ def test_token_separation_holds_texts_apart_at_their_most_different_real_token()
         pushed = [t - 10 * t.grad for t in x]
     ones = torch.ones(3, 5, dtype=torch.bool)
     assert (token_distances(pushed, same, ones) > token_distances(x, same, ones)).all()
+
+
+def test_region_word_loss_reads_each_phrases_words_from_its_boxes_pooled_tokens():
+    from retrieval.loss import PhraseWords, RegionWordHeads, region_word_loss
+    torch.manual_seed(0)
+    heads = RegionWordHeads((7, 11, 13), (-2, -1), width=8)
+    tokens = [torch.randn(2, 5, 8) for _ in range(2)]  # 2 layers, 2 images of CLS + 2x2 regions
+    shares = torch.tensor([[0, 1.0, 0, 0, 0], [0, 0.5, 0.5, 0, 0], [0, 0, 0, 0, 1.0]])
+    words = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0]])
+    phrases = PhraseWords(torch.tensor([0, 1, 1]), shares, words)
+    expected = 0
+    for t, head in zip(tokens, heads.heads):
+        for n, (row, share, hot) in enumerate(zip([0, 1, 1], shares, words)):
+            pooled = (share[:, None] * t[row]).sum(0)
+            logits = head(F.layer_norm(pooled, (8,)))
+            expected += sum(F.binary_cross_entropy_with_logits(logits[v], hot[v]) for v in range(3)) / 3 / 2
+    torch.testing.assert_close(region_word_loss(tokens, heads, phrases), expected)
+    assert heads.index == {7: 0, 11: 1, 13: 2}
+    # its gradient reaches the tokens under each phrase's box, and no others
+    x = [t.clone().requires_grad_() for t in tokens]
+    region_word_loss(x, heads, phrases).backward()
+    moved = [t.grad.abs().sum(-1) > 0 for t in x]
+    for m in moved:
+        assert m.tolist() == [[False, True, False, False, False], [False, True, True, False, True]]

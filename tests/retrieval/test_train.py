@@ -27,17 +27,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caption_file
     straight = train(tiny_spec, data, tmp_path / "a", opts)
     assert straight.steps == 4 and set(straight.losses) == {"contrastive", "matching", "ranking", "total"}
 
-    real_step, calls = train_mod._step, []
-    def crash_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(train_mod, "_step", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_spec, data, tmp_path / "b", opts)
-    monkeypatch.setattr(train_mod, "_step", real_step)
-    resumed = train(tiny_spec, data, tmp_path / "b", opts, resume=True)
+    resumed = interrupted_and_resumed(tiny_spec, data, tmp_path / "b", opts, monkeypatch)
     assert resumed.steps == 4
     pairs = [(straight.reranker, resumed.reranker)]
     if train_encoders:
@@ -45,6 +35,22 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caption_file
     for x, y in pairs:
         a, b = load_file(str(x)), load_file(str(y))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def interrupted_and_resumed(spec, data, out, opts, monkeypatch):
+    """A run killed at its third step, then resumed from its checkpoints to the end."""
+    real_step, calls = train_mod._step, []
+
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(train_mod, "_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, out, opts)
+    monkeypatch.setattr(train_mod, "_step", real_step)
+    return train(spec, data, out, opts, resume=True)
 
 
 def test_encoder_training_writes_a_loadable_checkpoint(tmp_path, caption_file, tiny_spec):
@@ -88,6 +94,67 @@ def test_token_margin_keeps_token_negatives_apart_in_the_text_tower(tmp_path, ca
     before = distance(tiny_spec)
     after = {r.out_dir.name: distance(resolve_model("itm-tiny", checkpoint=r.encoder)) for r in (plain, apart)}
     assert after["apart"] > before and after["apart"] > after["plain"] + 0.05, (before, after)
+
+
+@pytest.fixture
+def grounded_blocks(tmp_path):
+    """8 images with a red or a blue block in one quarter, each captioned once and grounded in that quarter."""
+    from PIL import Image
+    images = []
+    for i in range(8):
+        colour, x0, y0 = ("red", "blue")[i % 2], 16 * (i // 2 % 2), 16 * (i // 4)
+        image = Image.new("RGB", (32, 32), "white")
+        image.paste(colour, (x0, y0, x0 + 16, y0 + 16))
+        image.save(tmp_path / f"b{i}.png")
+        phrase = f"a {colour} block"
+        images.append({"filepath": ".", "filename": f"b{i}.png", "split": "train", "sentences": [
+            {"raw": f"{phrase} on white, picture {i}",
+             "phrases": [{"span": [0, len(phrase)], "box": [x0 / 32, y0 / 32, (x0 + 16) / 32, (y0 + 16) / 32]}]}]})
+    (tmp_path / "blocks.json").write_text(json.dumps({"images": images}))
+    return load_dataset(tmp_path / "blocks.json")
+
+
+def test_region_words_read_each_phrases_words_from_its_box(tmp_path, grounded_blocks, tiny_spec, monkeypatch):
+    """The region-word loss gets each caption's phrase, its box's share of the image tokens and its words, and
+    its gradient reaches the image tower (the encoder differs from the same seeded run without it)."""
+    import open_clip
+    seen = []
+    real = train_mod.region_word_loss
+    monkeypatch.setattr(train_mod, "region_word_loss", lambda t, h, p: seen.append((h, p)) or real(t, h, p))
+    opts = TrainOptions(**{**OPTS, "max_steps": 3, "batch_size": 8}, train_encoders=True, train_reranker=False,
+                        encoder_lr=1e-3)
+    r = train(tiny_spec, grounded_blocks, tmp_path / "words", replace(opts, region_words=1.0))
+    assert "words" in r.losses and r.losses["words"] > 0 and len(seen) == 3
+    heads, phrases = seen[0]
+    ids = open_clip.SimpleTokenizer().encode
+    assert heads.vocabulary == tuple(sorted({*ids("a red block"), *ids("a blue block")}))
+    assert heads.layers == tuple(get_fusion_config("fusion-tiny").image_layers)
+    batch = []  # (colour, the top-left patch of its box) of each phrase, in the run's seeded batch order
+    for n in range(8):
+        words = {heads.vocabulary[v] for v in phrases.words[n].nonzero().flatten().tolist()}
+        colour = next(c for c in ("red", "blue") if words == set(ids(f"a {c} block")))
+        shares = phrases.shares[n]
+        assert shares[0] == 0 and shares.max() == 0.25  # a quarter of a 4x4 patch grid: 4 patches
+        batch.append((colour, int(shares[1:].argmax())))
+    assert sorted(batch) == sorted((("red", "blue")[i % 2], 8 * (i // 4) + 2 * (i // 2 % 2)) for i in range(8))
+    assert phrases.rows.tolist() == list(range(8))
+    plain = train(tiny_spec, grounded_blocks, tmp_path / "plain", opts)
+    a, b = load_file(str(r.encoder)), load_file(str(plain.encoder))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("visual."))
+
+
+def test_region_word_heads_resume_with_their_run(tmp_path, grounded_blocks, tiny_spec, monkeypatch):
+    opts = TrainOptions(**{**OPTS, "max_steps": 4, "batch_size": 4}, train_encoders=True, train_reranker=False,
+                        encoder_lr=1e-3, region_words=1.0)
+    straight = train(tiny_spec, grounded_blocks, tmp_path / "a", opts)
+    resumed = interrupted_and_resumed(tiny_spec, grounded_blocks, tmp_path / "b", opts, monkeypatch)
+    a, b = load_file(str(straight.encoder)), load_file(str(resumed.encoder))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(tiny_spec, grounded_blocks, tmp_path / "c", replace(opts, region_words=0.0, max_steps=2))
+    with pytest.raises(ItmError, match="without region-word heads"):
+        train(tiny_spec, grounded_blocks, tmp_path / "c", opts, resume=True)
+    with pytest.raises(ItmError, match="with region-word heads"):
+        train(tiny_spec, grounded_blocks, tmp_path / "a", replace(opts, region_words=0.0, max_steps=6), resume=True)
 
 
 def test_a_fine_tune_starts_from_the_given_reranker(tmp_path, caption_file, tiny_spec):
@@ -180,6 +247,12 @@ def test_bad_training_requests(tmp_path, caption_file, tiny_spec):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, token_margin=0.2))
     with pytest.raises(ItmError, match="positive distance"):
         train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, token_margin=-0.2, train_encoders=True))
+    with pytest.raises(ItmError, match="region_words .* needs the encoders to train"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, region_words=1.0))
+    with pytest.raises(ItmError, match="positive weight"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, region_words=-1.0, train_encoders=True))
+    with pytest.raises(ItmError, match="grounds none"):
+        train(tiny_spec, data, tmp_path / "x", TrainOptions(**OPTS, region_words=1.0, train_encoders=True))
     wide = FusionReranker(get_fusion_config("fusion-tiny", image_width=8, text_width=8))
     from retrieval.checkpoint import save_reranker
     save_reranker(wide, tmp_path / "wide.safetensors")
