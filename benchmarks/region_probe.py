@@ -2,6 +2,7 @@
 
     python benchmarks/region_probe.py                 # the bundled demo model, seed-0 test split
     python benchmarks/region_probe.py --seed 1 --train-images 700
+    python benchmarks/region_probe.py --model itm-demo --checkpoint ENCODER --reranker data/demo/reranker.safetensors
 
 The synthetic world puts at most one object in each cell of a 3 x 3 grid, and the demo image
 tower has one patch per cell, so each region token should say what is in its cell. For every
@@ -79,13 +80,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="world seed of the test split")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--checkpoint", type=Path, help="encoder weights (with --model itm-demo)")
+    ap.add_argument("--reranker", type=Path, help="the reranker whose image layers are marked read (with --checkpoint)")
     ap.add_argument("--train-images", type=int, default=700, help="images whose cells fit the probes; the rest score")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "region_probe.json")
     args = ap.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
-    encoder, reranker = load_models(args.model, args.checkpoint, None)
+    encoder, reranker = load_models(args.model, args.checkpoint, args.reranker)
     dataset = test_split(args.seed)
     data = load_dataset(dataset, split="test")
     scenes = split_meta(dataset, data)["scenes"]

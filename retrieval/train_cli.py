@@ -35,6 +35,8 @@ def train_command(
     ranking_weight: float = typer.Option(1.0),
     margin: float = typer.Option(1.0, help="Ranking-loss margin (match-logit units)."),
     grounding_weight: float = typer.Option(1.0, help="Grounding-loss weight, for data with grounded phrases."),
+    region_words: float = typer.Option(0.0, min=0.0, help="With --train-encoders, weight of the region-word loss: "
+                                       "each grounded phrase's words read from its box's image tokens (0: off)."),
     num_negatives: int = typer.Option(2, min=1, help="Hard negatives mined per image and per text."),
     more_negatives: int = typer.Option(0, min=0, help="False captions drawn each step per caption from the data's "
                                        "\"more_negatives\", beside its \"negative\"."),
@@ -71,7 +73,7 @@ def train_command(
                             encoder_lr=encoder_lr, train_encoders=train_encoders or no_reranker,
                             train_reranker=not no_reranker, contrastive_weight=contrastive_weight,
                             matching_weight=matching_weight, ranking_weight=ranking_weight, margin=margin,
-                            grounding_weight=grounding_weight,
+                            grounding_weight=grounding_weight, region_words=region_words,
                             num_negatives=num_negatives, hard_negatives=hard_negatives, seed=seed, device=device,
                             precision=precision, fused_optimizer=fused_optimizer, workers=workers,
                             feature_cache_gb=feature_cache_gb, save_every=save_every, progress=True)

@@ -98,6 +98,16 @@ def test_more_negatives_on_data_without_them_is_refused(karpathy, tmp_path):
     assert not (tmp_path / "m" / "reranker.safetensors").exists()
 
 
+def test_region_words_need_encoder_training_and_grounded_phrases(karpathy, tmp_path):
+    base = ("itm-train", karpathy / "karpathy.json", "--model", "itm-tiny", "--pretrained", "random",
+            "--fusion", "fusion-tiny", "--region-words", "1", "--max-steps", "1")
+    r = run(*base, "--out", tmp_path / "a")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "needs the encoders to train" in r.stderr, r.stderr
+    r = run(*base, "--out", tmp_path / "b", "--train-encoders")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "grounds none" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("*/*.safetensors"))
+
+
 def test_bad_dataset_lines_are_skipped_with_a_reason(karpathy, tmp_path):
     data = karpathy / "captions.jsonl"
     data.write_text('{"image": "imgs/img001.png", "caption": "a red circle"}\n{"image": "imgs/img002.png", \n'
