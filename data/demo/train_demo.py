@@ -13,7 +13,11 @@ it swaps attributes (colour, shape, size), and colour-swapped twins batched toge
 and position flips, and position-swapped twins, are kept out of its contrastive loss: a pooled
 image embedding does not learn where things are here, and a caption that must score below its flip
 on images that look the same to the encoder teaches the text tower to make "left" and "right"
-alike, which leaves the reranker nothing to read them from. Stage "reranker" freezes the
+alike, which leaves the reranker nothing to read them from. The encoder stage's region-word loss
+(TrainOptions.region_words) has the image tower's tokens under each grounded phrase's cell predict
+that phrase's words, one sigmoid per word: without it the tower coded a cell's colour and shape as
+one conjoint code, and read a colour-shape pair held out of training as another shape of that
+colour (benchmarks/region_probe.py). Stage "reranker" freezes the
 encoders and trains the `fusion-demo` reranker with matching + ranking losses on mined, random
 and named negatives (every false caption, both kinds of twins), and the grounding loss on each
 mention's cell. What lets the reranker read relations is the encoder stage's token_margin:
@@ -82,11 +86,12 @@ SPLITS = {"train": 10_000, "val": 500}
 SEED = 0
 TWIN_FRACTION = 0.5  # share of train/val image pairs that are confusable twins
 EVAL_EVERY, PATIENCE = 250, 6
-# token_margin keeps relation words apart in the text tokens the reranker reads (check_relation_words)
+# token_margin keeps relation words apart in the text tokens the reranker reads (check_relation_words);
+# region_words has the image tower read each cell's colour, shape and size apart
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, fusion="fusion-demo", batch_size=128,
                       encoder_lr=1e-3, lr=1e-3, weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4000,
                       epochs=1000, seed=SEED, save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE,
-                      token_margin=0.2, fused_optimizer=True, progress=True)
+                      token_margin=0.2, region_words=1.0, fused_optimizer=True, progress=True)
 # random_negatives=0 saves a sixth of the reranker stages' time, and costs held-out pairs' truth@1 (README)
 STAGE2 = TrainOptions(fusion="fusion-demo", batch_size=64, lr=1e-3, warmup_steps=100, max_steps=5000,
                       stop_after=4000, epochs=1000, num_negatives=2, random_negatives=1, hard_negatives="sample",
