@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -493,15 +493,12 @@ def _phrase_words(encoder: DualEncoder, heads: RegionWordHeads, grid: tuple[int,
     if grid[0] != grid[1]:
         raise ItmError(f"region_words pools a square grid of image tokens; this tower's is {grid[0]} x {grid[1]}")
     pairs, shares, words = [], [], []
-    for i, r in enumerate(rows):
-        item = data[r.item]
-        text = item.captions[r.caption]
-        for phrase in item.phrases[r.caption] if item.phrases else ():
-            pairs.append(i)
-            shares.append(region_shares(phrase.box, grid[0]))
-            hot = torch.zeros(len(heads.vocabulary))
-            hot[[heads.index[t] for t in phrase_words(encoder.tokenizer, text, phrase) if t in heads.index]] = 1
-            words.append(hot)
+    for i, text, phrase, share in _grounded_phrases(data, rows, grid[0]):
+        pairs.append(i)
+        shares.append(share)
+        hot = torch.zeros(len(heads.vocabulary))
+        hot[[heads.index[t] for t in phrase_words(encoder.tokenizer, text, phrase) if t in heads.index]] = 1
+        words.append(hot)
     if not pairs:
         return None
     return PhraseWords(torch.tensor(pairs, device=device), torch.stack(shares).to(device),
@@ -512,22 +509,27 @@ def _grounding(encoder: DualEncoder, cfg, data: list[ImageCaptions], rows: list[
                device: str) -> Grounding | None:
     """The grounded tokens of a batch's captions: every token of each phrase, with its box's share of each region."""
     pairs, tokens, targets = [], [], []
-    for i, r in enumerate(rows):
-        item = data[r.item]
-        if not item.phrases:
-            continue
-        text = item.captions[r.caption]
-        for phrase in item.phrases[r.caption]:
-            share = region_shares(phrase.box, cfg.regions)
-            for k in phrase_tokens(encoder.tokenizer, text, phrase):
-                if k < cfg.max_text_tokens - 1:  # the store keeps the first Tt-1 tokens, then the end token
-                    pairs.append(i)
-                    tokens.append(k)
-                    targets.append(share)
+    for i, text, phrase, share in _grounded_phrases(data, rows, cfg.regions):
+        for k in phrase_tokens(encoder.tokenizer, text, phrase):
+            if k < cfg.max_text_tokens - 1:  # the store keeps the first Tt-1 tokens, then the end token
+                pairs.append(i)
+                tokens.append(k)
+                targets.append(share)
     if not pairs:
         return None
     return Grounding(torch.tensor(pairs, device=device), torch.tensor(tokens, device=device),
                      torch.stack(targets).to(device))
+
+
+def _grounded_phrases(data: list[ImageCaptions], rows: list[_Row],
+                      regions: int) -> Iterator[tuple[int, str, Phrase, torch.Tensor]]:
+    """Each grounded phrase of a batch's captions: its batch row, its caption, the phrase, and its box's share
+    of each region of a regions x regions grid (region_shares)."""
+    for i, r in enumerate(rows):
+        item = data[r.item]
+        text = item.captions[r.caption]
+        for phrase in item.phrases[r.caption] if item.phrases else ():
+            yield i, text, phrase, region_shares(phrase.box, regions)
 
 
 @functools.lru_cache(maxsize=1 << 18)  # every step asks again for the captions of earlier epochs
