@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -611,9 +612,12 @@ class _ImageCache:
 
     def _degrade(self, key: tuple[Path, int]) -> torch.Tensor | None:
         path, variant = key
-        rng = random.Random(f"{path}/{variant}")  # the same copy whenever it is made: resumes repeat
         try:
-            image = load_image(self.files.get(path) or read_file(path), min_side=self.encoder.image_size)
+            raw = self.files.get(path) or read_file(path)
+            # seeded by the file's bytes, not its path: the same copy whenever and wherever it is made,
+            # so that resumed runs, and runs on the data at another place, repeat
+            rng = random.Random(f"{hashlib.blake2b(raw, digest_size=16).hexdigest()}/{variant}")
+            image = load_image(raw, min_side=self.encoder.image_size)
             return self.encoder.load_pixels(degrade(image, rng)).half()
         except DecodeError:  # gone or changed since it was first read: the clean image stands in
             return None

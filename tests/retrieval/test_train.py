@@ -201,6 +201,20 @@ def test_augmented_batches_hold_degraded_copies_of_their_images(caption_file, ti
     assert max(len(small.cache), len(small.files), len(small.degraded)) == 3
 
 
+def test_degraded_copies_do_not_depend_on_where_the_images_lie(caption_file, tiny_encoder, tmp_path):
+    paths = [d.image for d in load_dataset(caption_file)[:4]]
+    moved = []
+    for i, p in enumerate(paths):  # the same files under other names, in another folder
+        moved.append(tmp_path / "elsewhere" / f"copy{i}{p.suffix}")
+        moved[-1].parent.mkdir(exist_ok=True)
+        moved[-1].write_bytes(p.read_bytes())
+    here = train_mod._ImageCache(tiny_encoder, workers=0, on_skip=None, variants=2)
+    there = train_mod._ImageCache(tiny_encoder, workers=0, on_skip=None, variants=2)
+    a, b = here.get(paths, augment=1.0, seed=3)[0], there.get(moved, augment=1.0, seed=3)[0]
+    assert not torch.equal(a, here.get(paths)[0])  # degraded copies, not the clean images
+    assert torch.equal(a, b)
+
+
 def test_bf16_training_runs_the_reranker_in_bf16_and_keeps_fp32_weights(tmp_path, caption_file, tiny_spec,
                                                                          monkeypatch):
     data = load_dataset(caption_file)
