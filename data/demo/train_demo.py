@@ -26,9 +26,11 @@ the reranker reads (retrieval.loss.token_separation_loss); without it nothing ke
 "right" apart, and a run on another trajectory lost them. Before the reranker stage starts, the
 recipe checks that the encoder's text tokens tell a caption from its relation flip
 (check_relation_words). The encoder and reranker stages update with AdamW's fused kernel
-(TrainOptions.fused_optimizer). Both stop at step 4,000 of their 5,000-step schedules, where
-the bundled run's best checkpoints lay (its next 500 steps, at a small learning rate, brought
-nothing on val). Stage "hard" fine-tunes that checkpoint for 500 steps of a 1,000-step schedule
+(TrainOptions.fused_optimizer). Of their 5,000-step schedules the encoder stage runs 3,000 steps
+and the reranker stage 4,000: the bundled run's best checkpoints lay at 2,750 and 4,000, its
+encoders' next 1,250 steps brought nothing on val, nor did an earlier reranker run's next 500, at a
+small learning rate. The learning-rate schedule spans all 5,000 steps either way, so the stop
+changes no step before it. Stage "hard" fine-tunes that checkpoint for 500 steps of a 1,000-step schedule
 (the bundled run's second 500 brought nothing) with each image batched with its twin and its
 nearest images by the frozen encoders, so that the mined negatives are as close as the
 candidates a search over a whole collection hands the reranker (a batch of random images holds
@@ -89,7 +91,7 @@ EVAL_EVERY, PATIENCE = 250, 6
 # token_margin keeps relation words apart in the text tokens the reranker reads (check_relation_words);
 # region_words has the image tower read each cell's colour, shape and size apart
 STAGE1 = TrainOptions(train_encoders=True, train_reranker=False, fusion="fusion-demo", batch_size=128,
-                      encoder_lr=1e-3, lr=1e-3, weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=4000,
+                      encoder_lr=1e-3, lr=1e-3, weight_decay=0.1, warmup_steps=100, max_steps=5000, stop_after=3000,
                       epochs=1000, seed=SEED, save_every=250, eval_every=EVAL_EVERY, patience=PATIENCE,
                       token_margin=0.2, region_words=1.0, fused_optimizer=True, progress=True)
 # random_negatives=0 saves a sixth of the reranker stages' time, and costs held-out pairs' truth@1 (README)
