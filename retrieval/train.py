@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import math
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from indexer.changes import content_hash
 from indexer.checkpoint import load_checkpoint, save_checkpoint
 from indexer.encoder import DualEncoder, Encoded, bf16_is_emulated, save_encoder
 from indexer.errors import DecodeError, ItmError, ItmWarning
@@ -616,7 +616,7 @@ class _ImageCache:
             raw = self.files.get(path) or read_file(path)
             # seeded by the file's bytes, not its path: the same copy whenever and wherever it is made,
             # so that resumed runs, and runs on the data at another place, repeat
-            rng = random.Random(f"{hashlib.blake2b(raw, digest_size=16).hexdigest()}/{variant}")
+            rng = random.Random(f"{content_hash(raw)}/{variant}")
             image = load_image(raw, min_side=self.encoder.image_size)
             return self.encoder.load_pixels(degrade(image, rng)).half()
         except DecodeError:  # gone or changed since it was first read: the clean image stands in
