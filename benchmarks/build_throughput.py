@@ -44,17 +44,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+import benchlib
 import numpy as np
 import torch
 from PIL import Image
 
-import benchlib
-from indexer.build import BuildOptions, build_index
-from indexer.encoder import DualEncoder
-from indexer.images import load_image, read_file
-from indexer.item_encoder import default_threads
-from indexer.models import resolve_model
-from indexer.parallel import ordered_map
+from itm.common.parallel import ordered_map
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.encoder import DualEncoder
+from itm.models.images import load_image, read_file
+from itm.models.item_encoder import default_threads
+from itm.models.registry import resolve_model
 
 GENERATOR_VERSION = 1  # bump when benchlib.photo_like changes, so cached corpora are regenerated
 STAGE_SAMPLE = 8  # items timed one stage at a time

@@ -26,7 +26,6 @@ defaults, and the JSON says so.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,17 +34,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's packages
 
-import benchlib  # noqa: E402
-from data.synth import generate_split  # noqa: E402
-from data.synth.heldout import HeldOut  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval import calibration  # noqa: E402
-from retrieval.calibrate import candidate_pairs  # noqa: E402
-from retrieval.calibrate_cli import query_mix  # noqa: E402
-from retrieval.query import Refine  # noqa: E402
-from retrieval.search import Searcher  # noqa: E402
+import benchlib
+
+from itm.data.synth import generate_split
+from itm.models import calibration
+from itm.models.registry import resolve_model
+from itm.retrieval.query import Refine
+from itm.retrieval.search import Searcher
+from itm.training.calibrate import candidate_pairs
+from itm.training.heldout import HeldOut
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
@@ -140,7 +138,7 @@ def main() -> None:
         cal, source = searcher.calibration, "stored beside the reranker"
         if not cal.calibrated:  # fit one as itm-calibrate would, on the val split
             val = HeldOut.build("val", 300, 0, spec, Path(tmp) / "val")
-            logits, labels = candidate_pairs(Searcher(val.index_dir, model=spec), query_mix(val, 600), val.is_true,
+            logits, labels = candidate_pairs(Searcher(val.index_dir, model=spec), val.query_mix(600), val.is_true,
                                              args.rerank_k)
             cal = calibration.fit(logits, labels, searcher.reranker_sha256)
             searcher.calibration, source = cal, "fitted by this script on the val split (none was stored)"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +22,13 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's packages
 
-import benchlib  # noqa: E402
-from data.synth import generate_split  # noqa: E402
-from indexer.item_encoder import load_item_encoder  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval.query import DEFAULT_DEDUP  # noqa: E402
+import benchlib
+
+from itm.data.synth import generate_split
+from itm.models.item_encoder import load_item_encoder
+from itm.models.registry import resolve_model
+from itm.retrieval.query import DEFAULT_DEDUP
 
 THRESHOLDS = sorted({0.9, 0.93, 0.95, 0.97, 0.98, 0.99, DEFAULT_DEDUP})
 
@@ -87,7 +86,7 @@ def main() -> None:
     print(f"{'pair':10} {'n':>5} {'min':>7} {'p1':>7} {'median':>7} {'p99':>7}")
     for k, s in result["cosine"].items():
         print(f"{k:10} {s['n']:5d} {s['min']:7.4f} {s['p1']:7.4f} {s['p50']:7.4f} {s['p99']:7.4f}")
-    print(f"\nshare of pairs at or above the threshold (collapsed by --dedup):")
+    print("\nshare of pairs at or above the threshold (collapsed by --dedup):")
     print(f"{'threshold':>9} " + " ".join(f"{k:>10}" for k in cos))
     for t, r in rows.items():
         print(f"{t:9.2f} " + " ".join(f"{100 * r[k]:9.1f}%" for k in cos) + ("   <- default" if t == DEFAULT_DEDUP

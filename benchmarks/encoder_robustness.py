@@ -4,7 +4,7 @@
 
 For each `itm-demo` encoder checkpoint, recall-only text->image truth@1 and R@1 and image->text
 truth@1 (as benchmarks/quality_report.py computes them) on the val split that
-`data/demo/train_demo.py --stage data` writes, and on copies of it degraded as
+`training/recipes/demo.py --stage data` writes, and on copies of it degraded as
 benchmarks/quality_robustness.py degrades the test split (JPEG 75; 3/4 side + JPEG 90). The val
 split is what the recipe chooses by, so this compares encoder stages without reading the test
 split. Results: benchmarks/results/encoder_robustness.json.
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import ROOT, WORK, evaluate_split, machine  # noqa: E402
-from quality_robustness import DEGRADATIONS, degraded  # noqa: E402
+from quality_report import ROOT, WORK, evaluate_split, machine
+from quality_robustness import DEGRADATIONS, degraded
 
-from indexer.encoder import DualEncoder  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
+from itm.models.encoder import DualEncoder
+from itm.models.registry import resolve_model
 
 FIGURES = (("t2i_truth1", "truth@1"), ("t2i_r1", "R@1"), ("i2t_truth1", "i2t truth@1"))
 
@@ -36,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "encoder_robustness.json")
     args = ap.parse_args()
     if not args.dataset.is_file():
-        raise SystemExit(f"{args.dataset} not found: run python data/demo/train_demo.py --stage data first")
+        raise SystemExit(f"{args.dataset} not found: run python training/recipes/demo.py --stage data first")
     t0 = time.time()
     splits = {"clean": args.dataset, **{name: degraded(args.dataset, name, "val") for name in DEGRADATIONS}}
     rows = {}

@@ -1,9 +1,9 @@
 """Memory and fill time of reranker training's feature cache, on the demo recipe's training data.
 
-    python data/demo/train_demo.py --stage data      # the synthetic dataset, once
+    python training/recipes/demo.py --stage data      # the synthetic dataset, once
     python benchmarks/feature_cache.py [--images 10000] [--out benchmarks/results/feature_cache.json]
 
-Fills the cache that `retrieval.train.train` keeps for frozen encoders with every image, caption
+Fills the cache that `itm.training.train.train` keeps for frozen encoders with every image, caption
 and false caption of the first --images training images, as the trainer does before its first
 step, with the bundled demo encoder and the `fusion-demo` reranker's layers (the images decoded
 beforehand: the trainer decodes them with or without the cache). Prints what the cache holds in tensor bytes (what
@@ -21,13 +21,13 @@ from pathlib import Path
 import benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from indexer.encoder import DualEncoder  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval.data import load_dataset  # noqa: E402
-from retrieval.fusion import get_fusion_config  # noqa: E402
-from retrieval.train import _FrozenFeatures, _ImageCache, texts_of  # noqa: E402
+from itm.models.encoder import DualEncoder
+from itm.models.fusion import get_fusion_config
+from itm.models.registry import resolve_model
+from itm.training.batches import texts_of
+from itm.training.caches import FrozenFeatures, ImageCache
+from itm.training.data import load_dataset
 
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
@@ -40,16 +40,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
     args = ap.parse_args()
     if not args.dataset.is_file():
-        sys.exit(f"{args.dataset} not found: run `python data/demo/train_demo.py --stage data` first")
+        sys.exit(f"{args.dataset} not found: run `python training/recipes/demo.py --stage data` first")
     facts = benchlib.machine_facts()
     encoder = DualEncoder.load(resolve_model("itm-demo", checkpoint=args.encoder))
     cfg = get_fusion_config("fusion-demo", image_width=encoder.image_width, text_width=encoder.text_width)
     data = load_dataset(args.dataset, split="train")[:args.images]
     paths = [d.image for d in data]
-    images = _ImageCache(encoder, 2, None)
+    images = ImageCache(encoder, 2, None)
     for s in range(0, len(paths), 256):
         images.get(paths[s:s + 256])
-    cache = _FrozenFeatures(encoder, images, cfg, budget_gb=1024.0)
+    cache = FrozenFeatures(encoder, images, cfg, budget_gb=1024.0)
     budget, before, t0 = cache.room, benchlib.rss_bytes(), time.perf_counter()
     if before < 0:
         sys.exit("resident memory is read from /proc/self/status, which this system does not have")

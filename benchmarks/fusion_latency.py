@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from retrieval.fusion import FusionReranker, bytes_per_image, bytes_per_text, get_fusion_config
+from itm.models.fusion import FusionReranker, bytes_per_image, bytes_per_text, get_fusion_config
 
 WARMUP = 3
 

@@ -7,7 +7,7 @@
    already on the host, in batches) and a whole build's rate (itm-index build --device: JPEG
    decoding in --workers threads, encoding, segments, commit) on generated 640x480 JPEGs.
 2. faiss on --n clustered 512-d unit vectors: exact (Flat) and IVF (nprobe 32) on the GPU
-   when faiss-gpu sees one (indexer.ann.to_gpu_if_available), one query at a time and in a
+   when faiss-gpu sees one (itm.indexer.ann.to_gpu_if_available), one query at a time and in a
    batch of 1,024, with IVF's recall@10 against exact search.
 3. The fusion reranker (fusion-base, random weights) scoring k=50 candidates for one text
    query on --device, fp16 store features in, as itm-search reranks.
@@ -23,17 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 import faiss
 import numpy as np
 import torch
 
-import benchlib
-from indexer.ann import to_gpu_if_available
-from indexer.build import BuildOptions, build_index
-from indexer.encoder import DualEncoder
-from indexer.models import resolve_model
-from retrieval.fusion import FusionReranker, get_fusion_config
-from retrieval.fusion_scorer import TorchFusion
+from itm.indexer.ann import to_gpu_if_available
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.encoder import DualEncoder
+from itm.models.fusion import FusionReranker, get_fusion_config
+from itm.models.fusion_scorer import TorchFusion
+from itm.models.registry import resolve_model
 
 
 def model_rate(spec, device: str, precision: str, batch: int, batches: int) -> float:

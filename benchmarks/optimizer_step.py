@@ -1,5 +1,5 @@
 """Milliseconds of one AdamW update over the demo recipe's trained parameters: torch's default
-on a CPU (a Python loop over the tensors) against the fused kernel that retrieval.train.adamw picks.
+on a CPU (a Python loop over the tensors) against the fused kernel that itm.training.train.adamw picks.
 
     python benchmarks/optimizer_step.py [--steps 50] [--repeats 3] [--out benchmarks/results/optimizer_step.json]
 
@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import benchlib
 import torch
 
-import benchlib
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from indexer.encoder import DualEncoder  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval.checkpoint import load_reranker  # noqa: E402
-from retrieval.train import adamw  # noqa: E402
+from itm.models.encoder import DualEncoder
+from itm.models.fusion_checkpoint import load_reranker
+from itm.models.registry import resolve_model
+from itm.training.train import adamw
 
 STAGE_STEPS = {"encoders": 4500, "reranker": 5500}  # the recipe's encoder stage; its reranker and hard stages
 

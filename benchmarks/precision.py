@@ -21,14 +21,15 @@ import argparse
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import torch
 
-import benchlib
-from indexer.cpu import cpu_flags as indexer_cpu_flags
-from indexer.encoder import DualEncoder
-from indexer.item_encoder import Runtime, load_item_encoder
-from indexer.models import resolve_model
+from itm.models.cpu import cpu_flags as indexer_cpu_flags
+from itm.models.encoder import DualEncoder
+from itm.models.item_encoder import Runtime
+from itm.models.loading import load_item_encoder
+from itm.models.registry import resolve_model
 
 IMAGE_SIDE = (320, 240)  # generated images; prepare() resizes them to the model's input size
 MIN_SECONDS = 3.0  # small models repeat batches until this much time has passed

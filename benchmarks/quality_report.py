@@ -43,14 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.synth.captions import WHY_FALSE, caption_kind, parse_caption, truth_table, why_false
-from data.synth.prepare import prepare, scene_from_dict
-from indexer.encoder import DualEncoder
-from indexer.item_encoder import ItemEncoder, Runtime, load_item_encoder
-from indexer.models import resolve_model
-from retrieval.checkpoint import load_reranker
-from retrieval.data import load_dataset
-from retrieval.evaluate import embed_dataset, oracle_recall, pair_wins, rank, recall, swap_accuracy, truth_recall
+from itm.data.synth.captions import WHY_FALSE, caption_kind, parse_caption, truth_table, why_false
+from itm.data.synth.prepare import prepare, scene_from_dict
+from itm.models.encoder import DualEncoder
+from itm.models.fusion_checkpoint import load_reranker
+from itm.models.item_encoder import ItemEncoder, Runtime
+from itm.models.loading import load_item_encoder
+from itm.models.registry import resolve_model
+from itm.training.data import load_dataset
+from itm.training.evaluate import embed_dataset, oracle_recall, pair_wins, rank, recall, swap_accuracy, truth_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "data" / "demo" / "work"
@@ -71,7 +72,7 @@ def split_meta(dataset: Path, data) -> dict:
             for im in json.loads(dataset.read_text())["images"]}
     ims = [meta[d.image] for d in data]
     if any("scene" not in im for im in ims):
-        raise SystemExit(f"{dataset} has no scenes; regenerate it with `python -m data.synth.prepare`")
+        raise SystemExit(f"{dataset} has no scenes; regenerate it with `python -m itm.data.synth.prepare`")
     where = {(im["filepath"], im["filename"]): i for i, im in enumerate(ims)}
     return {
         "scenes": [scene_from_dict(im["scene"]) for im in ims],

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import ROOT, WORK, evaluate_split, load_models, machine, test_split  # noqa: E402
+from quality_report import ROOT, WORK, evaluate_split, load_models, machine, test_split
 
 DEGRADATIONS = {
     "jpeg75": (1.0, 75),  # (scale of the side, JPEG quality)

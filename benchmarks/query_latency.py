@@ -34,11 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 import faiss
 import numpy as np
 
-import benchlib
-from indexer.ann import build_ann, choose_factory, tune
+from itm.indexer.ann import build_ann, choose_factory, tune
 
 # torch and the encoder are imported where they are used, so that the FAISS-only child processes
 # do not load torch's OpenMP runtime beside faiss's.
@@ -182,8 +182,8 @@ def main() -> None:
     if args.faiss_child:
         return child_main(args.faiss_child, args.k)
 
-    from indexer.encoder import DualEncoder
-    from indexer.models import resolve_model
+    from itm.models.encoder import DualEncoder
+    from itm.models.registry import resolve_model
 
     benchlib.set_torch_threads(args.torch_threads)
     facts = benchlib.machine_facts()

@@ -13,7 +13,7 @@ the object's size. Nothing here trains the model; the split is the report's own
 (quality_report.py generates it on first use).
 
 Then, as a test of composition, the same probes are fitted again without the cells that hold a
-colour-shape pair held out of training (data.synth HELD_OUT), and scored on the occupied cells
+colour-shape pair held out of training (itm.data.synth HELD_OUT), and scored on the occupied cells
 of the scored images, those holding a seen pair and those holding a held-out one apart. If the
 tokens hold colour and shape as separate attributes, a held-out pair's cell reads as well as a
 seen pair's; if they hold them as one conjoint code, its shape or colour reads worse.
@@ -29,14 +29,14 @@ import argparse
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import benchlib
-from data.synth.world import COLOURS, HELD_OUT, SHAPES, SIZES
 from quality_report import ROOT, load_models, machine, split_meta, test_split
-from retrieval.data import load_dataset
+
+from itm.data.synth.world import COLOURS, HELD_OUT, SHAPES, SIZES
+from itm.training.data import load_dataset
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}
 

@@ -3,7 +3,7 @@
     python benchmarks/relation_words.py data/demo/encoder.safetensors W/encoders/best/encoder.safetensors
 
 For each `itm-demo` encoder checkpoint and each val caption with a relation flip (the split that
-`data/demo/train_demo.py --stage data` writes), the largest cosine distance between the caption's and
+`training/recipes/demo.py --stage data` writes), the largest cosine distance between the caption's and
 the flip's features at any real token, at each text layer the `fusion-demo` reranker reads
 (`pair_distances` in the recipe; the recipe's check_relation_words averages its largest over the
 layers). Printed per pair of relation words ("left"/"right", "above"/"below", ...): the mean and the
@@ -21,12 +21,11 @@ from pathlib import Path
 import benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.demo.train_demo import STAGE2, pair_distances, relation_pairs  # noqa: E402
-from indexer.encoder import DualEncoder  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval.fusion import get_fusion_config  # noqa: E402
+from itm.models.encoder import DualEncoder
+from itm.models.fusion import get_fusion_config
+from itm.models.registry import resolve_model
+from itm.training.recipes.demo import STAGE2, pair_distances, relation_pairs
 
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
@@ -44,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
     args = ap.parse_args()
     if not args.dataset.is_file():
-        sys.exit(f"{args.dataset} not found: run `python data/demo/train_demo.py --stage data` first")
+        sys.exit(f"{args.dataset} not found: run `python training/recipes/demo.py --stage data` first")
     facts = benchlib.machine_facts()
     pairs = relation_pairs(args.dataset)
     groups = defaultdict(list)

@@ -2,12 +2,12 @@
 
     python benchmarks/robustness.py [--changes 12] [--seed 0] [--out benchmarks/results/robustness.json]
 
-- hostile folder: tests/fixtures_broken.make_hostile_folder (broken, odd and huge image files,
+- hostile folder: data/corpora.make_hostile_folder (broken, odd and huge image files,
   names that are not UTF-8 or hold newlines, dangling and looping links, a pipe, a folder named
   like an image, a decompression bomb) built with `build_index` and with `itm-index build`: how
   many kinds of entry, how many indexed and skipped, whether each had the expected outcome, and
   crashes (an exception from the library, a traceback or a non-zero exit from the command).
-- reading while writing: tests/read_while_write.read_while_writing with `--changes` rounds of
+- reading while writing: benchmarks/read_while_write.read_while_writing with `--changes` rounds of
   adds, changes and deletes, each built (and compacted when dead rows pass the threshold) while
   two readers search: generations committed, compactions, queries answered, snapshots checked
   against what the writer committed, errors.
@@ -27,17 +27,16 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's packages, and its test fixtures
 
-import torch  # noqa: E402
+import benchlib
+import torch
+from read_while_write import read_while_writing
 
-import benchlib  # noqa: E402
-from indexer.build import BuildOptions, build_index  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval.checkpoint import save_reranker  # noqa: E402
-from retrieval.fusion import FusionReranker, get_fusion_config  # noqa: E402
-from tests.fixtures_broken import make_hostile_folder  # noqa: E402
-from tests.read_while_write import read_while_writing  # noqa: E402
+from itm.data.corpora import make_hostile_folder
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.fusion import FusionReranker, get_fusion_config
+from itm.models.fusion_checkpoint import save_reranker
+from itm.models.registry import resolve_model
 
 
 def hostile_folder(tmp: Path) -> dict:
@@ -53,8 +52,8 @@ def hostile_folder(tmp: Path) -> dict:
         again = build_index(root, tmp / "idx", spec, BuildOptions(batch_size=8))
     except Exception:  # noqa: BLE001 - a crash is the figure
         crashes.append(traceback.format_exc(limit=3))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cli = subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", "build", str(root),
+    env = dict(os.environ)
+    cli = subprocess.run([sys.executable, "-c", "from itm.indexer.cli import main; main()", "build", str(root),
                           "--index", str(tmp / "idx-cli"), "--model", "itm-tiny", "--pretrained", "random", "-q"],
                          capture_output=True, env=env)
     if cli.returncode != 0 or b"Traceback" in cli.stderr:

@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import benchlib
 import faiss
 import numpy as np
 
-import benchlib
-from indexer import ivf_disk, store
-from indexer.ann import choose_factory, exact_neighbours, held_out_queries, recall_of
+from itm.indexer import ivf_disk, store
+from itm.indexer.ann import choose_factory, exact_neighbours, held_out_queries, recall_of
 
 BLOCK = 1 << 20  # vectors generated (and added, as one shard) at a time
 
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=20_000)
     ap.add_argument("--spread", type=float, default=0.5, help="noise per dimension around a cluster centre (whose "
                     "coordinates have unit variance)")
-    ap.add_argument("--factory", help="default: itm's choice for --n (indexer.ann.choose_factory)")
+    ap.add_argument("--factory", help="default: itm's choice for --n (itm.indexer.ann.choose_factory)")
     ap.add_argument("--recall-target", type=float, default=0.95)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--cold-queries", type=int, default=40, help="queries timed from a cold page cache")

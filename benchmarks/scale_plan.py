@@ -18,14 +18,14 @@ import json
 import sys
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import benchlib
-from indexer import store
-from indexer.ann import choose_factory
-from indexer.ivf_disk import TRAIN_PER_LIST, nlist_of
+from itm.indexer import store
+from itm.indexer.ann import choose_factory
+from itm.indexer.ivf_disk import TRAIN_PER_LIST, nlist_of
 
 RESULTS = benchlib.RESULTS_DIR
 EMB_BYTES = 512 * 4  # ViT-B-32's 512-d embedding, float32 in the segments
@@ -50,7 +50,7 @@ def scan_cost(run: dict, which: str = "warm") -> tuple[float, float]:
 
 def image_store_bytes(config: str = "fusion-base") -> dict[str, int]:
     """Rerank-store bytes of one image, fp16 and int8 (store.quantize_int8), for the fusion config."""
-    from retrieval.fusion import get_fusion_config
+    from itm.models.fusion import get_fusion_config
 
     cfg = get_fusion_config(config)
     one = np.zeros((1, cfg.n_levels, cfg.image_tokens, cfg.d_model), np.float16)

@@ -7,7 +7,7 @@ Two indexes, both with the bundled demo model (dual encoders and fusion reranker
 
 - samples: data/samples (300 images, 300 captions), built with `itm-index build --model demo`.
 - large: `--n-large` images (100,000 by default) and the 300 captions, written through the
-  library's commit path (indexer.commit.Writer: segments, rows, then a commit that builds the
+  library's commit path (itm.indexer.commit.Writer: segments, rows, then a commit that builds the
   FAISS index the library picks for the size, HNSW32 at 100k, and measures its recall): each
   synthetic image is a hard link to one of the 300 sample images (so thumbnails and image queries
   work), with that image's rerank-store features and its embedding moved by Gaussian noise
@@ -46,20 +46,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's packages
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import benchlib
+import numpy as np
+import pyarrow as pa
 
-import benchlib  # noqa: E402
-from indexer import store  # noqa: E402
-from indexer.commit import Writer, locked  # noqa: E402
-from indexer.options import SEGMENT_ROWS  # noqa: E402
-from retrieval.discovery import find_server  # noqa: E402
+from itm.common.options import SEGMENT_ROWS
+from itm.indexer import store
+from itm.indexer.commit import Writer, locked
+from itm.retrieval.discovery import find_server
 
 SAMPLES = ROOT / "data" / "samples"
 NOISE = 0.02  # per-dimension sigma of the noise that moves a synthetic image's embedding from its source's
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+ENV = dict(os.environ)
 
 
 def command(name: str, module: str) -> list[str]:
@@ -69,7 +68,7 @@ def command(name: str, module: str) -> list[str]:
 
 def build_samples(index: Path) -> None:
     for source in (SAMPLES / "images", SAMPLES / "captions.txt"):
-        subprocess.run(command("itm-index", "indexer.cli") + ["build", str(source), "--index", str(index), "--model",
+        subprocess.run(command("itm-index", "itm.indexer.cli") + ["build", str(source), "--index", str(index), "--model",
                        "demo", "-q"], check=True, env=ENV, capture_output=True)
 
 
@@ -120,7 +119,7 @@ def cli_runs(index: Path, queries: list[str], runs: int, *extra: str) -> tuple[l
     times, outputs = [], []
     for i in range(runs):
         t0 = time.perf_counter()
-        r = subprocess.run(command("itm-search", "retrieval.cli") + [queries[i % len(queries)], "--index", str(index),
+        r = subprocess.run(command("itm-search", "itm.retrieval.cli") + [queries[i % len(queries)], "--index", str(index),
                            "--json", *extra], capture_output=True, env=ENV)
         times.append(time.perf_counter() - t0)
         if r.returncode != 0:
@@ -134,13 +133,13 @@ def startup_runs(runs: int) -> list[float]:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run(command("itm-search", "retrieval.cli") + ["--help"], capture_output=True, env=ENV, check=True)
+        subprocess.run(command("itm-search", "itm.retrieval.cli") + ["--help"], capture_output=True, env=ENV, check=True)
         times.append(time.perf_counter() - t0)
     return times
 
 
 def in_process(index: Path, queries: list[str], runs: int) -> list[float]:
-    from retrieval.search import Searcher
+    from itm.retrieval.search import Searcher
 
     s = Searcher(index)
     for q in queries[:5]:
@@ -149,7 +148,7 @@ def in_process(index: Path, queries: list[str], runs: int) -> list[float]:
 
 
 def start_server(index: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(command("itm-serve", "retrieval.serve_cli") + ["--index", str(index), "--port", "0"],
+    proc = subprocess.Popen(command("itm-serve", "itm.retrieval.serve_cli") + ["--index", str(index), "--port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 600
     while (found := find_server(index)) is None or found.pid != proc.pid:

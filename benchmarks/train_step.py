@@ -2,7 +2,7 @@
 with against without the frozen encoders' feature cache; or of its encoder stage, without against
 with the token margin (relation flips kept apart in the text tokens).
 
-    python data/demo/train_demo.py --stage data      # the synthetic dataset, once
+    python training/recipes/demo.py --stage data      # the synthetic dataset, once
     python benchmarks/train_step.py [--steps 40] [--repeats 2] [--out benchmarks/results/train_step.json]
     python benchmarks/train_step.py --variants bf16,bf16-nocache --out benchmarks/results/train_step_feature_cache.json
     python benchmarks/train_step.py --variants encoders,encoders-token-margin \
@@ -10,7 +10,7 @@ with the token margin (relation flips kept apart in the text tokens).
     python benchmarks/train_step.py --variants fp32-indexed,fp32 --out benchmarks/results/train_step_pairs.json
     python benchmarks/train_step.py --variants fp32,fp32-more2 --out benchmarks/results/train_step_more_negatives.json
 
-Runs `retrieval.train.train` as the recipe's stage does (its TrainOptions, no validation, no
+Runs `itm.training.train.train` as the recipe's stage does (its TrainOptions, no validation, no
 checkpoints but the last) from the bundled demo encoder (frozen in the reranker stage) on the first
 --images training images (the encoder stage's without relational negatives, as the recipe gives it),
 twice per variant: a warm-up of an epoch and a step (every image is decoded and cached by
@@ -39,14 +39,13 @@ from unittest import mock
 import benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.demo.train_demo import STAGE1, STAGE2, attribute_negatives  # noqa: E402
-from indexer.encoder import cpu_has_native_bf16  # noqa: E402
-from indexer.models import resolve_model  # noqa: E402
-from retrieval.data import load_dataset  # noqa: E402
-from retrieval.fusion import FusionReranker  # noqa: E402
-from retrieval.train import train  # noqa: E402
+from itm.models.encoder import cpu_has_native_bf16
+from itm.models.fusion import FusionReranker
+from itm.models.registry import resolve_model
+from itm.training.data import load_dataset
+from itm.training.recipes.demo import STAGE1, STAGE2, attribute_negatives
+from itm.training.train import train
 
 DATASET = ROOT / "data" / "demo" / "work" / "synth" / "dataset_karpathy.json"
 
@@ -89,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
     args = ap.parse_args()
     if not args.dataset.is_file():
-        sys.exit(f"{args.dataset} not found: run `python data/demo/train_demo.py --stage data` first")
+        sys.exit(f"{args.dataset} not found: run `python training/recipes/demo.py --stage data` first")
     facts = benchlib.machine_facts()
     spec = resolve_model("itm-demo", checkpoint=args.encoder)
     data = load_dataset(args.dataset, split="train")[:args.images]

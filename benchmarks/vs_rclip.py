@@ -46,10 +46,9 @@ import sys
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 from PIL import Image
-
-import benchlib
 
 QUERY = "a red circle left of a blue square"
 SMALL, BIG = (300, 640, 480), (48, 4000, 3000)  # count, width, height
@@ -176,8 +175,8 @@ class Tools:
 
     def __init__(self, rclip_python: Path, work: Path, itm_venv: Path | None = None):
         self.itm_index, self.itm_search = (
-            _command(name, module, itm_venv) for name, module in (("itm-index", "indexer.cli"),
-                                                                  ("itm-search", "retrieval.cli")))
+            _command(name, module, itm_venv) for name, module in (("itm-index", "itm.indexer.cli"),
+                                                                  ("itm-search", "itm.retrieval.cli")))
         self.rclip_python, self.work = rclip_python, work
         self.rclip = [str(rclip_python), "-c", "from rclip.main import main; main()"]
         self.rclip_data = work / "rclip-data"
@@ -212,10 +211,10 @@ def _command(name: str, module: str, venv: Path | None = None) -> list[str]:
 
 def forward_ratio(folder: Path, builds: int) -> dict:
     """The 12 MP build's rate against the model-only forward rate, in this process (as build_throughput.py)."""
-    from indexer.build import build_index
-    from indexer.item_encoder import load_item_encoder
-    from indexer.models import resolve_model
-    from indexer.options import BuildOptions
+    from itm.common.options import BuildOptions
+    from itm.indexer.build import build_index
+    from itm.models.loading import load_item_encoder
+    from itm.models.registry import resolve_model
 
     spec, opts = resolve_model("ViT-B-32-256", "random"), BuildOptions()
     encoder = load_item_encoder(spec)
@@ -246,7 +245,7 @@ def forward_ratio(folder: Path, builds: int) -> dict:
 
 
 def _native_bf16() -> bool:
-    from indexer.encoder import cpu_has_native_bf16
+    from itm.models.encoder import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 

@@ -1,20 +1,16 @@
-"""indexer: turns a folder of images or a file of texts into an itm index.
+"""indexer: turns a folder of images or a file of texts into an itm index, and keeps it.
 
-    >>> from indexer import build_index, resolve_model
+    >>> from itm.indexer import build_index
+    >>> from itm.models import resolve_model
     >>> build_index("photos/", "idx/", resolve_model("demo")).added
 """
-from .lazy import lazy_exports
+from itm.common.lazy import lazy_exports
 
 _EXPORTS = {
-    "build_index": "build", "BuildOptions": "options", "BuildReport": "build", "BuildTimings": "build",
+    "build_index": "build", "BuildReport": "build", "BuildTimings": "build", "BuildOptions": "itm.common.options",
     "compact_index": "compact", "CompactReport": "compact",
-    "Manifest": "manifest", "ModelIdentity": "manifest", "read_manifest": "manifest",
-    "DualEncoder": "encoder", "Encoded": "encoder",
-    "ItemEncoder": "item_encoder", "ItemFeatures": "item_encoder", "Runtime": "item_encoder",
-    "load_item_encoder": "item_encoder", "ClipTokenizer": "tokenizer", "ImagePrep": "preprocess",
-    "ModelSpec": "models", "resolve_model": "models", "list_models": "models",
-    "Snapshot": "store", "default_index_dir": "options",
-    "load_image": "images", "scan_images": "scan", "read_texts": "scan",
+    "Manifest": "manifest", "read_manifest": "manifest", "Snapshot": "store",
+    "scan_images": "scan", "read_texts": "scan",
 }
 __all__ = sorted(_EXPORTS)
 

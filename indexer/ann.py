@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ItmError
+from itm.common.errors import ItmError
 
 Embeddings = npt.NDArray[np.float32]
 

@@ -4,7 +4,7 @@ The build finds what changed (indexer/changes.py) first and loads the model only
 must be encoded; it decodes images in threads while the model encodes full batches, stages
 segments as they fill, and commits one new generation (indexer/commit.py), compacting
 (indexer/compact.py) when enough stored rows have died. A build that changes nothing commits
-nothing. The model runs through the item encoder (indexer/item_encoder.py): exported graphs on
+nothing. The model runs through the item encoder (models/item_encoder.py): exported graphs on
 a CPU by default, so that a build with the export cached imports neither torch nor open_clip.
 """
 from __future__ import annotations
@@ -20,21 +20,23 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from itm.common.errors import CorpusError, ItmError
+from itm.common.options import BuildOptions
+from itm.common.parallel import ordered_map
+from itm.common.paths import default_index_dir
+from itm.models.checkpoint import file_sha256
+from itm.models.item_encoder import ItemEncoder, ItemFeatures, Runtime
+from itm.models.loading import load_item_encoder
+from itm.models.registry import ModelSpec, claimed_identity, resolve_model
+
 from . import store
 from .changes import ContentIndex, SourceChanges, content_hash
-from .checkpoint import file_sha256
 from .commit import Writer, locked
 from .compact import compact, dead_share
-from .errors import CorpusError, DecodeError, ItmError
-from .images import read_file
-from .item_encoder import ItemEncoder, ItemFeatures, Runtime, load_item_encoder
+from .items import Decoded, decode_image, image_row
 from .listing import Listing, record
-from .manifest import Manifest, RerankerInfo, check_model, check_reranker
-from .metadata import empty as no_metadata, read_metadata
+from .manifest import Manifest, RerankerInfo, check_model, check_reranker, spec_for_index
 from .migrate import migrate_rows
-from .models import ModelSpec, claimed_identity, resolve_model, spec_for_index
-from .options import BuildOptions
-from .parallel import ordered_map
 from .scan import FileEntry, is_text_corpus, read_texts, scan_images
 
 __all__ = ["BuildOptions", "BuildReport", "BuildTimings", "build_index"]
@@ -84,7 +86,7 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
     source = Path(source).expanduser().resolve()
     if not source.exists():
         raise CorpusError(f"{source} does not exist; pass a folder of images or a text file")
-    index_dir = Path(index_dir) if index_dir else store.default_index_dir()
+    index_dir = Path(index_dir) if index_dir else default_index_dir()
     index_dir.mkdir(parents=True, exist_ok=True)
     with locked(index_dir):
         writer = Writer(index_dir)
@@ -199,42 +201,6 @@ class _Skips:
             self.on_skip(os.fsdecode(path), reason)
 
 
-@dataclass(frozen=True)
-class _Decoded:
-    """An image file read and hashed, and decoded unless its embedding is already stored."""
-
-    entry: FileEntry
-    hash: str | None = None
-    pixels: np.ndarray | None = None  # (3, S, S) float32; None when reused or skipped
-    error: str | None = None
-    meta: dict = field(default_factory=no_metadata)  # indexer/metadata.py's columns
-
-
-def decode_image(entry: FileEntry, prepare: Callable[[bytes], np.ndarray],
-                 stored: Callable[[str], bool] = lambda h: False) -> _Decoded:
-    """An image file read once and hashed, and prepared for the encoder (ItemEncoder.load_pixels) unless
-    `stored(hash)`; errors come back in the result, never raised."""
-    try:
-        data = read_file(Path(entry.path))
-    except DecodeError as e:
-        return _Decoded(entry, error=str(e))
-    h = content_hash(data)
-    meta = read_metadata(data)
-    if stored(h):
-        return _Decoded(entry, h, meta=meta)
-    try:
-        return _Decoded(entry, h, prepare(data), meta=meta)
-    except DecodeError as e:
-        return _Decoded(entry, h, error=str(e))
-
-
-def image_row(entry: FileEntry, h: str, source: bytes | None = None, meta: dict | None = None) -> dict:
-    """The row of an image file (store.SEGMENT_SCHEMA); segments leave the source out, the index's rows fill it.
-    `meta`: indexer/metadata.py's columns, read from the file (null when not given)."""
-    return {"kind": "image", "source": source, "path": os.fsencode(entry.path), "text": None, "source_id": None,
-            "size": entry.size, "mtime_ns": entry.mtime_ns, "hash": h, **(meta if meta is not None else no_metadata())}
-
-
 class _Batches:
     """Items waiting for a forward pass: full batches are encoded, and every `commit_every` items staged."""
 
@@ -319,12 +285,12 @@ class _Embedding:
                 todo.append(entry)
         return changes, todo
 
-    def _decode(self, entry: FileEntry) -> _Decoded:
+    def _decode(self, entry: FileEntry) -> Decoded:
         """Read once, hash, and decode only when no embedding exists for these bytes yet (in a worker thread)."""
         return decode_image(entry, lambda data: self.encoder().load_pixels(data, self.options.max_pixels),
                             stored=self.content.__contains__)
 
-    def _encode_images(self, batch: list[_Decoded]) -> tuple[list[dict], ItemFeatures]:
+    def _encode_images(self, batch: list[Decoded]) -> tuple[list[dict], ItemFeatures]:
         feats = self.encoder().encode_images(np.stack([d.pixels for d in batch]))  # (B, 3, S, S) in
         return [image_row(d.entry, d.hash, meta=d.meta) for d in batch], feats
 

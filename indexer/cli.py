@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from .cliutil import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, Progress, printable, user_errors
-from .options import DEFAULT_MODEL, BuildOptions, RayOptions, default_index_dir
+from itm.common.cli import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, Progress, printable, user_errors
+from itm.common.options import DEFAULT_MODEL, BuildOptions, RayOptions
+from itm.common.paths import default_index_dir
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
@@ -69,8 +70,9 @@ def build(
                 manifest, items = found
                 _summary(index_dir, 0, 0, 0, items, 0, 0, manifest.counts, time.perf_counter() - t0)
                 return
+        from itm.models.registry import resolve_model
+
         from .build import build_index  # torch and open_clip load only to export or run a model
-        from .models import resolve_model
 
         spec = resolve_model(model or DEFAULT_MODEL, pretrained, checkpoint, reranker) \
             if (model or pretrained or checkpoint or reranker) else None
@@ -105,7 +107,7 @@ def info(index: Optional[Path] = IndexOpt,
     from .info import index_info
 
     with user_errors(PROG):
-        snap = store.Snapshot.open(index or store.default_index_dir())
+        snap = store.Snapshot.open(index or default_index_dir())
     m = snap.manifest
     described = index_info(snap)
     disk, skipped = described["bytes_on_disk"], described["skipped"]

@@ -18,10 +18,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from itm.common.durable import write_durably
+from itm.common.errors import ItmError
+from itm.models.identity import ModelIdentity
+
 from . import store
-from .durable import write_durably
-from .errors import ItmError
-from .manifest import KINDS, AnnInfo, Manifest, ModelIdentity, RerankerInfo, read_manifest, write_manifest
+from .manifest import KINDS, AnnInfo, Manifest, RerankerInfo, read_manifest, write_manifest
 
 
 @contextmanager

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from itm.common.errors import IndexNotFoundError
+from itm.common.options import SEGMENT_ROWS
+from itm.common.paths import default_index_dir
+
 from . import store
 from .commit import Writer, locked
-from .errors import IndexNotFoundError
 from .manifest import Manifest
 from .migrate import migrate_rows
-from .options import SEGMENT_ROWS
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ def compact_index(index_dir: Path | str | None = None, segment_rows: int = SEGME
     1200
     """
     t0 = time.perf_counter()
-    index_dir = Path(index_dir) if index_dir else store.default_index_dir()
+    index_dir = Path(index_dir) if index_dir else default_index_dir()
     if not (index_dir / "manifest.json").is_file():
         raise IndexNotFoundError(f"no index at {index_dir}; pass --index or set ITM_INDEX to an index directory")
     with locked(index_dir):

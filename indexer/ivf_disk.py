@@ -28,9 +28,10 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 
+from itm.common.durable import fsync_dir
+from itm.common.errors import ItmError
+
 from .ann import RECALL_SAMPLE, Embeddings, exact_neighbours, held_out_queries, recall_of
-from .durable import fsync_dir
-from .errors import ItmError
 
 Blocks = Callable[[], Iterator[Embeddings]]  # the vectors in row order, one shard at a time (each call starts over)
 TRAIN_PER_LIST = 50  # training vectors per coarse centroid (faiss warns below 39)

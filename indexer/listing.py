@@ -15,9 +15,10 @@ import json
 import os
 from pathlib import Path
 
-from .formats import IMAGE_EXTENSIONS
+from itm.common.options import BuildOptions
+from itm.models.formats import IMAGE_EXTENSIONS
+
 from .manifest import Manifest, read_manifest
-from .options import BuildOptions
 from .scan import is_text_corpus, scan_images
 
 

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .durable import fsync_dir, write_durably
-from .errors import IndexFormatError, ModelMismatchError
+from itm.common.durable import fsync_dir, write_durably
+from itm.common.errors import IndexFormatError, ModelMismatchError
+from itm.models.identity import ModelIdentity
+from itm.models.registry import ModelSpec, resolve_model
 
 MANIFEST = "manifest.json"
 OPTIONAL_ANN = ("ivfdata", "nprobe", "recall_target")  # AnnInfo fields left out of the JSON when unset
@@ -37,30 +39,6 @@ KINDS = ("image", "text")
 #   Within format 3, each segment's Parquet metadata names the precision its embeddings were made with
 #   (store.PRECISION_KEY); a segment without it reads as store.UNRECORDED, and older code ignores it.
 FORMAT_VERSION = 3
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """The dual encoder an index was built with; later builds and every query must use the same weights."""
-
-    arch: str  # open_clip architecture
-    pretrained: str | None  # open_clip pretrained tag or "random"; None when the weights came from a checkpoint
-    checkpoint_sha256: str | None  # sha256 of the checkpoint file the weights came from
-    embed_dim: int
-    image_size: int  # input side of the image tower, pixels
-    context_length: int  # text tokens the tokenizer pads to
-    name: str | None = None  # the bundle name the user gave (e.g. "demo"), which later builds reload by name
-    checkpoint: str | None = None  # a checkpoint path given directly, not through a bundle
-
-    @property
-    def label(self) -> str:
-        """How messages name the model: `demo (itm-demo/checkpoint 3f2a9c0d1e4b)`, `ViT-B-32/laion2b_s34b_b79k`."""
-        weights = f"checkpoint {self.checkpoint_sha256[:12]}" if self.checkpoint_sha256 else self.pretrained
-        return f"{self.name} ({self.arch}/{weights})" if self.name else f"{self.arch}/{weights}"
-
-    def same_weights(self, other: ModelIdentity) -> bool:
-        return (self.arch, self.pretrained, self.checkpoint_sha256, self.embed_dim) == \
-            (other.arch, other.pretrained, other.checkpoint_sha256, other.embed_dim)
 
 
 @dataclass(frozen=True)
@@ -91,7 +69,7 @@ class AnnInfo:
     metric: str  # "inner_product" (of unit vectors: cosine)
     dim: int
     ntotal: int
-    recall_at_10: float  # against exact search, measured at commit (indexer.ann.measured_recall)
+    recall_at_10: float  # against exact search, measured at commit (itm.indexer.ann.measured_recall)
     # Optional fields, written only when set, so that an index without them reads as format 2 always did.
     ivfdata: str | None = None  # an IVF index's inverted lists, memory-mapped from this file (indexer/ivf_disk.py)
     nprobe: int | None = None  # lists an on-disk IVF index probes per query, chosen to reach recall_target
@@ -235,3 +213,12 @@ def check_reranker(manifest: Manifest, sha256: str | None, index_dir: Path) -> N
 def next_generation(manifest: Manifest, **changes: Any) -> Manifest:
     """The manifest of the following generation, with `changes` applied."""
     return replace(manifest, generation=manifest.generation + 1, **changes)
+
+
+def spec_for_index(manifest: Manifest, index_dir: Path) -> ModelSpec:
+    """The model an index was built with, which its later builds and its queries load by default."""
+    m = manifest.model
+    if m.name:
+        return resolve_model(m.name)
+    reranker = Path(index_dir) / manifest.reranker.file if manifest.reranker else None
+    return ModelSpec(m.arch, m.pretrained, Path(m.checkpoint) if m.checkpoint else None, reranker)

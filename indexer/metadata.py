@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .images import _looks_like_heif, _register_heif
+from itm.models.images import _looks_like_heif, _register_heif
 
 # The row columns this module fills (indexer/store.py holds their types); texts leave them null.
 COLUMNS = ("width", "height", "taken", "camera_make", "camera_model", "gps_lat", "gps_lon")

@@ -27,24 +27,36 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from itm.common.errors import ItmError, ModelMismatchError
+from itm.common.options import RayOptions
+from itm.common.parallel import ordered_map
+from itm.models.identity import ModelIdentity
+from itm.models.item_encoder import ItemFeatures, Runtime
+from itm.models.loading import load_item_encoder
+from itm.models.registry import ModelSpec
+
 from . import store
-from .build import decode_image, image_row
-from .errors import ItmError, ModelMismatchError
-from .item_encoder import ItemFeatures, Runtime, load_item_encoder
-from .manifest import ModelIdentity
-from .metadata import COLUMNS as METADATA, read_file_metadata
-from .models import ModelSpec
-from .options import RayOptions
-from .parallel import ordered_map
+from .items import decode_image, image_row
+from .metadata import COLUMNS as METADATA
+from .metadata import read_file_metadata
 from .scan import FileEntry
 
-if TYPE_CHECKING:
-    from .build import _Embedding
+
+class _Job(Protocol):
+    """What the engine reads of a build's work on one source (build.py's _Embedding)."""
+
+    writer: Any  # commit.Writer: stages and adopts segments
+    encoder: Any  # the build's lazily loaded item encoder
+    options: Any  # BuildOptions
+    content: Any  # changes.ContentIndex: which bytes have stored embeddings
+    skips: Any  # records each skipped item
+    on_progress: Any
+
 
 FAULT_AFTER_BATCHES: int | None = None  # tests: an actor kills its own process (SIGKILL) at this batch
 
@@ -132,7 +144,7 @@ _TEXT_RESULT = pa.schema([("hash", pa.string()), ("segment", pa.string()), ("off
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def encode_images(job: _Embedding, root: Path, changes, todo: list[FileEntry]) -> None:
+def encode_images(job: _Job, root: Path, changes, todo: list[FileEntry]) -> None:
     """Encode the changed image files `todo` of folder `root` on Ray; record each in `changes` as the local build does."""
     source = os.fsencode(root)
     staged = _adopt_finished(job)
@@ -158,7 +170,7 @@ def encode_images(job: _Embedding, root: Path, changes, todo: list[FileEntry]) -
         segments.arrived(r)
 
 
-def encode_texts(job: _Embedding, rows: list[dict]) -> None:
+def encode_texts(job: _Job, rows: list[dict]) -> None:
     """Encode the texts `rows` (already recorded in the build's changes) on Ray."""
     _adopt_finished(job)
     segments = _Segments(job)
@@ -169,7 +181,7 @@ def encode_texts(job: _Embedding, rows: list[dict]) -> None:
 class _Segments:
     """Segments whose results are arriving: staged, and their contents made known, once all their rows are in."""
 
-    def __init__(self, job: _Embedding):
+    def __init__(self, job: _Job):
         self.job = job
         self.hashes: dict[str, dict[int, str]] = {}
 
@@ -184,7 +196,7 @@ class _Segments:
             del self.hashes[r["segment"]]
 
 
-def _adopt_finished(job: _Embedding) -> dict[tuple[bytes, int, int], str]:
+def _adopt_finished(job: _Job) -> dict[tuple[bytes, int, int], str]:
     """Stage the complete segments that no manifest names (a dead build's actors wrote them), and return
     the content hash of each staged row by (path, size, mtime_ns)."""
     writer = job.writer
@@ -202,7 +214,7 @@ def _adopt_finished(job: _Embedding) -> dict[tuple[bytes, int, int], str]:
     return staged
 
 
-def _run(job: _Embedding, kind: str, items: list[dict]) -> Iterator[dict[str, Any]]:
+def _run(job: _Job, kind: str, items: list[dict]) -> Iterator[dict[str, Any]]:
     """The results of encoding `items` on the actor pool, item by item in input order."""
     if not items:
         return
@@ -233,7 +245,7 @@ def _run(job: _Embedding, kind: str, items: list[dict]) -> Iterator[dict[str, An
                            "the index is as it was, and building again resumes from what was encoded") from None
 
 
-def _task(job: _Embedding, kind: str, opts: RayOptions) -> _Task:
+def _task(job: _Job, kind: str, opts: RayOptions) -> _Task:
     m, enc = job.writer.manifest, job.encoder
     # Ray gives each actor its own GPU, which it sees as the only one: cuda:1 means nothing there
     device = "cuda" if enc.runtime.device.startswith("cuda") else enc.runtime.device

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from indexer.errors import CorpusError
-from indexer.formats import IMAGE_EXTENSIONS
+from itm.common.errors import CorpusError
+from itm.models.formats import IMAGE_EXTENSIONS
 
 __all__ = [
     "TABLE_EXTENSIONS",

@@ -34,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .durable import is_temporary, write_durably
-from .errors import IndexFormatError, IndexNotFoundError, ItmError
+from itm.common.durable import is_temporary, write_durably
+from itm.common.errors import IndexFormatError, IndexNotFoundError, ItmError
+
 from .manifest import KINDS, MANIFEST, AnnInfo, Manifest, read_manifest
-from .options import default_index_dir
 
 __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
-           "default_index_dir", "new_segment_name", "read_table", "write_ann", "write_segment",
+           "new_segment_name", "read_table", "write_ann", "write_segment",
            "write_table"]
 
 # Paths are stored as bytes, exactly as the file system gives them (os.fsencode), so that names

@@ -8,13 +8,20 @@ from typing import List, Optional
 
 import typer
 
-from indexer.cliutil import (BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, printable, user_errors,
-                             warn, write_raw_path)
-from indexer.options import BACKEND, DEVICE, PRECISION
+from itm.common.cli import (
+    BACKEND_HELP,
+    DEVICE_HELP,
+    PRECISION_HELP,
+    THREADS_HELP,
+    printable,
+    user_errors,
+    warn,
+    write_raw_path,
+)
+from itm.common.options import BACKEND, DEFAULT_K, DEFAULT_RERANK_K, DEVICE, PRECISION
 
 from .hits import Hit
-from .query import DEFAULT_DEDUP, ORIENTATIONS, SORTS, Filters, Part, Refine
-from .settings import DEFAULT_K, DEFAULT_RERANK_K
+from .query import DEFAULT_DEDUP, ORIENTATIONS, SORTS, Filters, Part, Query, Refine
 
 PROG = "itm-search"
 NO_RERANKER = "this index has no reranker; results are recall-only (build with a model that has one, e.g. --model demo)"
@@ -78,13 +85,12 @@ def search(
             [Part.parse(s, -1.0, image=True) for s in sub_image]
         text = main.text if main and main.weight == 1.0 else None
         filters = Filters.parse(path, date, camera, min_size, orientation)
-        refine = Refine(min_prob, sort, dedup_threshold if dedup else None).checked()
+        refine = Refine(min_prob, sort, dedup_threshold if dedup else None)
+        asked = Query(text, str(image) if image is not None else None, k=k, kind=kind, rerank_k=rerank_k,
+                      rerank=not no_rerank, parts=tuple(parts), filters=filters, refine=refine).checked()
         from .client import search as ask_server  # neither torch nor faiss: a warm server answers in milliseconds
 
-        reply = None if no_server else ask_server(index, server=server, text=text, image=image, k=k, kind=kind,
-                                                  rerank_k=rerank_k, rerank=not no_rerank, device=device,
-                                                  precision=precision, parts=tuple(parts), filters=filters,
-                                                  refine=refine)
+        reply = None if no_server else ask_server(index, asked, server=server, device=device, precision=precision)
         if reply is not None:
             if not no_rerank and not reply.has_reranker:
                 warn(PROG, NO_RERANKER)
@@ -97,8 +103,7 @@ def search(
                                 threads=threads, quick_start=True)  # one query: start fast rather than run fast
             if not no_rerank and not searcher.has_reranker:
                 warn(PROG, NO_RERANKER)
-            hits = searcher.search(text=text, image=image, k=k, kind=kind, rerank_k=rerank_k, parts=parts,
-                                   filters=filters, refine=refine)
+            hits = searcher.run(asked)
             calibrated = searcher.calibration.calibrated
             unmigrated = searcher.unmigrated() if filters.needs_metadata else 0
     _notes(hits, refine, filters, calibrated, unmigrated)

@@ -1,25 +1,24 @@
 """Queries a running itm-serve: what itm-search does first, so that a query from the shell returns in a
 fraction of a second instead of loading the models. Imports neither torch, open_clip nor faiss.
 
-    >>> reply = search(None, text="a red circle", k=3)   # None: no server runs for the default index
+    >>> reply = search(None, Query("a red circle", k=3))   # None: no server runs for the default index
     >>> reply.hits[0].path if reply else "answer in-process"
 """
 from __future__ import annotations
 
-import binascii
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from indexer.errors import QueryError, ServerError
-from indexer.options import DEVICE, PRECISION, default_index_dir
+from itm.common.errors import QueryError, ServerError
+from itm.common.options import DEVICE, PRECISION, SERVER_MAX_K
+from itm.common.paths import default_index_dir
 
 from .discovery import find_server
 from .hits import Hit
-from .query import Filters, Part, Refine
-from .settings import DEFAULT_K, DEFAULT_RERANK_K, SERVER_MAX_K
+from .query import Query
 
 TIMEOUT_S = 120  # a first query after a large commit may wait for the server to open the new generation
 HIT_FIELDS = tuple(f.name for f in fields(Hit))
@@ -41,11 +40,8 @@ class Reply:
             raise QueryError(self.error)
 
 
-def search(index_dir: Path | str | None, *, server: str | None = None, text: str | None = None,
-           image: Path | None = None, k: int = DEFAULT_K, kind: str | None = None,
-           rerank_k: int = DEFAULT_RERANK_K, rerank: bool = True, device: str = DEVICE,
-           precision: str = PRECISION, parts: tuple[Part, ...] = (), filters: Filters = Filters(),
-           refine: Refine = Refine()) -> Reply | None:
+def search(index_dir: Path | str | None, query: Query, *, server: str | None = None, device: str = DEVICE,
+           precision: str = PRECISION) -> Reply | None:
     """Ask the server at `server` (a URL), or else the one running for `index_dir` (default: the per-user
     index) if it runs its models as `device` and `precision` ask. None when the query is for in-process
     search: no server runs for the index, or it stopped, or the query is one a server does not take
@@ -60,22 +56,13 @@ def search(index_dir: Path | str | None, *, server: str | None = None, text: str
         if found is None or found.index != index or (found.device, found.precision) != (device, precision):
             return None
         server, max_upload = found.url, found.max_upload_bytes
-    if max(k, rerank_k) > SERVER_MAX_K:
+    if max(query.k, query.rerank_k) > SERVER_MAX_K:
         return None
-    body = {"text": text, "k": k, "kind": kind, "rerank_k": rerank_k, "rerank": rerank, "parts": [],
-            "filters": filters.to_json(), "min_prob": refine.min_prob, "sort": refine.sort, "dedup": refine.dedup}
-    if image is not None:
-        upload = _upload(str(image), max_upload)
-        if upload is None:
-            return None
-        body.update(upload)
-    for part in parts:
-        upload = _upload(part.image, max_upload) if part.image is not None else {"text": part.text}
-        if upload is None:
-            return None
-        body["parts"].append({"weight": part.weight, **upload})
+    uploaded = _uploaded(query, max_upload)
+    if uploaded is None:
+        return None
     try:
-        reply = _post(server, "/api/search", body)
+        reply = _post(server, "/api/search", uploaded.to_json())
     except _Refused as e:
         return Reply([], e.has_reranker, index, None, str(e))
     except ConnectionError as e:
@@ -92,15 +79,29 @@ def search(index_dir: Path | str | None, *, server: str | None = None, text: str
                  unmigrated=int(reply.get("unmigrated") or 0))
 
 
-def _upload(path: str, max_upload: int | None) -> dict | None:
-    """An image file as the server takes it; None when it is for in-process search (unreadable, or over the cap)."""
+def _uploaded(query: Query, max_upload: int | None) -> Query | None:
+    """The query with each image file's bytes in place of its path (messages name the path); None when it is
+    for in-process search: a file unreadable here, or over the server's cap."""
+    def upload(image: str | bytes | None, name: str | None) -> dict:
+        if not isinstance(image, str):
+            return {"image": image, "image_name": name}
+        try:
+            data = Path(image).read_bytes()
+        except OSError:
+            raise _InProcess from None
+        if max_upload is not None and len(data) > max_upload:
+            raise _InProcess
+        return {"image": data, "image_name": image}
+
     try:
-        data = Path(path).read_bytes()
-    except OSError:
+        parts = tuple(replace(p, **upload(p.image, p.image_name)) for p in query.parts)
+        return replace(query, parts=parts, **upload(query.image, query.image_name))
+    except _InProcess:
         return None
-    if max_upload is not None and len(data) > max_upload:
-        return None
-    return {"image_base64": binascii.b2a_base64(data, newline=False).decode("ascii"), "image_name": str(path)}
+
+
+class _InProcess(Exception):
+    """The query is one this process answers itself."""
 
 
 def _post(url: str, path: str, body: dict) -> dict:

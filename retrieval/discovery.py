@@ -17,7 +17,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from indexer.errors import ServerError
+from itm.common.errors import ServerError
+from itm.common.paths import runtime_dir
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,6 @@ class ServerInfo:
     device: str  # where its models run (cpu, cuda, ...)
     precision: str  # fp32 | bf16 | fp16
     max_upload_bytes: int  # the largest query image it accepts
-
-
-def runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return Path(base) / "itm"
-    return Path(os.environ.get("TMPDIR") or "/tmp") / f"itm-{os.getuid()}"
 
 
 def announcement_path(index_dir: Path | str) -> Path:

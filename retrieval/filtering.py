@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from indexer.store import categories
+from itm.indexer.store import categories
 
 from .query import Filters
 

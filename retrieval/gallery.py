@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from indexer.changes import content_hash
-from indexer.errors import NotInIndexError
-from indexer.images import load_image
-from indexer.store import Snapshot, integers
+from itm.common.errors import NotInIndexError
+from itm.indexer.changes import content_hash
+from itm.indexer.store import Snapshot, integers
+from itm.models.images import load_image
 
 THUMBNAIL_SIDE = 256  # pixels, the longer side of a thumbnail
 THUMBNAIL_CACHE_BYTES = 64 * 2**20  # thumbnails kept in memory, least recently used dropped first

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from indexer.errors import DecodeError, EmptyIndexError, ItmError, NotInIndexError, QueryError, TooLargeError
+from itm.common.errors import DecodeError, EmptyIndexError, ItmError, NotInIndexError, QueryError, TooLargeError
 
 from .service import SearchService
 

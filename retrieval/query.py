@@ -1,20 +1,26 @@
-"""What a query may hold beyond one text or image: weighted parts, filters, a probability cut, sorting, de-duplication.
+"""The query: one text or image, weighted parts, filters, a probability cut, sorting, de-duplication.
 
-Plain data, importing nothing heavy: itm-search builds these for the in-process search and for a
-running server alike (retrieval/client.py sends them as JSON).
+Defined once, here, with its defaults, its checks and its JSON form: itm-search builds a Query from
+its options, the client sends `Query.to_json()` to a running server, every server route makes one,
+the service hands it on, and the Searcher answers it. Plain data, importing nothing heavy.
 
     >>> Part.parse("2:cat")
-    Part(weight=2.0, text='cat', image=None)
+    Part(weight=2.0, text='cat', image=None, image_id=None, image_name=None)
     >>> Filters.parse(date="2024-03..2024-06", orientation="landscape").date_to
     '2024-06'
+    >>> Query.from_json(Query("a dog", k=3, refine=Refine(min_prob=0.5)).to_json()) == Query("a dog", k=3, refine=Refine(min_prob=0.5))
+    True
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from indexer.errors import QueryError
+from itm.common.errors import QueryError
+from itm.common.options import DEFAULT_K, DEFAULT_RERANK_K
 
 SORTS = ("score", "date", "path")  # --sort: date is newest first (capture date, else modification time)
 ORIENTATIONS = ("landscape", "portrait", "square")
@@ -25,13 +31,19 @@ _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 _SIZE = re.compile(r"^(\d+)(?:x(\d+))?$")
 
 
+KINDS = ("image", "text", "all")  # what a query returns; default: image for a text query, all for an image
+
+
 @dataclass(frozen=True)
 class Part:
-    """One weighted part of a query: a text or an image file, weight positive (more like) or negative (less like)."""
+    """One weighted part of a query, weight positive (more like) or negative (less like): exactly one of a text,
+    an image file (its path, or its bytes when uploaded) and an indexed image's row id."""
 
     weight: float
     text: str | None = None
-    image: str | None = None  # an image file's path
+    image: str | bytes | None = None  # an image file's path, or its bytes (an upload to a server)
+    image_id: int | None = None  # an indexed image, by row id
+    image_name: str | None = None  # how messages name an uploaded image (the path it was read from)
 
     @classmethod
     def parse(cls, value: str, sign: float = 1.0, image: bool = False) -> Part:
@@ -122,3 +134,83 @@ class Refine:
         if self.dedup is not None and not -1.0 <= self.dedup <= 1.0:
             raise QueryError(f"--dedup is a cosine similarity between -1 and 1, got {self.dedup}")
         return self
+
+
+@dataclass(frozen=True)
+class Query:
+    """One search: at most one of text, image, image_id and image_path, and any further weighted parts."""
+
+    text: str | None = None  # words to search images (or texts) for
+    image: str | bytes | None = None  # a query image: its file's path, or its bytes (an upload to a server)
+    image_name: str | None = None  # how messages name an uploaded `image` (itm-search sends the path it was given)
+    image_id: int | None = None  # an indexed image, by row id ("more like this")
+    image_path: str | None = None  # an indexed image, by its path as os.fsdecode gives it
+    k: int = DEFAULT_K  # results per kind
+    kind: str | None = None  # one of KINDS; None: image for a text query, all for an image (text with min_prob)
+    rerank_k: int = DEFAULT_RERANK_K  # candidates the fusion model rescores
+    rerank: bool = True  # False: rank by dual-encoder similarity alone
+    parts: tuple[Part, ...] = ()  # more weighted texts and images
+    filters: Filters = Filters()  # applied before ranking: k matching hits come back when k exist
+    refine: Refine = Refine()  # applied to the scored candidates
+
+    def checked(self, max_k: int | None = None) -> Query:
+        """The query, or QueryError saying what is wrong with it; `max_k`: a server's cap on k and rerank_k."""
+        given = sum(x is not None for x in (self.text, self.image, self.image_id, self.image_path))
+        if given > 1 or (given == 0 and not self.parts):
+            raise QueryError("give one query: a text, an image, or an indexed image's id or path")
+        for p in self.parts:
+            if sum(x is not None for x in (p.text, p.image, p.image_id)) != 1:
+                raise QueryError("each part of a query holds one of a text, an image, or an indexed image's id")
+        for name, value in (("k", self.k), ("rerank_k", self.rerank_k)):
+            if value < 1 or (max_k is not None and value > max_k):
+                raise QueryError(f"{name} must be between 1 and {max_k}, got {value}" if max_k is not None
+                                 else f"{name} must be at least 1, got {value}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise QueryError(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        self.refine.checked()
+        return replace(self, parts=tuple(self.parts), filters=self.filters.checked())
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form a server takes (POST /api/search): an image's bytes as base64, the refine fields flat."""
+        out: dict[str, Any] = {"text": self.text, **_image_json(self.image, self.image_name),
+                               "image_id": self.image_id, "image_path": self.image_path, "k": self.k,
+                               "kind": self.kind, "rerank_k": self.rerank_k, "rerank": self.rerank,
+                               "parts": [{"weight": p.weight, "text": p.text, **_image_json(p.image, p.image_name),
+                                          "image_id": p.image_id} for p in self.parts],
+                               "filters": self.filters.to_json(), **asdict(self.refine)}
+        return {k: v for k, v in out.items() if v is not None or k in ("text", "min_prob", "dedup")}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Query:
+        """The query a JSON body asks; QueryError for anything it cannot be."""
+        unknown = set(d) - JSON_FIELDS
+        if unknown:
+            raise QueryError(f"unknown field {sorted(unknown)[0]!r}; a query takes {', '.join(sorted(JSON_FIELDS))}")
+        parts = tuple(Part(float(p.get("weight", 1.0)), p.get("text"), _image_bytes(p), p.get("image_id"),
+                           p.get("image_name")) for p in d.get("parts") or ())
+        refine = Refine(d.get("min_prob"), d.get("sort") or "score", d.get("dedup"))
+        return cls(d.get("text"), _image_bytes(d), d.get("image_name"), d.get("image_id"), d.get("image_path"),
+                   int(d.get("k", DEFAULT_K)), d.get("kind"), int(d.get("rerank_k", DEFAULT_RERANK_K)),
+                   bool(d.get("rerank", True)), parts, Filters.from_json(d.get("filters")), refine).checked()
+
+
+JSON_FIELDS = {"text", "image_base64", "image_name", "image_id", "image_path", "k", "kind", "rerank_k", "rerank",
+               "parts", "filters", "min_prob", "sort", "dedup"}
+
+
+def _image_json(image: str | bytes | None, name: str | None) -> dict[str, Any]:
+    if image is None:
+        return {}
+    if isinstance(image, str):
+        raise QueryError(f"{image}: a query sent as JSON carries the image's bytes, not its path (Query.uploaded)")
+    return {"image_base64": binascii.b2a_base64(image, newline=False).decode("ascii"), "image_name": name}
+
+
+def _image_bytes(d: dict[str, Any]) -> bytes | None:
+    data = d.get("image_base64")
+    if data is None:
+        return None
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise QueryError("image_base64 is not valid base64") from None

@@ -1,7 +1,7 @@
 """Two-stage search: FAISS recall of the top-k, then fusion reranking of those k.
 
-A query is encoded by the index's own item encoder (indexer/item_encoder.py), as a corpus item
-is, and reranked by its fusion scorer (retrieval/fusion_scorer.py); on a CPU both run exported
+A query is encoded by the index's own item encoder (models/item_encoder.py), as a corpus item
+is, and reranked by its fusion scorer (models/fusion_scorer.py); on a CPU both run exported
 graphs by default, so a query from the shell imports neither torch nor open_clip.
 """
 from __future__ import annotations
@@ -12,28 +12,29 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 
-from indexer import store
-from indexer.ann import to_gpu_if_available
-from indexer.errors import DecodeError, EmptyIndexError, ModelMismatchError, QueryError
-from indexer.item_encoder import ItemFeatures, Runtime, load_item_encoder
-from indexer.manifest import check_model, check_reranker, read_manifest
-from indexer.models import ModelSpec, spec_for_index
-from indexer.options import DEVICE, PRECISION
+from itm.common.errors import DecodeError, EmptyIndexError, ModelMismatchError, QueryError
+from itm.common.options import DEVICE, PRECISION
+from itm.common.paths import default_index_dir
+from itm.indexer import store
+from itm.indexer.ann import to_gpu_if_available
+from itm.indexer.manifest import check_model, check_reranker, read_manifest, spec_for_index
+from itm.models import calibration
+from itm.models.fusion_scorer import FusionScorer
+from itm.models.item_encoder import ItemFeatures, Runtime
+from itm.models.loading import load_fusion, load_item_encoder
+from itm.models.registry import ModelSpec
 
-from . import calibration
 from .filtering import RowColumns
-from .fusion_scorer import FusionScorer, load_fusion
-from .rerank import rerank_top
 from .hits import Hit  # the result type, torch-free for retrieval/client.py
-from .query import Filters, Part, Refine
-from .settings import DEFAULT_K, DEFAULT_RERANK_K
+from .gallery import find_image, find_image_by_path
+from .query import Filters, Part, Query, Refine
+from .rerank import rerank_top
 
-KINDS = ("image", "text", "all")
 EXACT_FILTERED = 20_000  # a filter that passes at most this many rows of a kind scores them all exactly
 DEDUP_DEPTH = 4  # with --dedup, candidates recalled per result asked for
 NO_PROBABILITY = ("--min-prob needs the index's fusion reranker: a recall cosine is not a probability of match "
@@ -90,7 +91,7 @@ class Searcher:
                  rerank: bool = True, device: str = DEVICE, precision: str = PRECISION, backend: str = "auto",
                  threads: int | None = None, quick_start: bool = False):
         """quick_start: for a process that answers one query (Runtime.quick_start)."""
-        self.index_dir = Path(index_dir) if index_dir else store.default_index_dir()
+        self.index_dir = Path(index_dir) if index_dir else default_index_dir()
         snapshot = store.Snapshot.open(self.index_dir)
         manifest = snapshot.manifest
         if not sum(manifest.counts.values()):
@@ -105,7 +106,7 @@ class Searcher:
         check_model(manifest, self.encoder.identity, self.index_dir)
         self.scorer = load_fusion(reranker, self._reranker_sha, runtime) if rerank and reranker else None
         # the calibration fitted for this reranker: beside the model's own checkpoint (a bundle's), else beside
-        # the one the index was built from (retrieval/calibration.py)
+        # the one the index was built from (models/calibration.py)
         sources = [base.reranker, manifest.reranker.source if manifest.reranker else None]
         self.calibration = calibration.load(sources, self._reranker_sha) if self.scorer else calibration.UNCALIBRATED
         self._gen = _Generation.of(snapshot, self.encoder.identity.embed_dim)
@@ -138,47 +139,60 @@ class Searcher:
         self._gen = _Generation.of(snapshot, self.encoder.identity.embed_dim)
         return True
 
-    def search(self, text: str | None = None, image: Path | str | None = None, k: int = DEFAULT_K,
-               kind: str | None = None, rerank_k: int = DEFAULT_RERANK_K, *, parts: Sequence[Part] = (),
-               filters: Filters | None = None, refine: Refine | None = None, rerank: bool = True) -> list[Hit]:
-        """Text -> images (default kind "image"), or image -> texts and images (default kind "all").
+    def search(self, text: str | None = None, image: Path | str | None = None, **fields: Any) -> list[Hit]:
+        """Text -> images (default kind "image"), or image -> texts and images (default kind "all"):
+        `self.run(Query(text, image, **fields))`, the fields as retrieval/query.py's Query names them.
 
-        `rerank=False` answers by recall alone, as a Searcher made with rerank=False does.
-
-        `parts` adds weighted texts and images to the query (retrieval/query.py; the README says how
-        each stage uses them); `filters` restricts what may be returned before ranking, so that k
-        matching hits come back when k exist; `refine` cuts by probability of match, removes
-        near-duplicates, and sorts.
-
-        >>> s.search("a red circle", parts=[Part(-1.0, text="a square")], filters=Filters(path="*/2024/*"),
+        >>> s.search("a red circle", k=5, parts=[Part(-1.0, text="a square")], filters=Filters(path="*/2024/*"),
         ...          refine=Refine(min_prob=0.5, sort="date"))
         """
-        if (text is not None and image is not None) or (text is None and image is None and not parts):
-            raise QueryError("give a text query or --image PATH, not both and not neither")
-        if k < 1:
-            raise QueryError(f"k must be at least 1, got {k}")
-        refine, filters = (refine or Refine()).checked(), filters or Filters()
-        main = [Part(1.0, text=text)] if text is not None else [Part(1.0, image=str(image))] if image is not None \
-            else []
-        query = main + list(parts)
-        if not any(p.weight > 0 for p in query):
+        return self.run(Query(text, str(image) if image is not None else None, **fields))
+
+    def run(self, query: Query) -> list[Hit]:
+        """The hits of `query`: its parts encoded and combined, recalled, reranked, cut and sorted.
+
+        `parts` add weighted texts and images (the README says how each stage uses them); `filters` restrict
+        what may be returned before ranking, so that k matching hits come back when k exist; `refine` cuts by
+        probability of match, removes near-duplicates, and sorts; `rerank=False` answers by recall alone.
+        Images are files here (a server writes uploads to files first); indexed images are named by row id or path.
+        """
+        query = query.checked()
+        refine, filters, gen = query.refine, query.filters, self._gen  # one generation for the whole query
+        if query.text is not None:
+            main = [Part(1.0, text=query.text)]
+        elif any(x is not None for x in (query.image, query.image_id, query.image_path)):
+            main = [Part(1.0, image=self._image_file(gen, query.image, query.image_id, query.image_path))]
+        else:
+            main = []  # parts alone
+        parts = main + [p if p.text is not None else Part(p.weight, image=self._image_file(gen, p.image, p.image_id))
+                        for p in query.parts]
+        if not any(p.weight > 0 for p in parts):
             raise QueryError("a query needs at least one part with a positive weight")
-        query_kind = "text" if next(p for p in query if p.weight > 0).text is not None else "image"
-        scorer = self.scorer if rerank else None
+        query_kind = "text" if next(p for p in parts if p.weight > 0).text is not None else "image"
+        scorer = self.scorer if query.rerank else None
         if refine.min_prob is not None and scorer is None:
             raise QueryError(NO_PROBABILITY)
-        kind = kind or ("image" if query_kind == "text" else "text" if refine.min_prob is not None else "all")
-        if kind not in KINDS:
-            raise QueryError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        kind = query.kind or ("image" if query_kind == "text" else "text" if refine.min_prob is not None else "all")
         t0 = time.perf_counter()
-        encoded = self._encode_parts(query)
+        encoded = self._encode_parts(parts)
         emb = combine([p.weight for p, _ in encoded], np.concatenate([f.emb for _, f in encoded]))
         self.timings = Timings(encode_ms=1e3 * (time.perf_counter() - t0))
-        gen = self._gen  # one generation for the whole query, whatever refresh does meanwhile
         hits: list[Hit] = []
         for target in (("text", "image") if kind == "all" else (kind,)):
-            hits += self._search_kind(gen, emb, encoded, target, k, rerank_k, filters, refine, scorer)
+            hits += self._search_kind(gen, emb, encoded, target, query.k, query.rerank_k, filters, refine, scorer)
         return hits
+
+    @staticmethod
+    def _image_file(gen: _Generation, image: str | bytes | None, image_id: int | None = None,
+                    image_path: str | None = None) -> str:
+        """A query image as the file the encoder reads: the one given, or an indexed image's."""
+        if isinstance(image, bytes):
+            raise QueryError("an uploaded image reaches the search as a file (SearchService writes it to one)")
+        if image is not None:
+            return image
+        found = find_image(gen.snapshot, image_id) if image_id is not None else \
+            find_image_by_path(gen.snapshot, image_path)
+        return str(found.path)
 
     def unmigrated(self) -> int:
         """Images of the generation read without metadata (indexed by format 2, not yet migrated by a build)."""

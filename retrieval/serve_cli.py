@@ -8,11 +8,10 @@ from typing import Optional
 
 import typer
 
-from indexer.cliutil import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, printable, user_errors, warn
-from indexer.errors import ItmError
-from indexer.options import BACKEND, DEVICE, PRECISION, default_index_dir
-
-from .settings import DEFAULT_PORT
+from itm.common.cli import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, printable, user_errors, warn
+from itm.common.errors import ItmError
+from itm.common.options import BACKEND, DEFAULT_PORT, DEVICE, PRECISION
+from itm.common.paths import default_index_dir
 
 PROG = "itm-serve"
 NEEDS = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart"))  # module, package
@@ -37,7 +36,8 @@ def serve(
         if missing:
             raise ItmError(f"itm-serve needs {', '.join(missing)}; install them with: pip install 'itm[server]'")
         from .discovery import check_none_running
-        from .server import LOOPBACK, listen, serve as run
+        from .server import LOOPBACK, listen
+        from .server import serve as run
         from .service import Limits, SearchService
 
         check_none_running(index or default_index_dir(), os.getpid())  # before the models load

@@ -1,5 +1,5 @@
 """itm's HTTP server: a JSON search API, the index's description, indexed images and their thumbnails,
-and the web page (static files in retrieval/static), over one SearchService. FastAPI + uvicorn.
+and the web page (static files in retrieval/static, package data), over one SearchService. FastAPI + uvicorn.
 
     GET  /                          the web page
     GET  /api/search?q=...          text query; or image_id=N / image_path=P (an indexed image);
@@ -20,32 +20,32 @@ are fetched by row id, never by path.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import signal
 import socket
 import threading
 from dataclasses import asdict
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import uvicorn
-from fastapi import FastAPI, File, Form, Query as Param, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Query as Param
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexer.errors import QueryError, ServerError
+from itm.common.errors import ServerError
+from itm.common.options import DEFAULT_K, DEFAULT_RERANK_K
 
 from .discovery import ServerInfo, announce, withdraw
 from .gallery import media_type
 from .http_guards import JSON, BodyLimit, HostCheck, SecurityHeaders, add_error_handlers
-from .query import SORTS, Filters, Part, Refine
-from .service import Answer, Query, QueryPart, SearchService
-from .settings import DEFAULT_K, DEFAULT_RERANK_K
+from .query import SORTS, Filters, Part, Query, Refine
+from .service import Answer, SearchService
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(str(files(__package__) / "static"))  # package data: the page needs no build step
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -156,23 +156,14 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
                    camera: Optional[str] = None, min_size: Optional[str] = Param(None, description="WxH or N"),
                    orientation: Optional[str] = None, min_prob: Optional[float] = None, sort: str = "score",
                    dedup: Optional[float] = None):
-        parts = tuple(QueryPart(p.weight, p.text) for p in
-                      [*(Part.parse(a) for a in add), *(Part.parse(x, -1.0) for x in sub)])
+        parts = (*(Part.parse(a) for a in add), *(Part.parse(x, -1.0) for x in sub))
         return answer(Query(text=q, image_id=image_id, image_path=image_path, k=k, kind=kind, rerank_k=rerank_k,
-                            rerank=rerank, parts=parts,
-                            filters=Filters.parse(path, date, camera, min_size, orientation),
+                            rerank=rerank, parts=parts, filters=Filters.parse(path, date, camera, min_size, orientation),
                             refine=Refine(min_prob, sort, dedup)))
 
     @app.post("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search (JSON body)")
     def search_post(req: SearchRequest):
-        image = _base64(req.image_base64) if req.image_base64 is not None else None
-        parts = tuple(QueryPart(p.weight, p.text, _base64(p.image_base64) if p.image_base64 is not None else None,
-                                p.image_name or QueryPart.image_name, p.image_id) for p in req.parts)
-        return answer(Query(text=req.text, image=image, image_name=req.image_name or Query.image_name,
-                            image_id=req.image_id, image_path=req.image_path, k=req.k, kind=req.kind,
-                            rerank_k=req.rerank_k, rerank=req.rerank, parts=parts,
-                            filters=Filters.from_json(req.filters.model_dump(exclude_none=True)),
-                            refine=Refine(req.min_prob, req.sort, req.dedup)))
+        return answer(Query.from_json(req.model_dump()))
 
     @app.post("/api/search/upload", response_model=SearchResponse, responses=ERRORS,
               summary="Search with an uploaded image (multipart form)")
@@ -180,8 +171,8 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
                       kind: Optional[str] = Form(None), rerank_k: int = Form(DEFAULT_RERANK_K),
                       rerank: bool = Form(True)):
         data = image.file.read(service.limits.max_upload_bytes + 1)
-        return answer(Query(image=data, image_name=image.filename or Query.image_name, k=k, kind=kind,
-                            rerank_k=rerank_k, rerank=rerank))
+        return answer(Query(image=data, image_name=image.filename or None, k=k, kind=kind, rerank_k=rerank_k,
+                            rerank=rerank))
 
     @app.get("/api/images/{row_id}", responses={200: {"content": {"image/*": {}}}, **ERRORS},
              summary="An indexed image's file")
@@ -306,13 +297,6 @@ def _answer(service: SearchService, query: Query, realpath: str) -> dict[str, An
     return {"index": realpath, "generation": a.generation, "has_reranker": service.has_reranker,
             "reranked": a.reranked, "hits": hits, "timings": a.timings, "calibrated": a.calibrated,
             "unmigrated": a.unmigrated}
-
-
-def _base64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise QueryError("image_base64 is not valid base64") from None
 
 
 def _url_host(host: str) -> str:

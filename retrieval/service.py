@@ -22,24 +22,24 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
-from indexer.errors import EmptyIndexError, ItmError, QueryError, TooLargeError
-from indexer.images import DEFAULT_MAX_PIXELS
-from indexer.info import index_info
-from indexer.manifest import MANIFEST
-from indexer.options import BACKEND, DEVICE, PRECISION, default_index_dir
-from indexer.store import Snapshot
+from itm.common.errors import EmptyIndexError, ItmError, QueryError, TooLargeError
+from itm.common.options import BACKEND, DEVICE, PRECISION, SERVER_MAX_K
+from itm.common.paths import default_index_dir
+from itm.indexer.info import index_info
+from itm.indexer.manifest import MANIFEST
+from itm.indexer.store import Snapshot
+from itm.models.images import DEFAULT_MAX_PIXELS
 
-from .gallery import IndexedImage, Thumbnails, find_image, find_image_by_path, read_image
+from .gallery import IndexedImage, Thumbnails, find_image, read_image
 from .hits import Hit
-from .query import Filters, Part, Refine
+from .query import Query
 from .search import Searcher
-from .settings import DEFAULT_K, DEFAULT_RERANK_K, SERVER_MAX_K
 
 UPLOAD_NAME = "the uploaded image"
 
@@ -49,35 +49,6 @@ class Limits:
     max_upload_bytes: int = 32 * 2**20  # largest query image accepted, in bytes
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest query image accepted, width x height (the decoder's cap at most)
     max_k: int = SERVER_MAX_K  # most results, and rerank candidates, per kind
-
-
-@dataclass(frozen=True)
-class QueryPart:
-    """One more weighted part of a query: exactly one of text, image (a file's bytes), image_id."""
-
-    weight: float = 1.0  # negative: results less like this
-    text: str | None = None
-    image: bytes | None = None
-    image_name: str = UPLOAD_NAME
-    image_id: int | None = None  # an indexed image, by row id
-
-
-@dataclass(frozen=True)
-class Query:
-    """One search: exactly one of text, image (an image file's bytes), image_id or image_path."""
-
-    text: str | None = None
-    image: bytes | None = None  # a query image's file bytes, e.g. an upload
-    image_name: str = UPLOAD_NAME  # how messages name `image` (itm-search sends the path it was given)
-    image_id: int | None = None  # an indexed image, by row id ("more like this")
-    image_path: str | None = None  # an indexed image, by its path as os.fsdecode gives it
-    k: int = DEFAULT_K  # results per kind
-    kind: str | None = None  # image, text or all (default: image for a text query, all for an image)
-    rerank_k: int = DEFAULT_RERANK_K  # candidates the fusion model rescores
-    rerank: bool = True  # False: rank by recall alone
-    parts: tuple[QueryPart, ...] = ()  # more weighted texts and images (retrieval/query.py)
-    filters: Filters = Filters()
-    refine: Refine = Refine()
 
 
 @dataclass(frozen=True)
@@ -117,19 +88,18 @@ class SearchService:
         start = time.perf_counter()
         with self._counting:
             self.queries += 1
-        self._check(query)
-        with self._query_image(query.image) as upload, self._part_images(query.parts) as uploads, self._lock:
+        query = query.checked(self.limits.max_k)
+        for name, data in [(query.image_name, query.image), *((p.image_name, p.image) for p in query.parts)]:
+            if isinstance(data, bytes):
+                self._check_upload(data, name or UPLOAD_NAME)
+        with self._uploads(query) as (asked, names), self._lock:
             s = self._current()
-            image = upload or self._indexed(s, query)
-            parts = [self._part(s, p, uploads.get(i)) for i, p in enumerate(query.parts)]
             try:
-                hits = s.search(text=query.text, image=image, k=query.k, kind=query.kind, rerank_k=query.rerank_k,
-                                parts=parts, filters=query.filters, refine=query.refine, rerank=query.rerank)
+                hits = s.run(asked)
             except QueryError as e:
                 message = str(e)  # the temporary files' names mean nothing to the client: name its uploads
-                for path, name in [(upload, query.image_name), *((f, query.parts[i].image_name)
-                                                                 for i, f in uploads.items())]:
-                    message = message.replace(str(path), name) if path is not None else message
+                for path, name in names.items():
+                    message = message.replace(path, name)
                 if message == str(e):
                     raise
                 raise QueryError(message) from None
@@ -164,21 +134,6 @@ class SearchService:
         return searcher.snapshot.manifest.generation if searcher is not None else None
 
     # ---- inside ---------------------------------------------------------------------------
-    def _check(self, query: Query) -> None:
-        given = [x is not None for x in (query.text, query.image, query.image_id, query.image_path)]
-        if sum(given) > 1 or (sum(given) == 0 and not query.parts):
-            raise QueryError("give one query: a text, an image, or an indexed image's id or path")
-        for p in query.parts:
-            if sum(x is not None for x in (p.text, p.image, p.image_id)) != 1:
-                raise QueryError("each part of a query holds one of a text, an image, or an indexed image's id")
-            if p.image is not None:
-                self._check_upload(p.image, p.image_name)
-        for name, value in (("k", query.k), ("rerank_k", query.rerank_k)):
-            if not 1 <= value <= self.limits.max_k:
-                raise QueryError(f"{name} must be between 1 and {self.limits.max_k}, got {value}")
-        if query.image is not None:
-            self._check_upload(query.image, query.image_name)
-
     def _check_upload(self, data: bytes, name: str) -> None:
         cap = self.limits.max_upload_bytes
         if len(data) > cap:
@@ -196,39 +151,20 @@ class SearchService:
                                 f"{self.limits.max_pixels}")
 
     @contextmanager
-    def _query_image(self, data: bytes | None) -> Iterator[Path | None]:
-        """An upload as a private temporary file for the Searcher to read, removed afterwards."""
-        if data is None:
-            yield None
-            return
-        fd, name = tempfile.mkstemp(prefix="itm-query-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            yield Path(name)
-        finally:
-            os.unlink(name)
-
-    @contextmanager
-    def _part_images(self, parts: tuple[QueryPart, ...]) -> Iterator[dict[int, Path]]:
-        """The uploaded images of a query's parts as temporary files, by part position."""
+    def _uploads(self, query: Query) -> Iterator[tuple[Query, dict[str, str]]]:
+        """The query with each uploaded image (bytes) written to a private temporary file for the Searcher to
+        read, removed afterwards; and each file's name -> how messages name the upload."""
+        names: dict[str, str] = {}
         with ExitStack() as stack:
-            yield {i: stack.enter_context(self._query_image(p.image)) for i, p in enumerate(parts)
-                   if p.image is not None}
+            def file(data: str | bytes | None, name: str | None) -> str | bytes | None:
+                if not isinstance(data, bytes):
+                    return data
+                path = stack.enter_context(_temporary_file(data))
+                names[path] = name or UPLOAD_NAME
+                return path
 
-    def _part(self, s: Searcher, part: QueryPart, upload: Path | None) -> Part:
-        """A part as the Searcher takes it: a text, or an image file (the upload's, or an indexed image's)."""
-        if part.text is not None:
-            return Part(part.weight, text=part.text)
-        return Part(part.weight, image=str(upload or find_image(s.snapshot, part.image_id).path))
-
-    def _indexed(self, s: Searcher, query: Query) -> Path | None:
-        """The file of the indexed image a query names; only an image in the index is ever read."""
-        if query.image_id is not None:
-            return Path(find_image(s.snapshot, query.image_id).path)
-        if query.image_path is not None:
-            return Path(find_image_by_path(s.snapshot, query.image_path).path)
-        return None
+            parts = tuple(replace(p, image=file(p.image, p.image_name)) for p in query.parts)
+            yield replace(query, image=file(query.image, query.image_name), parts=parts), names
 
     def _current(self) -> Searcher:
         """The Searcher on the newest generation it can take (hold the lock)."""
@@ -276,3 +212,14 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextmanager
+def _temporary_file(data: bytes) -> Iterator[str]:
+    fd, name = tempfile.mkstemp(prefix="itm-query-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield name
+    finally:
+        os.unlink(name)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from indexer.models import resolve_model
+from itm.data.corpora import write_images  # noqa: F401  (tests import it from here too)
+from itm.models.registry import resolve_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
@@ -50,8 +49,8 @@ def tiny_rerank_spec(tmp_path_factory):
     """itm-tiny with a fusion-tiny reranker of fixed random weights."""
     import torch
 
-    from retrieval.checkpoint import save_reranker
-    from retrieval.fusion import FusionReranker, get_fusion_config
+    from itm.models.fusion import FusionReranker, get_fusion_config
+    from itm.models.fusion_checkpoint import save_reranker
 
     torch.manual_seed(0)
     model = FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval()
@@ -61,20 +60,8 @@ def tiny_rerank_spec(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_spec):
-    from indexer.encoder import DualEncoder
+    from itm.models.encoder import DualEncoder
     return DualEncoder.load(tiny_spec)
-
-
-def write_images(folder: Path, n: int, seed: int = 0, size=(40, 48)) -> list[Path]:
-    """n distinct random images, some in a subfolder."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = folder / ("sub" if i % 3 == 0 else "") / f"img{i:03d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
 
 
 @pytest.fixture

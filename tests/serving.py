@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from retrieval.server import create_app, listen
-from retrieval.service import SearchService
+from itm.retrieval.server import create_app, listen
+from itm.retrieval.service import SearchService
 
 
 @dataclass(frozen=True)

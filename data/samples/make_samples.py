@@ -1,6 +1,6 @@
 """Regenerate the bundled sample corpus in this folder.
 
-    python -m data.samples.make_samples          # from the repository root
+    python -m itm.data.samples.make_samples          # from the repository root
 
 Writes images/*.png (300 test-style 64 px images: held-out colour-shape pairs and
 confusable twins included), captions.txt (one caption per image, the text corpus
@@ -9,17 +9,13 @@ the quickstart indexes) and samples.jsonl (every caption, hard negative and twin
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 N_IMAGES = 300
 SEED = 7
 
-if __package__ in (None, ""):   # run as a file: make the repository root importable
-    sys.path.insert(0, str(HERE.parents[1]))
-
-from data.synth.prepare import write_samples  # noqa: E402
+from itm.data.synth.prepare import write_samples
 
 
 def main(argv: list[str] | None = None) -> None:

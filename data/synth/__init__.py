@@ -1,10 +1,10 @@
 """Synthetic compositional image-caption world: scenes, renders, captions, splits.
 
-    >>> from data.synth import generate_split
+    >>> from itm.data.synth import generate_split
     >>> sample = generate_split("test", 2, seed=0)[0]
     >>> image = sample.render()          # PIL image, 64 x 64 by default
 
-Writing a dataset to disk: `python -m data.synth.prepare` (see data/synth/prepare.py).
+Writing a dataset to disk: `python -m itm.data.synth.prepare` (see data/synth/prepare.py).
 """
 from .captions import (
     NEGATIVE_KINDS,

@@ -15,8 +15,7 @@ from itertools import permutations
 
 import numpy as np
 
-from .world import (COL_NAMES, COLOURS, HELD_OUT, OPPOSITE, ROW_NAMES, SHAPES, SIZES, Obj, Scene, holds,
-                    relations)
+from .world import COL_NAMES, COLOURS, HELD_OUT, OPPOSITE, ROW_NAMES, SHAPES, SIZES, Obj, Scene, holds, relations
 
 SINGLE_TEMPLATES = ("{a}{pos}", "there is {a}{pos}", "a picture of {a}{pos}", "an image showing {a}{pos}")
 RELATION_TEMPLATES = ("{a} {rel} {b}", "{a} is {rel} {b}", "there is {a} {rel} {b}",
@@ -411,7 +410,7 @@ def hard_negative(scene: Scene, caption_parts: CaptionParts, rng: np.random.Gene
                   *, allow_held_out: bool = True) -> str:
     """Text of a caption that is false of `scene` but worded like `caption_parts`.
 
-    >>> from data.synth.world import Obj, Scene
+    >>> from itm.data.synth.world import Obj, Scene
     >>> scene = Scene((Obj("red", "circle", "small", 1, 0), Obj("blue", "square", "large", 1, 2)), "sand")
     >>> parts = CaptionParts((Mention("red", "circle"), Mention("blue", "square")), "left")
     >>> caption_matches(scene, parse_caption(hard_negative(scene, parts, np.random.default_rng(0))))

@@ -1,6 +1,6 @@
 """Write the synthetic dataset to disk.
 
-    python -m data.synth.prepare --out out/synth --train 8000 --val 500 --test 1000 --seed 0 --size 64
+    python -m itm.data.synth.prepare --out out/synth --train 8000 --val 500 --test 1000 --seed 0 --size 64
 
 Layout under --out:
     images/{split}/{image_id}.png

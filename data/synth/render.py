@@ -108,7 +108,7 @@ def _place(obj: Obj, cell: float, rng: np.random.Generator) -> tuple[float, floa
 def render_scene(scene: Scene, size: int = 64, seed: int = 0) -> Image.Image:
     """Render `scene` as an RGB image of `size` x `size` pixels.
 
-    >>> from data.synth.world import Obj, Scene
+    >>> from itm.data.synth.world import Obj, Scene
     >>> render_scene(Scene((Obj("red", "star", "large", 0, 2),), "sand")).size
     (64, 64)
     """

@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from indexer.build import build_index
-from indexer.checkpoint import file_sha256
-from indexer.models import resolve_model
-from retrieval import calibrate_cli
-from retrieval.checkpoint import save_reranker
-from retrieval.fusion import FusionReranker, get_fusion_config
-from retrieval.query import Refine
-from retrieval.search import Searcher
+from itm.indexer.build import build_index
+from itm.models.checkpoint import file_sha256
+from itm.models.fusion import FusionReranker, get_fusion_config
+from itm.models.fusion_checkpoint import save_reranker
+from itm.models.registry import resolve_model
+from itm.retrieval.query import Refine
+from itm.retrieval.search import Searcher
+from itm.training import calibrate_cli
 from tests.conftest import write_images
 
 

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
+from itm.data.corpora import make_odd_files
 from tests.conftest import write_images
-from tests.fixtures_broken import make_odd_files
 
 
 def run(cmd, *args, env=None, text=True):
     """The command's result; with text=False its output stays bytes, as a pipe to another program gets it."""
     exe = shutil.which(cmd)
-    modules = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli", "itm-train": "retrieval.train_cli",
-               "itm-eval": "retrieval.eval_cli", "itm-serve": "retrieval.serve_cli"}
+    modules = {"itm-index": "itm.indexer.cli", "itm-search": "itm.retrieval.cli", "itm-train": "itm.training.train_cli",
+               "itm-eval": "itm.training.eval_cli", "itm-serve": "itm.retrieval.serve_cli"}
     argv = [exe] if exe else [sys.executable, "-c", f"import {modules[cmd]} as m; m.main()"]
     return subprocess.run(argv + [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args],
                           capture_output=True, text=text, timeout=300, env={**os.environ, **(env or {})})
@@ -140,7 +140,7 @@ PROBE = ("import atexit, sys\n"
 
 def probe(cmd, *args, heavy=HEAVY):
     """The command, reporting which of `heavy` it imported."""
-    module = {"itm-index": "indexer.cli", "itm-search": "retrieval.cli"}[cmd]
+    module = {"itm-index": "itm.indexer.cli", "itm-search": "itm.retrieval.cli"}[cmd]
     r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=heavy, module=module), *map(str, args)],
                        capture_output=True, text=True, timeout=300)
     loaded = [line for line in r.stderr.splitlines() if line.startswith("loaded:")]
@@ -150,8 +150,8 @@ def probe(cmd, *args, heavy=HEAVY):
 def test_help_a_rebuild_with_nothing_to_do_and_queries_import_no_torch_nor_pandas(tmp_path):
     import torch
 
-    from retrieval.checkpoint import save_reranker
-    from retrieval.fusion import FusionReranker, get_fusion_config
+    from itm.models.fusion import FusionReranker, get_fusion_config
+    from itm.models.fusion_checkpoint import save_reranker
 
     torch.manual_seed(0)
     reranker = save_reranker(FusionReranker(get_fusion_config("fusion-tiny", image_width=64, text_width=64)).eval(),

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from data.samples.make_samples import N_IMAGES, SEED
-from data.synth import caption_matches, generate_split, parse_caption
+from itm.data.samples.make_samples import N_IMAGES, SEED
+from itm.data.synth import caption_matches, generate_split, parse_caption
 from tests.cli.test_cli import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_the_quickstart_query_answers_right_first(demo_index, scenes):
 def test_compositional_queries_on_the_sample_corpus(demo_index, scenes):
     """Every relational caption of the corpus as a query: how often the top image holds its objects, and
     how often the caption is true of it (measured 94.8% and 94.1% for the bundled model)."""
-    from retrieval.search import Searcher
+    from itm.retrieval.search import Searcher
 
     searcher = Searcher(demo_index)
     queries = [c for c in (SAMPLES / "captions.txt").read_text().splitlines() if parse_caption(c).relation]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indexer.encoder import DualEncoder
-from indexer.models import resolve_model
-from retrieval.checkpoint import load_reranker
+from itm.models.encoder import DualEncoder
+from itm.models.fusion_checkpoint import load_reranker
+from itm.models.registry import resolve_model
 from tests.cli.test_cli import run
 from tests.conftest import write_images
 

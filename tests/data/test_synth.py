@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.synth import (
+from itm.data.synth import (
     HELD_OUT,
     CaptionParts,
     Mention,
@@ -29,9 +29,9 @@ from data.synth import (
     render_scene,
     sample_scene,
 )
-from data.synth.captions import caption_kind, mentions_held_out, why_false
-from data.synth.prepare import main as prepare_main
-from data.synth.prepare import prepare
+from itm.data.synth.captions import caption_kind, mentions_held_out, why_false
+from itm.data.synth.prepare import main as prepare_main
+from itm.data.synth.prepare import prepare
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
 SWAP_KINDS = {"colour_swap", "shape_swap", "size_swap"}
@@ -162,7 +162,7 @@ def test_more_negatives_are_false_distinct_and_keep_held_out_pairs_out_of_traini
 
 def test_more_negatives_leave_the_rest_of_a_split_as_it_was(monkeypatch):
     """They are drawn from a stream of their own: captions and hard negatives do not depend on them."""
-    from data.synth import dataset
+    from itm.data.synth import dataset
 
     with_more = generate_split("train", 12, seed=3, twin_fraction=0.5)
     monkeypatch.setattr(dataset, "more_negatives", lambda *a, **k: ())
@@ -283,8 +283,8 @@ def test_prepare_is_the_same_with_workers(tmp_path):
 
 
 def test_bundled_samples_match_their_recipe():
-    from data.samples.make_samples import N_IMAGES, SEED
-    from data.synth.prepare import _corpus_caption
+    from itm.data.samples.make_samples import N_IMAGES, SEED
+    from itm.data.synth.prepare import _corpus_caption
 
     samples = generate_split("test", N_IMAGES, SEED)
     lines = (SAMPLES / "captions.txt").read_text().splitlines()
@@ -330,8 +330,8 @@ def test_twins_in_training_leave_the_test_split_unchanged(tmp_path):
 
 
 def test_karpathy_scenes_round_trip_and_truth_table_matches_the_checker(tmp_path):
-    from data.synth.captions import truth_table
-    from data.synth.prepare import scene_from_dict
+    from itm.data.synth.captions import truth_table
+    from itm.data.synth.prepare import scene_from_dict
 
     prepare(tmp_path, {"test": 40}, 7)
     images = json.loads((tmp_path / "dataset_karpathy.json").read_text())["images"]
@@ -347,8 +347,8 @@ def test_karpathy_scenes_round_trip_and_truth_table_matches_the_checker(tmp_path
 
 def test_grounded_phrases_name_their_objects_and_cells(tmp_path):
     """Each phrase of a written caption spans one mention, and its box is the named object's cell."""
-    from data.synth.prepare import scene_from_dict
-    from retrieval.data import load_dataset
+    from itm.data.synth.prepare import scene_from_dict
+    from itm.training.data import load_dataset
 
     prepare(tmp_path, {"train": 30}, 3)
     images = json.loads((tmp_path / "dataset_karpathy.json").read_text())["images"]
@@ -367,8 +367,8 @@ def test_grounded_phrases_name_their_objects_and_cells(tmp_path):
 def test_the_demo_encoders_see_attribute_negatives_only(tmp_path):
     """The recipe's encoder stage drops relation and position flips and position-swapped twins, nothing else;
     the flips become token negatives (kept apart in the text tokens only)."""
-    from data.demo.train_demo import RELATIONAL, attribute_negatives
-    from retrieval.data import load_dataset
+    from itm.training.data import load_dataset
+    from itm.training.recipes.demo import RELATIONAL, attribute_negatives
 
     prepare(tmp_path, {"train": 80}, 5, twin_fraction=1.0)
     dataset = tmp_path / "dataset_karpathy.json"
@@ -390,7 +390,7 @@ def test_the_demo_encoders_see_attribute_negatives_only(tmp_path):
 def test_the_recipe_takes_reranker_options_for_experiments():
     """--reranker-option (and --encoder-option) KEY=VALUE reads each value as its field's type and refuses
     what is not a field."""
-    from data.demo.train_demo import STAGE2, STAGE3, with_options
+    from itm.training.recipes.demo import STAGE2, STAGE3, with_options
 
     o = with_options(STAGE3, ["random_negatives=0", "lr=3e-4", "precision=fp32", "hard_images=false",
                               "stop_after=3000"])
@@ -406,10 +406,11 @@ def test_the_recipe_refuses_encoders_that_make_relation_words_alike(tmp_path):
     """The bundled encoder keeps a caption and its relation flip apart where the reranker reads them; the same
     encoder with every relation word's embedding made one (so "left of" and "right of" read alike) is refused."""
     import torch
-    from data.demo.train_demo import RELATION_SPLIT, check_relation_words
-    from indexer.encoder import DualEncoder
-    from indexer.errors import ItmError
-    from indexer.models import resolve_model
+
+    from itm.common.errors import ItmError
+    from itm.models.encoder import DualEncoder
+    from itm.models.registry import resolve_model
+    from itm.training.recipes.demo import RELATION_SPLIT, check_relation_words
 
     prepare(tmp_path / "synth", {"val": 40}, 3)
     dataset = tmp_path / "synth" / "dataset_karpathy.json"

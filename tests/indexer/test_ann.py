@@ -2,8 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.ann import EXACT_MAX, HNSW_MAX, build_ann, choose_factory, measured_recall
-from indexer.errors import ItmError
+from itm.common.errors import ItmError
+from itm.indexer.ann import EXACT_MAX, HNSW_MAX, build_ann, choose_factory, measured_recall
 
 
 def clustered(n, dim=64, clusters=500, seed=0, spread=0.35):

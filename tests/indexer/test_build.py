@@ -7,16 +7,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import indexer.build
-import indexer.commit
-from indexer import manifest as manifest_module
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.errors import IndexFormatError, ModelMismatchError
-from indexer.models import resolve_model
-from indexer.onnx_items import OnnxItemEncoder
+import itm.indexer.build
+import itm.indexer.commit
+from itm.common.errors import IndexFormatError, ModelMismatchError
+from itm.data.corpora import make_hostile_folder, make_odd_files
+from itm.indexer import manifest as manifest_module
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.onnx_items import OnnxItemEncoder
+from itm.models.registry import resolve_model
 from tests.conftest import write_images
-from tests.fixtures_broken import make_hostile_folder, make_odd_files
 
 
 def build(src, idx, spec, **kw):
@@ -112,15 +112,15 @@ def test_crash_during_final_commit_leaves_previous_index_and_resumes(tmp_path, i
     before = json.loads((idx / "manifest.json").read_text())
     write_images(image_folder / "more", 10, seed=3)
 
-    real_write = indexer.commit.write_manifest
+    real_write = itm.indexer.commit.write_manifest
     def crash_on_final(index_dir, manifest):
         if not manifest.staging:
             raise KeyboardInterrupt  # like Ctrl-C between staging and the final commit
         real_write(index_dir, manifest)
-    monkeypatch.setattr(indexer.commit, "write_manifest", crash_on_final)
+    monkeypatch.setattr(itm.indexer.commit, "write_manifest", crash_on_final)
     with pytest.raises(KeyboardInterrupt):
         build(image_folder, idx, tiny_spec, commit_every=4)
-    monkeypatch.setattr(indexer.commit, "write_manifest", real_write)
+    monkeypatch.setattr(itm.indexer.commit, "write_manifest", real_write)
 
     after = json.loads((idx / "manifest.json").read_text())
     assert after["generation"] == before["generation"] and after["rows"] == before["rows"]
@@ -242,7 +242,7 @@ def test_a_rebuild_with_nothing_to_do_loads_no_model_and_commits_nothing(tmp_pat
     build(text_file, idx, tiny_spec)
     before = (idx / "manifest.json").read_bytes()
     files = sorted(p.name for p in idx.iterdir())
-    monkeypatch.setattr(indexer.build, "load_item_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(itm.indexer.build, "load_item_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
     for source in (image_folder, text_file):
         r = build_index(source, idx)  # no model named: the index's own
         assert (r.added, r.updated, r.removed, r.unchanged) == (0, 0, 0, 12 if source == image_folder else 4)
@@ -260,7 +260,7 @@ def test_a_rebuild_with_nothing_to_do_loads_no_model_and_commits_nothing(tmp_pat
 
 
 def test_a_listing_fingerprint_tells_an_unchanged_source_and_nothing_else(tmp_path, image_folder, text_file, tiny_spec):
-    from indexer.listing import unchanged
+    from itm.indexer.listing import unchanged
 
     idx, opts = tmp_path / "idx", BuildOptions(batch_size=4)
     build(image_folder, idx, tiny_spec)

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import indexer.commit
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.compact import compact_index, dead_rows
-from retrieval.search import Searcher
+import itm.indexer.commit
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.indexer.compact import compact_index, dead_rows
+from itm.retrieval.search import Searcher
 
 
 def build(src, idx, spec, **kw):
@@ -75,7 +75,7 @@ def test_a_crash_during_compaction_leaves_the_index_as_it_was(thinned, monkeypat
 
     def crash(index_dir, manifest):
         raise KeyboardInterrupt  # new segments written, manifest not yet replaced
-    monkeypatch.setattr(indexer.commit, "write_manifest", crash)
+    monkeypatch.setattr(itm.indexer.commit, "write_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
         compact_index(thinned)
     monkeypatch.undo()
@@ -89,7 +89,7 @@ def test_a_crash_during_compaction_leaves_the_index_as_it_was(thinned, monkeypat
 
 
 def test_each_items_precision_is_kept_through_builds_and_compaction(tmp_path, image_folder, tiny_spec):
-    from indexer.info import index_info
+    from itm.indexer.info import index_info
     from tests.conftest import write_images
 
     idx = tmp_path / "idx"

@@ -6,11 +6,11 @@ import faiss
 import numpy as np
 import pytest
 
-import indexer.ivf_disk as ivf_disk
-from indexer import store
-from indexer.ann import choose_factory, exact_neighbours, held_out_queries, on_disk, recall_of
-from indexer.build import BuildOptions, build_index
-from retrieval.search import Searcher
+import itm.indexer.ivf_disk as ivf_disk
+from itm.indexer import store
+from itm.indexer.ann import choose_factory, exact_neighbours, held_out_queries, on_disk, recall_of
+from itm.indexer.build import BuildOptions, build_index
+from itm.retrieval.search import Searcher
 from tests.conftest import write_images
 from tests.indexer.test_ann import clustered
 

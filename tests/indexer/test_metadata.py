@@ -5,12 +5,12 @@ import os
 import pyarrow.parquet as pq
 from PIL import Image
 
-from indexer import manifest as manifest_module
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.compact import compact_index
-from indexer.metadata import COLUMNS, read_metadata
-from retrieval.filtering import RowColumns
+from itm.indexer import manifest as manifest_module
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.indexer.compact import compact_index
+from itm.indexer.metadata import COLUMNS, read_metadata
+from itm.retrieval.filtering import RowColumns
 from tests.conftest import write_images
 
 

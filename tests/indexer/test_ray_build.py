@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import ray
 
-import indexer.ray_engine as ray_engine
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.errors import ItmError
-from indexer.options import RayOptions
-from retrieval.search import Searcher
+import itm.indexer.ray_engine as ray_engine
+from itm.common.errors import ItmError
+from itm.common.options import RayOptions
+from itm.data.corpora import make_hostile_folder
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.retrieval.search import Searcher
 from tests.conftest import write_images
-from tests.fixtures_broken import make_hostile_folder
 
 SMALL = dict(batch_size=4, commit_every=6)
 
@@ -133,7 +133,7 @@ def test_the_command_takes_engine_ray(tmp_path):
     """itm-index build --engine ray, in this process so that it joins the module's cluster."""
     from typer.testing import CliRunner
 
-    from indexer.cli import app
+    from itm.indexer.cli import app
 
     write_images(tmp_path / "photos", 5)
     args = ["build", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", "itm-tiny",

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.errors import CorpusError
-from indexer.scan import (
+from itm.common.errors import CorpusError
+from itm.data.corpora import make_odd_files
+from itm.indexer.scan import (
     TEXT_EXTENSIONS,
     FileEntry,
     TextItem,
@@ -15,7 +16,6 @@ from indexer.scan import (
     read_texts,
     scan_images,
 )
-from tests.fixtures_broken import make_odd_files
 
 
 def touch(root: Path, *names: str) -> None:

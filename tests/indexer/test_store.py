@@ -3,7 +3,7 @@
 def test_columns_are_read_without_pandas():
     import pyarrow as pa
 
-    from indexer.store import categories, integers
+    from itm.indexer.store import categories, integers
 
     numbers = pa.chunked_array([pa.array([5, 1], pa.int64()), pa.array([7], pa.int64())])
     assert integers(numbers).tolist() == [5, 1, 7] and integers(numbers.slice(1, 2)).tolist() == [1, 7]

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.compact import compact_index
-from indexer.errors import ItmError
-from indexer.models import resolve_model
-from retrieval.search import Searcher
+from itm.common.errors import ItmError
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.indexer.compact import compact_index
+from itm.models.registry import resolve_model
+from itm.retrieval.search import Searcher
 from tests.retrieval.test_rerank_search import reranker_path  # noqa: F401 (a module fixture)
 
 

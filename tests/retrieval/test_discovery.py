@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from indexer.errors import ServerError
-from retrieval.discovery import ServerInfo, announce, announcement_path, find_server, runtime_dir, withdraw
+from itm.common.errors import ServerError
+from itm.common.paths import runtime_dir
+from itm.retrieval.discovery import ServerInfo, announce, announcement_path, find_server, withdraw
 
 
 @pytest.fixture

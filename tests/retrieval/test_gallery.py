@@ -7,10 +7,10 @@ import threading
 import pytest
 from PIL import Image
 
-from indexer.build import BuildOptions, build_index
-from indexer.errors import NotInIndexError
-from indexer.store import Snapshot
-from retrieval.gallery import Thumbnails, find_image, find_image_by_path, media_type, read_image
+from itm.common.errors import NotInIndexError
+from itm.indexer.build import BuildOptions, build_index
+from itm.indexer.store import Snapshot
+from itm.retrieval.gallery import Thumbnails, find_image, find_image_by_path, media_type, read_image
 from tests.conftest import write_images
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.build import BuildOptions, build_index
-from indexer.models import resolve_model
-from retrieval.service import SearchService
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.registry import resolve_model
+from itm.retrieval.service import SearchService
 from tests.conftest import write_images
 from tests.serving import get, post_form, running
 

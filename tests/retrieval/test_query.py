@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.errors import QueryError
-from indexer.models import resolve_model
-from retrieval import calibration, search as search_module
-from retrieval.checkpoint import save_reranker
-from retrieval.fusion import FusionReranker, get_fusion_config
-from retrieval.query import Filters, Part, Refine
-from retrieval.search import Searcher
+from itm.common.errors import QueryError
+from itm.indexer.build import BuildOptions, build_index
+from itm.models import calibration
+from itm.models.fusion import FusionReranker, get_fusion_config
+from itm.models.fusion_checkpoint import save_reranker
+from itm.models.registry import resolve_model
+from itm.retrieval import search as search_module
+from itm.retrieval.query import Filters, Part, Refine
+from itm.retrieval.search import Searcher
 from tests.conftest import write_images
 from tests.indexer.test_metadata import exif_photo
 
@@ -214,3 +214,34 @@ def test_sort_by_date_and_path_after_the_cut(recall_only):
     dates = [rows[h.id]["taken"] for h in by_date]
     assert dates == sorted(dates, reverse=True)
     assert [h.path for h in by_path] == sorted(h.path for h in ranked)
+
+
+def test_the_query_is_declared_once_and_travels_whole():
+    """The server's request schema presents exactly the Query's JSON form, and a query survives the trip from
+    itm-search's options through the client's JSON and the server's parsing unchanged."""
+    pytest.importorskip("fastapi")
+    from itm.retrieval.query import JSON_FIELDS, Query
+    from itm.retrieval.server import SearchRequest
+
+    assert set(SearchRequest.model_fields) == JSON_FIELDS
+    asked = Query("a dog", k=7, kind="all", rerank_k=20, rerank=False,
+                  parts=(Part(2.0, text="snow"), Part(-0.5, image=b"\x89PNG", image_name="ref.png"), Part(1.0, image_id=3)),
+                  filters=Filters.parse("*/2024/*", "2024-03..", "canon", "640x480", "landscape"),
+                  refine=Refine(min_prob=0.25, sort="date", dedup=0.97)).checked()
+    assert Query.from_json(SearchRequest(**asked.to_json()).model_dump()) == asked
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"text": None}, "give one query"), ({"image_id": 4}, "give one query"), ({"k": 0}, "k must be"),
+    ({"rerank_k": 0}, "rerank_k must be"), ({"kind": "video"}, "unknown kind"),
+    ({"refine": Refine(sort="size")}, "unknown sort"), ({"parts": (Part(1.0),)}, "each part"),
+])
+def test_a_query_says_what_is_wrong_with_it(change, message):
+    from dataclasses import replace
+
+    from itm.retrieval.query import Query
+
+    with pytest.raises(QueryError, match=message):
+        replace(Query("a dog"), **change).checked()
+    with pytest.raises(QueryError, match="between 1 and 100"):
+        Query("a dog", k=101).checked(max_k=100)

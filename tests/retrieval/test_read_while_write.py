@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from indexer.models import resolve_model
-from retrieval.checkpoint import save_reranker
-from retrieval.fusion import FusionReranker, get_fusion_config
-from tests.read_while_write import read_while_writing
+from benchmarks.read_while_write import read_while_writing
+from itm.models.fusion import FusionReranker, get_fusion_config
+from itm.models.fusion_checkpoint import save_reranker
+from itm.models.registry import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """rerank_top: the first k candidates re-sorted by fused score, the rest in recall order."""
 import numpy as np
 
-from retrieval.rerank import rerank_top
+from itm.retrieval.rerank import rerank_top
 
 
 def one_at_a_time(order, fused):

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.errors import CheckpointError, ModelMismatchError
-from indexer.models import resolve_model
-from retrieval.checkpoint import save_reranker
-from retrieval.data import ImageCaptions
-from retrieval.evaluate import embed_dataset, rank
-from retrieval.fusion import FusionReranker, bytes_per_image, get_fusion_config
-from retrieval.search import Searcher
+from itm.common.errors import CheckpointError, ModelMismatchError
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.fusion import FusionReranker, bytes_per_image, get_fusion_config
+from itm.models.fusion_checkpoint import save_reranker
+from itm.models.registry import resolve_model
+from itm.retrieval.search import Searcher
+from itm.training.data import ImageCaptions
+from itm.training.evaluate import embed_dataset, rank
 from tests.conftest import write_images
 
 

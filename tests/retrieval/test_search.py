@@ -1,13 +1,12 @@
-import json
 
 import numpy as np
 import pytest
 
-from indexer import store
-from indexer.build import BuildOptions, build_index
-from indexer.errors import EmptyIndexError, IndexNotFoundError, ModelMismatchError, QueryError
-from indexer.models import resolve_model
-from retrieval.search import Searcher
+from itm.common.errors import EmptyIndexError, IndexNotFoundError, ModelMismatchError, QueryError
+from itm.indexer import store
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.registry import resolve_model
+from itm.retrieval.search import Searcher
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from indexer.build import BuildOptions, build_index
-from retrieval.hits import Hit
-from retrieval.search import Searcher
-from retrieval.service import Limits, SearchService
+from benchmarks.read_while_write import _Writer
+from itm.data.corpora import huge_header_png
+from itm.indexer.build import BuildOptions, build_index
+from itm.retrieval.hits import Hit
+from itm.retrieval.search import Searcher
+from itm.retrieval.service import Limits, SearchService
 from tests.conftest import write_images
-from tests.fixtures_broken import _huge_header_png
-from tests.read_while_write import _Writer
 from tests.serving import get, post_form, post_json, request, running
 
 HIT_FIELDS = [f.name for f in dataclasses.fields(Hit)]
@@ -123,7 +123,7 @@ MALFORMED = [  # method, path, body, headers, status, message
      "image_base64 is not valid base64"),
     ("POST", "/api/search", json.dumps({"image_base64": base64.b64encode(b"hello").decode()}).encode(),
      {"content-type": "application/json"}, 400, "cannot use query image the uploaded image: not an image"),
-    ("POST", "/api/search", json.dumps({"image_base64": base64.b64encode(_huge_header_png()).decode(),
+    ("POST", "/api/search", json.dumps({"image_base64": base64.b64encode(huge_header_png()).decode(),
                                         "image_name": "big.png"}).encode(),
      {"content-type": "application/json"}, 400, "cannot use query image big.png: image is 20000 x 20000, over the "
      "pixel cap of 100000000"),
@@ -188,8 +188,8 @@ def test_only_loopback_host_names_are_answered(url):
 
 
 def test_page_openapi_info_and_health(url, index):
-    from indexer.info import index_info
-    from indexer.store import Snapshot
+    from itm.indexer.info import index_info
+    from itm.indexer.store import Snapshot
 
     page = get(url, "/")
     assert page.status == 200 and page.headers["content-type"].startswith("text/html")
@@ -249,7 +249,7 @@ def test_generations_committed_under_load_are_taken_whole(tmp_path, tiny_rerank_
 
 
 def test_weighted_parts_filters_and_the_probability_cut_answer_as_the_searcher_does(url, index):
-    from retrieval.query import Filters, Part, Refine
+    from itm.retrieval.query import Filters, Part, Refine
 
     oracle = Searcher(index)
     photos = sorted((index.parent / "photos").glob("*.png"))

@@ -5,13 +5,13 @@ import threading
 import pytest
 from PIL import Image
 
-from indexer.build import BuildOptions, build_index
-from indexer.errors import EmptyIndexError, NotInIndexError, QueryError, TooLargeError
-from indexer.models import resolve_model
-from retrieval.search import Searcher
-from retrieval.service import Limits, Query, SearchService
+from itm.common.errors import EmptyIndexError, NotInIndexError, QueryError, TooLargeError
+from itm.data.corpora import huge_header_png
+from itm.indexer.build import BuildOptions, build_index
+from itm.models.registry import resolve_model
+from itm.retrieval.search import Searcher
+from itm.retrieval.service import Limits, Query, SearchService
 from tests.conftest import write_images
-from tests.fixtures_broken import _huge_header_png
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_bad_queries_are_refused_with_a_message(index, tmp_path):
         (Query(image=b"not an image", image_name="notes.txt"), QueryError,
          r"^cannot use query image notes.txt: not an image \(cannot identify format\)$"),
         (Query(image=b"\0" * 10_001), TooLargeError, "the uploaded image is 0.0 MiB, over this server's cap"),
-        (Query(image=_huge_header_png()), TooLargeError, "is 20000 x 20000, over this server's pixel cap of 1000000"),
+        (Query(image=huge_header_png()), TooLargeError, "is 20000 x 20000, over this server's pixel cap of 1000000"),
         (Query(image=write_png(1200, 1000)), TooLargeError, "is 1200 x 1000, over this server's pixel cap"),
         (Query(image_id=10**9), NotInIndexError, "no image with id 1000000000"),
         (Query(image_path="/etc/passwd"), NotInIndexError, "/etc/passwd is not an indexed image"),
@@ -66,7 +66,7 @@ def test_bad_queries_are_refused_with_a_message(index, tmp_path):
 def test_without_a_lower_cap_the_decoders_own_refuses_as_it_does_in_process(index):
     with pytest.raises(QueryError, match=r"^cannot use query image big.png: image is 20000 x 20000, over the pixel cap "
                                          r"of 100000000; raise --max-pixels to allow it$"):
-        SearchService(index).search(Query(image=_huge_header_png(), image_name="big.png"))
+        SearchService(index).search(Query(image=huge_header_png(), image_name="big.png"))
 
 
 def write_png(width: int, height: int) -> bytes:
@@ -76,11 +76,11 @@ def write_png(width: int, height: int) -> bytes:
 
 
 def test_recall_only_queries_use_the_models_already_loaded(index, monkeypatch):
-    import retrieval.search
+    import itm.retrieval.search
 
     loads = []
-    real = retrieval.search.load_item_encoder
-    monkeypatch.setattr(retrieval.search, "load_item_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = itm.retrieval.search.load_item_encoder
+    monkeypatch.setattr(itm.retrieval.search, "load_item_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
     service = SearchService(index)
     a = service.search(Query(text="a red square", k=5, rerank=False))
     b = service.search(Query(text="a red square", k=5))
@@ -150,8 +150,8 @@ def test_concurrent_queries_get_what_one_at_a_time_gets(index, image_folder):
 
 
 def test_info_is_what_itm_index_info_shows(index):
-    from indexer.info import index_info
-    from indexer.store import Snapshot
+    from itm.indexer.info import index_info
+    from itm.indexer.store import Snapshot
 
     info = SearchService(index).info()
     assert info == index_info(Snapshot.open(index)) and info["counts"] == {"image": 12, "text": 4}
