@@ -31,7 +31,10 @@ def test_the_wheel_holds_one_top_level_package_and_its_data(wheel):
     for data in ("itm/data/demo/encoder.safetensors", "itm/data/demo/bundle.json", "itm/retrieval/static/index.html",
                  "itm/models/model_configs/itm-demo.json", "itm/models/fusion_configs/fusion-demo.json"):
         assert data in names
-    assert not [n for n in names if "/work/" in n or n.endswith(".png")], "a recipe's work or samples were packaged"
+    assert "itm/data/scenes/glyphs/LICENSE-NOTO.txt" in names and any(n.startswith("itm/data/scenes/glyphs/1f")
+                                                                          for n in names)
+    stray = [n for n in names if "/work/" in n or (n.endswith(".png") and "/scenes/glyphs/" not in n)]
+    assert not stray, "a recipe's work or the samples were packaged"
 
 
 def test_an_installed_itm_runs_from_a_folder_with_lookalike_packages(wheel, tmp_path):
