@@ -2,7 +2,7 @@
 and generated inputs (photo-like images, captions).
 
 Not a benchmark itself. The scripts beside it import it as `benchlib` (they run as
-`python benchmarks/NAME.py`, which puts this folder on sys.path).
+`python benchmarks/NAME.py`: Python looks for imports in a script's own folder first).
 """
 from __future__ import annotations
 

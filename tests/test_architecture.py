@@ -1,5 +1,5 @@
 """The rooms and their arrows, read from the code (docs/architecture.md): one-way arrows between rooms, no import
-loop between modules (lazy imports inside functions count), no sys.path edits, benchmarks that import no tests."""
+loop between modules (lazy imports inside functions count), no edits of the import path, benchmarks that import no tests."""
 from __future__ import annotations
 
 import ast
