@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -209,3 +210,19 @@ def captions(n: int, seed: int = 0) -> list[str]:
             parts.append(f"with a {SUBJECTS[rng.integers(len(SUBJECTS))]} behind it")
         out.append(" ".join(p for p in parts if p))
     return out
+
+
+def start_server(argv: list[str], index: Path, env: dict[str, str] | None = None,
+                 timeout_s: float = 600) -> subprocess.Popen:
+    """`argv` (an itm-serve command) serving `index` on a free port, once it has announced itself to itm-search."""
+    from itm.retrieval.discovery import find_server
+
+    proc = subprocess.Popen([*argv, "--index", str(index), "--port", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + timeout_s
+    while (found := find_server(index)) is None or found.pid != proc.pid:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"itm-serve did not start: {proc.communicate()[1].decode(errors='replace')}")
+        time.sleep(0.1)
+    return proc

@@ -148,14 +148,7 @@ def in_process(index: Path, queries: list[str], runs: int) -> list[float]:
 
 
 def start_server(index: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(command("itm-serve", "itm.retrieval.serve_cli") + ["--index", str(index), "--port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    deadline = time.monotonic() + 600
-    while (found := find_server(index)) is None or found.pid != proc.pid:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"itm-serve did not start: {proc.communicate()[1].decode(errors='replace')}")
-        time.sleep(0.1)
-    return proc
+    return benchlib.start_server(command("itm-serve", "itm.retrieval.serve_cli"), index, ENV)
 
 
 def memory_mb(pid: int) -> dict:

@@ -3,7 +3,7 @@
     python -m venv /tmp/rclip-venv && /tmp/rclip-venv/bin/pip install rclip
     python -m venv /tmp/itm-venv && /tmp/itm-venv/bin/pip install .
     python benchmarks/vs_rclip.py --rclip-python /tmp/rclip-venv/bin/python [--itm-venv /tmp/itm-venv]
-        [--runs 5] [--build-runs 3] [--cache DIR] [--out benchmarks/results/vs_rclip.json]
+        [--runs 5] [--build-runs 3] [--cache DIR] [--out benchmarks/results/vs_rclip.json] [--quick]
 
 With --itm-venv, itm's commands are that environment's, installed as a user installs them, as
 rclip's are; without it, this interpreter's (a development install pays for every .pth file of
@@ -13,8 +13,11 @@ Each row times whole commands as a user runs them, itm and rclip in turn (A B A 
 new process, and gives medians and the median of the pair-by-pair ratios (itm / rclip for times,
 itm / rclip for rates), so that a comparison holds while the machine's speed drifts:
 
+- `--help` of the query command (the start-up alone);
 - text query and image query from the shell on a 300-image index (itm-search against `rclip
   QUERY`; rclip checks its folder for changes first, as it does by default);
+- the text query again with itm-serve running for the index (itm-search asks it; rclip has no
+  server, so it answers cold as above);
 - rebuild with nothing changed (itm-index build against rclip's own indexing entry point);
 - build from scratch of 300 JPEGs of 640x480 and of 48 JPEGs of 12 MP (index and database
   deleted before each run; the exported model files of both are kept, as a second build finds them);
@@ -23,6 +26,7 @@ itm / rclip for rates), so that a comparison holds while the machine's speed dri
 - both builds again with itm's --precision int8 (the onnx backend's graphs with int8 matrix
   products; not the default either, as its embeddings differ from fp32's; the untimed warm-up
   build of each row makes its graphs, as the first build makes the fp32 export);
+- with --quick, only the rows above this one: the commands a user waits on, in a few minutes;
 - 12 MP: the build's rate (its scan/decode/encode loop, BuildReport.timings.embed_s less the
   model's set-up within it, as build_throughput.py counts it) against the
   model-only forward rate on already prepared pixels in the same batches, in this process,
@@ -174,9 +178,10 @@ class Tools:
     """The two programs, each with its index of one folder."""
 
     def __init__(self, rclip_python: Path, work: Path, itm_venv: Path | None = None):
-        self.itm_index, self.itm_search = (
+        self.itm_index, self.itm_search, self.itm_serve = (
             _command(name, module, itm_venv) for name, module in (("itm-index", "itm.indexer.cli"),
-                                                                  ("itm-search", "itm.retrieval.cli")))
+                                                                  ("itm-search", "itm.retrieval.cli"),
+                                                                  ("itm-serve", "itm.retrieval.serve_cli")))
         self.rclip_python, self.work = rclip_python, work
         self.rclip = [str(rclip_python), "-c", "from rclip.main import main; main()"]
         self.rclip_data = work / "rclip-data"
@@ -190,15 +195,15 @@ class Tools:
     def rclip_build(self, folder: Path, fresh: bool = False):
         if fresh:
             (self.rclip_data / "db.sqlite3").unlink(missing_ok=True)
-        return run([str(self.rclip_python), "-c", RCLIP_INDEX, str(folder)], self._rclip_env())
+        return run([str(self.rclip_python), "-c", RCLIP_INDEX, str(folder)], self.rclip_env())
 
     def itm_query(self, index: Path, *query: str):
         return run(self.itm_search + [*query, "--index", str(index), "-k", "10"])
 
     def rclip_query(self, folder: Path, query: str):
-        return run(self.rclip + [query, "-t", "10"], self._rclip_env(), cwd=folder)
+        return run(self.rclip + [query, "-t", "10"], self.rclip_env(), cwd=folder)
 
-    def _rclip_env(self) -> dict[str, str]:
+    def rclip_env(self) -> dict[str, str]:
         return {"RCLIP_DATADIR": str(self.rclip_data), "HF_HUB_OFFLINE": "1"}
 
 
@@ -207,6 +212,26 @@ def _command(name: str, module: str, venv: Path | None = None) -> list[str]:
         return [str(venv / "bin" / name)]
     exe = shutil.which(name)
     return [exe] if exe else [sys.executable, "-c", f"import {module} as m; m.main()"]
+
+
+def slow_rows(tools: Tools, small: Path, big: Path, args) -> list[dict]:
+    """The builds from scratch: default, bf16 where the CPU has it natively, and int8."""
+    rows = [
+        paired("build from scratch, 300 JPEGs 640x480", lambda: tools.itm_build(small, args.cache / "itm-b", True),
+               lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]),
+        paired("build from scratch, 48 JPEGs of 12 MP", lambda: tools.itm_build(big, args.cache / "itm-b", True),
+               lambda: tools.rclip_build(big, True), args.build_runs, items=BIG[0]),
+    ]
+    if _native_bf16():  # the torch backend in bf16: not the default, since its embeddings differ from fp32's
+        rows.append(paired("build from scratch, 300 JPEGs 640x480, itm --precision bf16",
+                           lambda: tools.itm_build(small, args.cache / "itm-b", True, "--precision", "bf16"),
+                           lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]))
+    for (count, width, height), corpus in ((SMALL, small), (BIG, big)):  # not the default: answers change a little
+        name = f"{width}x{height}" if corpus is small else f"of {width * height / 1e6:.0f} MP"
+        rows.append(paired(f"build from scratch, {count} JPEGs {name}, itm --precision int8",
+                           lambda c=corpus: tools.itm_build(c, args.cache / "itm-b", True, "--precision", "int8"),
+                           lambda c=corpus: tools.rclip_build(c, True), args.build_runs, items=count))
+    return rows
 
 
 def forward_ratio(folder: Path, builds: int) -> dict:
@@ -268,6 +293,8 @@ def main() -> None:
     ap.add_argument("--build-runs", type=int, default=3, help="counted runs of each build row, and 12 MP builds")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "itm-vs-rclip")
     ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
+    ap.add_argument("--quick", action="store_true", help="only the commands a user waits on: --help, queries "
+                    "(cold and through itm-serve), the rebuild with nothing to do")
     args = ap.parse_args()
     facts = benchlib.machine_facts()
     if facts["loadavg_start"][0] > QUIET_LOAD:
@@ -289,27 +316,25 @@ def main() -> None:
     tools.rclip_build(small, fresh=True)
     probe = next(small.glob("*.jpg"))
     rows = [
+        paired("--help of the query command", lambda: run(tools.itm_search + ["--help"]),
+               lambda: run(tools.rclip + ["--help"], tools.rclip_env()), args.runs),
         paired("text query, 300-image index", lambda: tools.itm_query(idx, QUERY),
                lambda: tools.rclip_query(small, QUERY), args.runs),
         paired("image query, 300-image index", lambda: tools.itm_query(idx, "--image", str(probe)),
                lambda: tools.rclip_query(small, str(probe)), args.runs),
-        paired("rebuild with nothing changed, 300 images", lambda: tools.itm_build(small, idx),
-               lambda: tools.rclip_build(small), args.runs),
-        paired("build from scratch, 300 JPEGs 640x480", lambda: tools.itm_build(small, args.cache / "itm-b", True),
-               lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]),
-        paired("build from scratch, 48 JPEGs of 12 MP", lambda: tools.itm_build(big, args.cache / "itm-b", True),
-               lambda: tools.rclip_build(big, True), args.build_runs, items=BIG[0]),
     ]
-    if _native_bf16():  # the torch backend in bf16: not the default, since its embeddings differ from fp32's
-        rows.append(paired("build from scratch, 300 JPEGs 640x480, itm --precision bf16",
-                           lambda: tools.itm_build(small, args.cache / "itm-b", True, "--precision", "bf16"),
-                           lambda: tools.rclip_build(small, True), args.build_runs, items=SMALL[0]))
-    for (count, width, height), corpus in ((SMALL, small), (BIG, big)):  # not the default: answers change a little
-        name = f"{width}x{height}" if corpus is small else f"of {width * height / 1e6:.0f} MP"
-        rows.append(paired(f"build from scratch, {count} JPEGs {name}, itm --precision int8",
-                           lambda c=corpus: tools.itm_build(c, args.cache / "itm-b", True, "--precision", "int8"),
-                           lambda c=corpus: tools.rclip_build(c, True), args.build_runs, items=count))
-    ratio = forward_ratio(big, args.build_runs)
+    server = benchlib.start_server(tools.itm_serve, idx)
+    try:
+        rows.append(paired("text query with itm-serve running, 300-image index", lambda: tools.itm_query(idx, QUERY),
+                           lambda: tools.rclip_query(small, QUERY), args.runs))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    rows.append(paired("rebuild with nothing changed, 300 images", lambda: tools.itm_build(small, idx),
+                       lambda: tools.rclip_build(small), args.runs))
+    if not args.quick:
+        rows += slow_rows(tools, small, big, args)
+    ratio = None if args.quick else forward_ratio(big, args.build_runs)
     facts = benchlib.finish(facts)
     # the machine was quiet if nothing ran before the start; the load at the end is this benchmark's own
     quiet = facts["loadavg_start"][0] <= QUIET_LOAD
@@ -321,8 +346,9 @@ def main() -> None:
         ("time_ratio", "itm/rclip time", ".2f"), ("itm_rate", "itm img/s", ".1f"), ("rclip_rate", "rclip img/s", ".1f"),
         ("rate_ratio", "itm/rclip rate", ".2f"), ("itm_mb", "itm MB", ".0f"), ("rclip_mb", "rclip MB", ".0f"),
         ("mem_ratio", "itm/rclip MB", ".2f")]))
-    print(f"12 MP build {ratio['build_rate']:.1f} img/s, model-only forward {ratio['forward_rate']:.1f} img/s: "
-          f"ratio {ratio['ratio']:.2f} (median of {args.build_runs} builds)")
+    if ratio is not None:
+        print(f"12 MP build {ratio['build_rate']:.1f} img/s, model-only forward {ratio['forward_rate']:.1f} img/s: "
+              f"ratio {ratio['ratio']:.2f} (median of {args.build_runs} builds)")
     benchlib.write_json(args.out, {"machine": facts, "quiet": quiet, "rows": rows, "forward_ratio": ratio})
 
 
