@@ -31,7 +31,6 @@ from itm.models.registry import ModelSpec
 
 from .filtering import RowColumns
 from .hits import Hit  # the result type, torch-free for retrieval/client.py
-from .gallery import find_image, find_image_by_path
 from .query import Filters, Part, Query, Refine
 from .rerank import rerank_top
 
@@ -190,6 +189,8 @@ class Searcher:
             raise QueryError("an uploaded image reaches the search as a file (SearchService writes it to one)")
         if image is not None:
             return image
+        from .gallery import find_image, find_image_by_path  # pyarrow.compute: only for a query by an indexed image
+
         found = find_image(gen.snapshot, image_id) if image_id is not None else \
             find_image_by_path(gen.snapshot, image_path)
         return str(found.path)

@@ -131,7 +131,8 @@ def test_null_ended_paths_keep_names_with_newlines_whole(tmp_path):
     assert len(paths) == 3 and os.fsencode(odd) in paths and all(os.path.isfile(p) for p in paths)
 
 
-HEAVY = ("torch", "open_clip", "torchvision", "pandas")  # pandas: what pyarrow's to_numpy of strings imports
+# pandas: what pyarrow's to_numpy of strings imports; pyarrow.compute: 40-70 ms of a cold query's start
+HEAVY = ("torch", "open_clip", "torchvision", "pandas", "pyarrow.compute")
 PROBE = ("import atexit, sys\n"
          "atexit.register(lambda: print('loaded:', *[m for m in {heavy!r} if m in sys.modules], file=sys.stderr))\n"
          "import {module} as m\n"
