@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import benchlib
 import numpy as np
 import torch
 from PIL import Image
@@ -55,6 +54,8 @@ from itm.models.encoder import DualEncoder
 from itm.models.images import load_image, read_file
 from itm.models.item_encoder import default_threads
 from itm.models.registry import resolve_model
+
+import benchlib
 
 GENERATOR_VERSION = 1  # bump when benchlib.photo_like changes, so cached corpora are regenerated
 STAGE_SAMPLE = 8  # items timed one stage at a time

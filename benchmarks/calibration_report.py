@@ -35,8 +35,6 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import benchlib
-
 from itm.data.synth import generate_split
 from itm.models import calibration
 from itm.models.registry import resolve_model
@@ -44,6 +42,8 @@ from itm.retrieval.query import Refine
 from itm.retrieval.search import Searcher
 from itm.training.calibrate import candidate_pairs
 from itm.training.heldout import HeldOut
+
+import benchlib
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 

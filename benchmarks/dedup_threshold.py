@@ -23,12 +23,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import benchlib
-
 from itm.data.synth import generate_split
 from itm.models.item_encoder import load_item_encoder
 from itm.models.registry import resolve_model
 from itm.retrieval.query import DEFAULT_DEDUP
+
+import benchlib
 
 THRESHOLDS = sorted({0.9, 0.93, 0.95, 0.97, 0.98, 0.99, DEFAULT_DEDUP})
 

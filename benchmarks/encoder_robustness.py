@@ -17,11 +17,12 @@ import time
 import warnings
 from pathlib import Path
 
-from quality_report import ROOT, WORK, evaluate_split, machine
 from quality_robustness import DEGRADATIONS, degraded
 
 from itm.models.encoder import DualEncoder
 from itm.models.registry import resolve_model
+
+from quality_report import ROOT, WORK, evaluate_split, machine
 
 FIGURES = (("t2i_truth1", "truth@1"), ("t2i_r1", "R@1"), ("i2t_truth1", "i2t truth@1"))
 

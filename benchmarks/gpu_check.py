@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchlib
 import faiss
 import numpy as np
 import torch
@@ -34,6 +33,8 @@ from itm.models.encoder import DualEncoder
 from itm.models.fusion import FusionReranker, get_fusion_config
 from itm.models.fusion_scorer import TorchFusion
 from itm.models.registry import resolve_model
+
+import benchlib
 
 
 def model_rate(spec, device: str, precision: str, batch: int, batches: int) -> float:

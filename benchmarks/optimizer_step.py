@@ -17,8 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-import benchlib
 import torch
+
+import benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
 

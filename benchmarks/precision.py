@@ -21,7 +21,6 @@ import argparse
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
 import torch
 
@@ -30,6 +29,8 @@ from itm.models.encoder import DualEncoder
 from itm.models.item_encoder import Runtime
 from itm.models.loading import load_item_encoder
 from itm.models.registry import resolve_model
+
+import benchlib
 
 IMAGE_SIDE = (320, 240)  # generated images; prepare() resizes them to the model's input size
 MIN_SECONDS = 3.0  # small models repeat batches until this much time has passed

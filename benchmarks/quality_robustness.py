@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from PIL import Image
+
 from quality_report import ROOT, WORK, evaluate_split, load_models, machine, test_split
 
 DEGRADATIONS = {

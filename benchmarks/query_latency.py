@@ -34,11 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchlib
 import faiss
 import numpy as np
 
 from itm.indexer.ann import build_ann, choose_factory, tune
+
+import benchlib
 
 # torch and the encoder are imported where they are used, so that the FAISS-only child processes
 # do not load torch's OpenMP runtime beside faiss's.

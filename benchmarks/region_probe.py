@@ -29,14 +29,15 @@ import argparse
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality_report import ROOT, load_models, machine, split_meta, test_split
 
 from itm.data.synth.world import COLOURS, HELD_OUT, SHAPES, SIZES
 from itm.training.data import load_dataset
+
+import benchlib
+from quality_report import ROOT, load_models, machine, split_meta, test_split
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}
 

@@ -28,15 +28,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import benchlib
 import torch
-from read_while_write import read_while_writing
 
 from itm.data.corpora import make_hostile_folder
 from itm.indexer.build import BuildOptions, build_index
 from itm.models.fusion import FusionReranker, get_fusion_config
 from itm.models.fusion_checkpoint import save_reranker
 from itm.models.registry import resolve_model
+
+import benchlib
+from read_while_write import read_while_writing
 
 
 def hostile_folder(tmp: Path) -> dict:

@@ -22,12 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import benchlib
 import faiss
 import numpy as np
 
 from itm.indexer import ivf_disk, store
 from itm.indexer.ann import choose_factory, exact_neighbours, held_out_queries, recall_of
+
+import benchlib
 
 BLOCK = 1 << 20  # vectors generated (and added, as one shard) at a time
 

@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import benchlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +25,8 @@ import pyarrow.parquet as pq
 from itm.indexer import store
 from itm.indexer.ann import choose_factory
 from itm.indexer.ivf_disk import TRAIN_PER_LIST, nlist_of
+
+import benchlib
 
 RESULTS = benchlib.RESULTS_DIR
 EMB_BYTES = 512 * 4  # ViT-B-32's 512-d embedding, float32 in the segments

@@ -19,13 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
-import quality_report
 import torch
 
 from itm.data.synth.prepare import prepare
 from itm.indexer.store import dequantize_int8, quantize_int8
+
+import benchlib
+import quality_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = ROOT / "data" / "demo" / "work" / "synth-test" / "dataset_karpathy.json"

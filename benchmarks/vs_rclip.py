@@ -50,9 +50,10 @@ import sys
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
 from PIL import Image
+
+import benchlib
 
 QUERY = "a red circle left of a blue square"
 SMALL, BIG = (300, 640, 480), (48, 4000, 3000)  # count, width, height
