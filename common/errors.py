@@ -30,6 +30,14 @@ class IndexFormatError(ItmError):
     pass
 
 
+class DiskFullError(ItmError):
+    """A write failed for want of space; what was finished is kept, and the same command resumes once space is freed."""
+
+
+class IndexBusyError(ItmError):
+    """Another build or compaction holds the index's writer lock, and the caller asked not to wait."""
+
+
 class ModelMismatchError(ItmError):
     pass
 

@@ -48,3 +48,4 @@ class BuildOptions:
     compact_at: float = COMPACT_AT  # dead share of stored rows that makes the build compact (above 1: never)
     store_dtype: str | None = None  # rerank store of a new index: fp16 (None) or int8 with a scale per token
     ray: RayOptions | None = None  # None: this process encodes; else Ray Data's actors do (pip install 'itm[ray]')
+    wait: bool = True  # while another build or compaction writes the index: wait for it (False: refuse at once)

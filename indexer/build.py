@@ -88,7 +88,7 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         raise CorpusError(f"{source} does not exist; pass a folder of images or a text file")
     index_dir = Path(index_dir) if index_dir else default_index_dir()
     index_dir.mkdir(parents=True, exist_ok=True)
-    with locked(index_dir):
+    with locked(index_dir, options.wait):
         writer = Writer(index_dir)
         tower = "text" if is_text_corpus(source) else "image"
         encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)

@@ -14,6 +14,7 @@ from itm.common.paths import default_index_dir
 
 PROG = "itm-index"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build and inspect itm indexes.")
+NO_WAIT = "While another build or compaction writes the index, refuse at once instead of waiting for it."
 IndexOpt = typer.Option(None, "--index", envvar="ITM_INDEX", help="Index directory (default: per-user data dir).")
 D = BuildOptions  # the library's defaults are the commands' defaults
 
@@ -49,6 +50,7 @@ def build(
     ray_actors: Optional[int] = typer.Option(None, min=1, help="Encoder actors (default: one per CPU, or per GPU "
                                              "with --device cuda)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    no_wait: bool = typer.Option(False, "--no-wait", help=NO_WAIT),
 ) -> None:
     """Embed SOURCE into the index; run again to pick up new, changed and deleted files."""
     t0 = time.perf_counter()
@@ -60,7 +62,8 @@ def build(
         opts = BuildOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                             backend=backend, threads=threads, exclude=tuple(exclude), include_hidden=include_hidden,
                             max_pixels=max_pixels, faiss_factory=faiss_factory, recall_target=recall_target,
-                            text_column=text_column, id_column=id_column, store_dtype=store_dtype, ray=ray)
+                            text_column=text_column, id_column=id_column, store_dtype=store_dtype, ray=ray,
+                            wait=not no_wait)
         index_dir = index or default_index_dir()
         if not (model or pretrained or checkpoint or reranker or store_dtype):
             from .listing import unchanged  # neither NumPy nor pyarrow
@@ -89,12 +92,13 @@ def _summary(index_dir: Path, added: int, updated: int, removed: int, unchanged:
 
 
 @app.command()
-def compact(index: Optional[Path] = IndexOpt) -> None:
+def compact(index: Optional[Path] = IndexOpt,
+            no_wait: bool = typer.Option(False, "--no-wait", help=NO_WAIT)) -> None:
     """Rewrite segments that hold dead rows (deleted or changed items) or few rows; searches are unchanged."""
     with user_errors(PROG):
         from .compact import compact_index
 
-        r = compact_index(index)
+        r = compact_index(index, wait=not no_wait)
     typer.echo(f"{printable(str(r.index_dir))}: {r.dead_rows} dead rows dropped, {r.segments_before} segments -> "
                f"{r.segments_after} in {r.seconds:.1f}s")
 

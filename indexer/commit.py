@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from itm.common.durable import write_durably
-from itm.common.errors import ItmError
+from itm.common.errors import IndexBusyError, ItmWarning
 from itm.models.identity import ModelIdentity
 
 from . import store
@@ -27,13 +28,18 @@ from .manifest import KINDS, AnnInfo, Manifest, RerankerInfo, read_manifest, wri
 
 
 @contextmanager
-def locked(index_dir: Path) -> Iterator[None]:
-    """Hold the index's writer lock; a second writer is refused at once rather than made to wait."""
+def locked(index_dir: Path, wait: bool = True) -> Iterator[None]:
+    """Hold the index's writer lock for a build or a compaction. While another writer holds it, wait for it
+    (saying so once, as an ItmWarning), or with `wait=False` refuse at once; the lock dies with its process."""
     with open(Path(index_dir) / ".lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ItmError(f"another build is writing to {index_dir}; wait for it to finish") from None
+            busy = f"another build or compaction is writing to {index_dir}"
+            if not wait:
+                raise IndexBusyError(f"{busy}; try again when it has finished, or leave out --no-wait") from None
+            warnings.warn(f"{busy}; waiting for it to finish (--no-wait: refuse instead)", ItmWarning, stacklevel=3)
+            fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
 

@@ -35,8 +35,10 @@ class CompactReport:
     seconds: float
 
 
-def compact_index(index_dir: Path | str | None = None, segment_rows: int = SEGMENT_ROWS) -> CompactReport:
-    """Rewrite the index's segments that hold dead rows or fewer than half of `segment_rows` rows.
+def compact_index(index_dir: Path | str | None = None, segment_rows: int = SEGMENT_ROWS,
+                  wait: bool = True) -> CompactReport:
+    """Rewrite the index's segments that hold dead rows or fewer than half of `segment_rows` rows; while another
+    build or compaction writes the index, wait for it (`wait=False`: refuse at once).
 
     >>> compact_index("idx/").dead_rows
     1200
@@ -45,7 +47,7 @@ def compact_index(index_dir: Path | str | None = None, segment_rows: int = SEGME
     index_dir = Path(index_dir) if index_dir else default_index_dir()
     if not (index_dir / "manifest.json").is_file():
         raise IndexNotFoundError(f"no index at {index_dir}; pass --index or set ITM_INDEX to an index directory")
-    with locked(index_dir):
+    with locked(index_dir, wait):
         writer = Writer(index_dir)
         migrate_rows(writer)  # a format-2 index gets its images' metadata (indexer/migrate.py)
         before = len(writer.manifest.segments)

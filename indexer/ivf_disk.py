@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 
-from itm.common.durable import fsync_dir
+from itm.common.durable import fsync_dir, space_checked
 from itm.common.errors import ItmError
 
 from .ann import RECALL_SAMPLE, Embeddings, exact_neighbours, held_out_queries, recall_of
@@ -94,16 +94,20 @@ def build_on_disk(blocks: Blocks, sample: Embeddings, factory: str, index_path: 
     index.train(np.ascontiguousarray(sample, np.float32))
     lap("train")
     ivfdata = index_path.with_suffix(".ivfdata")
-    with tempfile.TemporaryDirectory(prefix=".shards-", dir=index_path.parent) as tmp:
-        trained = Path(tmp) / "trained.faiss"
-        faiss.write_index(index, str(trained))
-        shards = _write_shards(blocks, trained, Path(tmp))
-        lap("add")
-        merged = faiss.read_index(str(trained))
-        with quiet_stdout():  # faiss reports the file's growth on stdout, which is a command's output
-            from faiss.contrib.ondisk import merge_ondisk
+    try:
+        with space_checked(ivfdata), tempfile.TemporaryDirectory(prefix=".shards-", dir=index_path.parent) as tmp:
+            trained = Path(tmp) / "trained.faiss"
+            faiss.write_index(index, str(trained))
+            shards = _write_shards(blocks, trained, Path(tmp))
+            lap("add")
+            merged = faiss.read_index(str(trained))
+            with quiet_stdout():  # faiss reports the file's growth on stdout, which is a command's output
+                from faiss.contrib.ondisk import merge_ondisk
 
-            merge_ondisk(merged, [str(s) for s in shards], str(ivfdata))
+                merge_ondisk(merged, [str(s) for s in shards], str(ivfdata))
+    except BaseException:
+        ivfdata.unlink(missing_ok=True)  # a part of the lists: no manifest names it yet
+        raise
     _fsync(ivfdata)
     fsync_dir(index_path.parent)
     lap("merge")
