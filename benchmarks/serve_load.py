@@ -1,7 +1,7 @@
 """Query latency from the shell with and without a warm server, in-process, and a bounded load test.
 
     python benchmarks/serve_load.py [--n-large 100000] [--cold-runs 10] [--warm-runs 30] [--inprocess-runs 100]
-        [--clients 4] [--seconds 20] [--work DIR] [--out benchmarks/results/serve_load.json]
+        [--clients 50] [--seconds 30] [--work DIR] [--out benchmarks/results/serve_load.json]
 
 Two indexes, both with the bundled demo model (dual encoders and fusion reranker):
 
@@ -23,8 +23,12 @@ For each index, with the queries cycling through the sample captions:
   warm query from the shell pays too.
 - load: `--clients` threads of this process, each sending POST /api/search back to back on its own
   keep-alive connection to the loopback server for `--seconds` (four text queries in five, one
-  image query by row id "more like this"): queries per second, p50/p95/p99, errors, and the
-  server's resident memory before and after (VmRSS) and at peak (VmHWM).
+  image query by row id "more like this"). The server admits a bounded number of queries at once
+  and answers the rest 503 with Retry-After at once; a turned-away client tries again after
+  10-100 ms. Reported: admitted queries per second and their p50/p95/p99, against the p95 of the
+  same queries sent one at a time just before (unloaded) and just after (normal service right
+  after); the 503s apart from errors; the server's resident memory before and after (VmRSS) and at
+  peak (VmHWM).
 
 The client threads share the machine's cores with the server, as a web page's users would not;
 on 2 cores the figures are a floor. Timings need a quiet machine: the JSON records the load
@@ -37,6 +41,7 @@ import dataclasses
 import http.client
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -47,7 +52,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import benchlib
 import numpy as np
 import pyarrow as pa
 
@@ -55,6 +59,8 @@ from itm.common.options import SEGMENT_ROWS
 from itm.indexer import store
 from itm.indexer.commit import Writer, locked
 from itm.retrieval.discovery import find_server
+
+import benchlib
 
 SAMPLES = ROOT / "data" / "samples"
 NOISE = 0.02  # per-dimension sigma of the noise that moves a synthetic image's embedding from its source's
@@ -160,36 +166,58 @@ def memory_mb(pid: int) -> dict:
     return fields
 
 
+def post(conn: http.client.HTTPConnection, body: dict) -> tuple[int, bytes, float]:
+    """(status, body, seconds) of one POST /api/search on a keep-alive connection."""
+    t0 = time.perf_counter()
+    conn.request("POST", "/api/search", json.dumps(body), {"content-type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, data, time.perf_counter() - t0
+
+
+def sequential(url: str, queries: list[str], runs: int) -> dict:
+    """One client, one query after another: the unloaded latency (and, after a load, whether service is normal)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    results = [post(conn, {"text": queries[i % len(queries)]}) for i in range(runs)]
+    conn.close()
+    return {"ok": sum(r[0] == 200 for r in results), **stats([r[2] for r in results])}
+
+
 def load_test(url: str, queries: list[str], image_ids: list[int], clients: int, seconds: float) -> dict:
+    """`clients` threads sending queries back to back for `seconds`; a 503 (turned away) is counted apart from
+    errors, and its client tries again after 10-100 ms (sooner than the Retry-After it gets, to keep the pressure)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     latencies: list[float] = []
     errors: list[str] = []
+    shed = [0]
     lock = threading.Lock()
     stop = time.monotonic() + seconds
 
     def client(n: int) -> None:
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        rng = random.Random(n)
         i = n
         while time.monotonic() < stop:
             body = {"image_id": image_ids[i % len(image_ids)], "kind": "all"} if i % 5 == 4 else \
                 {"text": queries[i % len(queries)]}
             i += clients
-            t0 = time.perf_counter()
             try:
-                conn.request("POST", "/api/search", json.dumps(body), {"content-type": "application/json"})
-                r = conn.getresponse()
-                data = r.read()
-                ok = r.status == 200 and json.loads(data)["hits"]
+                status, data, elapsed = post(conn, body)
+                ok = status == 200 and json.loads(data)["hits"]
             except (OSError, http.client.HTTPException, ValueError) as e:
-                ok, data = False, repr(e).encode()
+                status, ok, data = 0, False, repr(e).encode()
                 conn.close()
                 conn = http.client.HTTPConnection(host, int(port), timeout=60)
-            elapsed = time.perf_counter() - t0
             with lock:
                 if ok:
                     latencies.append(elapsed)
+                elif status == 503:
+                    shed[0] += 1
                 else:
-                    errors.append(data[:200].decode(errors="replace"))
+                    errors.append(f"{status} {data[:200].decode(errors='replace')}")
+            if status == 503:
+                time.sleep(rng.uniform(0.01, 0.1))
         conn.close()
 
     t0 = time.perf_counter()
@@ -200,7 +228,7 @@ def load_test(url: str, queries: list[str], image_ids: list[int], clients: int, 
         t.join()
     wall = time.perf_counter() - t0
     ms = [1e3 * s for s in latencies]
-    return {"clients": clients, "seconds": wall, "queries": len(ms), "qps": len(ms) / wall,
+    return {"clients": clients, "seconds": wall, "queries": len(ms), "shed_503": shed[0], "qps": len(ms) / wall,
             "p50_ms": benchlib.percentile(ms, 50), "p95_ms": benchlib.percentile(ms, 95),
             "p99_ms": benchlib.percentile(ms, 99), "errors": len(errors), "first_errors": errors[:3]}
 
@@ -219,9 +247,11 @@ def measure(name: str, index: Path, args, queries: list[str]) -> tuple[list[dict
         same = all(w == c for w, c in zip(warm_out, cold_out))  # same query order: the first cold runs
         before = memory_mb(server_pid)
         image_ids = [h["id"] for h in (json.loads(line) for line in warm_out[0].splitlines())]
+        unloaded = sequential(found.url, queries, args.warm_runs)
         print(f"{name}: load, {args.clients} clients x {args.seconds}s", file=sys.stderr)
         load = load_test(found.url, queries, image_ids, args.clients, args.seconds)
         after = memory_mb(server_pid)
+        right_after = sequential(found.url, queries, args.warm_runs)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -230,7 +260,9 @@ def measure(name: str, index: Path, args, queries: list[str]) -> tuple[list[dict
     rows = [{"index": name, "items": items, "path": path, **stats(t)} for path, t in
             (("cold CLI (--no-server)", cold), ("warm CLI (itm-serve running)", warm), ("in-process Searcher", inproc))]
     load.update(index=name, items=items, rss_before_mb=before["VmRSS"], rss_after_mb=after["VmRSS"],
-                rss_peak_mb=after["VmHWM"], cli_output_identical=same)
+                rss_peak_mb=after["VmHWM"], cli_output_identical=same, unloaded_p95_ms=unloaded["p95_ms"],
+                p95_vs_unloaded=load["p95_ms"] / unloaded["p95_ms"], after_ok=right_after["ok"],
+                after_runs=right_after["runs"], after_p95_ms=right_after["p95_ms"])
     return rows, load
 
 
@@ -240,8 +272,8 @@ def main() -> None:
     ap.add_argument("--cold-runs", type=int, default=10)
     ap.add_argument("--warm-runs", type=int, default=30)
     ap.add_argument("--inprocess-runs", type=int, default=100)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--work", type=Path, default=None, help="Folder for the indexes (default: a temporary one).")
     ap.add_argument("--out", type=Path, default=benchlib.default_out(__file__))
     args = ap.parse_args()
@@ -273,8 +305,11 @@ def main() -> None:
     print(benchlib.format_table(loads, [("index", "index", ""), ("clients", "clients", "d"),
                                         ("seconds", "s", ".1f"), ("queries", "queries", "d"), ("qps", "q/s", ".1f"),
                                         ("p50_ms", "p50 ms", ".1f"), ("p95_ms", "p95 ms", ".1f"),
-                                        ("p99_ms", "p99 ms", ".1f"), ("errors", "errors", "d"),
-                                        ("rss_before_mb", "RSS MB", ".0f"), ("rss_peak_mb", "peak MB", ".0f")]))
+                                        ("p99_ms", "p99 ms", ".1f"), ("unloaded_p95_ms", "unloaded p95", ".1f"),
+                                        ("p95_vs_unloaded", "p95/unloaded", ".2f"), ("shed_503", "503s", "d"),
+                                        ("errors", "errors", "d"), ("after_ok", "ok after", "d"),
+                                        ("after_p95_ms", "p95 after", ".1f"), ("rss_before_mb", "RSS MB", ".0f"),
+                                        ("rss_peak_mb", "peak MB", ".0f")]))
     identical = all(load["cli_output_identical"] for load in loads)
     print(f"\nwarm CLI output identical to cold: {identical}; large index: {ann['image']['factory']}, "
           f"recall@10 vs exact {ann['image']['recall_at_10']:.3f}, synthesized in {synth_s:.0f} s")

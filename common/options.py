@@ -17,6 +17,9 @@ DEFAULT_K = 10  # results per kind
 DEFAULT_RERANK_K = 50  # candidates the fusion model rescores per query (benchmarks/fusion_latency.py: the cost)
 DEFAULT_PORT = 8765  # where itm-serve listens
 SERVER_MAX_K = 1000  # most results, and rerank candidates, per kind that one query to a server may ask for
+# queries inside a server at once: one answered (its models take one at a time), one waiting; more get 503 at once,
+# so that an admitted query waits for at most one other (benchmarks/serve_load.py)
+SERVER_MAX_QUERIES = 2
 
 
 @dataclass(frozen=True)

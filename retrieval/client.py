@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from .hits import Hit
 from .query import Query
 
 TIMEOUT_S = 120  # a first query after a large commit may wait for the server to open the new generation
+BUSY_TRIES, MAX_WAIT_S = 5, 2  # a server that answers 503 (full) is asked again after its Retry-After, so often
 HIT_FIELDS = tuple(f.name for f in fields(Hit))
 
 
@@ -50,19 +52,19 @@ def search(index_dir: Path | str | None, query: Query, *, server: str | None = N
     a Reply with `error` set (see Reply.check); other errors from the server raise QueryError or ServerError."""
     index = os.path.realpath(index_dir or default_index_dir())
     announced = server is None
-    max_upload = None
+    max_upload, token = None, os.environ.get("ITM_TOKEN")
     if announced:
         found = find_server(index)
         if found is None or found.index != index or (found.device, found.precision) != (device, precision):
             return None
-        server, max_upload = found.url, found.max_upload_bytes
+        server, max_upload, token = found.url, found.max_upload_bytes, found.token
     if max(query.k, query.rerank_k) > SERVER_MAX_K:
         return None
     uploaded = _uploaded(query, max_upload)
     if uploaded is None:
         return None
     try:
-        reply = _post(server, "/api/search", uploaded.to_json())
+        reply = _post_patiently(server, "/api/search", uploaded.to_json(), token)
     except _Refused as e:
         return Reply([], e.has_reranker, index, None, str(e))
     except ConnectionError as e:
@@ -104,7 +106,7 @@ class _InProcess(Exception):
     """The query is one this process answers itself."""
 
 
-def _post(url: str, path: str, body: dict) -> dict:
+def _post(url: str, path: str, body: dict, token: str | None = None) -> dict:
     """POST `body` as JSON; the decoded reply. ConnectionError when nothing answers at `url`."""
     import http.client  # here, not above: without a server, looking for one must cost next to nothing
 
@@ -115,8 +117,9 @@ def _post(url: str, path: str, body: dict) -> dict:
     conn = cls(parts.hostname, parts.port, timeout=TIMEOUT_S)
     prefix = parts.path.rstrip("/")
     try:
-        conn.request("POST", prefix + path, body=json.dumps(body).encode(),
-                     headers={"content-type": "application/json", "accept": "application/json"})
+        headers = {"content-type": "application/json", "accept": "application/json",
+                   **({"authorization": f"Bearer {token}"} if token else {})}
+        conn.request("POST", prefix + path, body=json.dumps(body).encode(), headers=headers)
         response = conn.getresponse()
         raw = response.read()
     except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as e:
@@ -132,12 +135,35 @@ def _post(url: str, path: str, body: dict) -> dict:
     except ValueError:
         raise ServerError(f"{url} answered with something that is not itm's JSON (HTTP {response.status}); "
                           "is it an itm server?") from None
+    if response.status == 503 and response.getheader("retry-after", "").isdigit():
+        raise _Busy(f"the itm server at {url} is busy ({reply.get('error')}); try again, or pass --no-server",
+                    int(response.getheader("retry-after")))
     if response.status >= 500:
         raise ServerError(f"the itm server at {url} failed: {reply.get('error', response.status)}")
+    if response.status == 401:
+        raise ServerError(f"the itm server at {url} needs its access token; set ITM_TOKEN to it")
     if response.status != 200:
         message = str(reply.get("error", f"HTTP {response.status}"))
         raise _Refused(message, bool(reply["has_reranker"])) if "has_reranker" in reply else QueryError(message)
     return reply
+
+
+class _Busy(ServerError):
+    """The server turned the query away (503) for now: ask again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _post_patiently(url: str, path: str, body: dict, token: str | None) -> dict:
+    """_post, asking again while a busy server says when to (BUSY_TRIES times at most)."""
+    for _ in range(BUSY_TRIES - 1):
+        try:
+            return _post(url, path, body, token)
+        except _Busy as e:
+            time.sleep(min(e.retry_after, MAX_WAIT_S))
+    return _post(url, path, body, token)
 
 
 class _Refused(QueryError):

@@ -29,6 +29,7 @@ class ServerInfo:
     device: str  # where its models run (cpu, cuda, ...)
     precision: str  # fp32 | bf16 | fp16
     max_upload_bytes: int  # the largest query image it accepts
+    token: str | None = None  # the access token it asks for (beyond loopback); the file is private to the user
 
 
 def announcement_path(index_dir: Path | str) -> Path:
@@ -96,7 +97,7 @@ def _read(path: Path) -> ServerInfo | None:
             return None
         try:
             raw = json.loads(f.read())
-            return ServerInfo(**{x.name: raw[x.name] for x in fields(ServerInfo)})
+            return ServerInfo(**{x.name: raw[x.name] for x in fields(ServerInfo) if x.name in raw})
         except (ValueError, TypeError, KeyError):
             return None
 

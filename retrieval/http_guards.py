@@ -1,10 +1,15 @@
-"""What every request to itm-serve passes through: a check of the Host header, a cap on the body,
-security headers on the response, and every failure turned into {"error": "one line"} with a 4xx
-status when the request is at fault (a 500 only for a bug, and never a traceback)."""
+"""What every request to itm-serve passes through: a check of the Host header, the access token beyond
+loopback, a cap on the body, a bound on the queries inside the server at once, security headers on
+the response, and every failure turned into {"error": "one line"} with a 4xx status when the request
+is at fault (503 when the server is full, a 500 only for a bug, and never a traceback)."""
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import time
+import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -151,3 +156,89 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+@dataclass
+class Gate:
+    """How many queries may be inside the server at once, how many are, and how many were turned away."""
+
+    limit: int  # one answered (the models take one query at a time), the rest waiting their turn
+    inside: int = 0  # read and written only on the event loop's thread: no lock needed
+    shed: int = 0  # queries answered 503 since the server started
+
+
+class Admission:
+    """At most `gate.limit` queries inside the server at once. A query beyond that is answered 503 with Retry-After
+    at once, instead of joining a queue that would slow every client; pages, images and the server's description
+    are not counted."""
+
+    QUERIES = ("/api/search",)  # and /api/search/upload
+    RETRY_AFTER_S = "1"
+
+    def __init__(self, app, gate: Gate):
+        self.app, self.gate = app, gate
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.QUERIES):
+            return await self.app(scope, receive, send)
+        gate = self.gate
+        if gate.inside >= gate.limit:
+            gate.shed += 1
+            await _drain(receive)
+            response = JSON({"error": f"this server has {gate.limit} queries in hand; try again in "
+                                      f"{self.RETRY_AFTER_S} s"}, status_code=503,
+                            headers={"retry-after": self.RETRY_AFTER_S})
+            return await response(scope, receive, send)
+        gate.inside += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            gate.inside -= 1
+
+
+class TokenCheck:
+    """Every request but the page's own files must carry the server's access token, as `Authorization: Bearer
+    TOKEN` or as the cookie the page sets once it has asked for it; compared in constant time. A client that
+    fails `failures` times within `window_s` seconds is answered 429 until its failures age out."""
+
+    OPEN = ("/static/",)  # with "/" itself: the page, which asks for the token
+    COOKIE = "itm_token"
+
+    def __init__(self, app, token: str, failures: int = 5, window_s: float = 60.0):
+        self.app, self.token = app, token.encode()
+        self.failures, self.window_s = failures, window_s
+        self.failed: dict[str, list[float]] = {}  # client address -> times of its recent failures
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/" or scope["path"].startswith(self.OPEN):
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        recent = [t for t in self.failed.get(client, ()) if now - t < self.window_s]
+        if len(recent) >= self.failures:
+            retry = str(int(self.window_s - (now - recent[0])) + 1)
+            return await self._refuse(scope, receive, send, 429, "too many wrong access tokens from this address; "
+                                      f"try again in {retry} s", {"retry-after": retry})
+        if hmac.compare_digest(self._given(scope), self.token):
+            self.failed.pop(client, None)
+            return await self.app(scope, receive, send)
+        self.failed[client] = recent + [now]
+        return await self._refuse(scope, receive, send, 401, "this itm server needs its access token: send "
+                                  "Authorization: Bearer TOKEN (the page asks for it)",
+                                  {"www-authenticate": 'Bearer realm="itm"'})
+
+    def _given(self, scope) -> bytes:
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        for part in headers.get(b"cookie", b"").split(b";"):
+            name, _, value = part.strip().partition(b"=")
+            if name == self.COOKIE.encode():
+                return urllib.parse.unquote_to_bytes(value)
+        return b""
+
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, message: str, headers: dict[str, str]) -> None:
+        await _drain(receive)
+        await JSON({"error": message}, status_code=status, headers=headers)(scope, receive, send)

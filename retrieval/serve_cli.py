@@ -10,7 +10,7 @@ import typer
 
 from itm.common.cli import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, printable, user_errors, warn
 from itm.common.errors import ItmError
-from itm.common.options import BACKEND, DEFAULT_PORT, DEVICE, PRECISION
+from itm.common.options import BACKEND, DEFAULT_PORT, DEVICE, PRECISION, SERVER_MAX_QUERIES
 from itm.common.paths import default_index_dir
 
 PROG = "itm-serve"
@@ -29,6 +29,14 @@ def serve(
     max_upload_mb: float = typer.Option(32, min=0.01, help="Largest query image accepted, in MiB."),
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Largest query image accepted, width x height "
                                    "(default: the builder's cap)."),
+    max_queries: int = typer.Option(SERVER_MAX_QUERIES, min=1, help="Queries inside the server at once: one "
+                                    "answered, the rest waiting; more are answered 503 with Retry-After at once."),
+    token: Optional[str] = typer.Option(None, "--token", help="Access token every request must carry (the page "
+                                        "asks for it once); needed with a --host other than loopback."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Read the access token from this file "
+                                              "(keeps it out of the process list)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="With a --host other than loopback, serve without an "
+                                 "access token: anyone who can reach the machine can search and fetch images."),
 ) -> None:
     """Serve the index at http://HOST:PORT/ (web page) and /api/... (JSON) until Ctrl-C."""
     with user_errors(PROG):
@@ -41,11 +49,17 @@ def serve(
         from .service import Limits, SearchService
 
         check_none_running(index or default_index_dir(), os.getpid())  # before the models load
+        secret = _token(token, token_file)
         if host not in LOOPBACK:
-            warn(PROG, f"warning: listening on {host}: anyone who can reach this machine can search the index "
-                       "and fetch its images")
+            if secret is None and not no_auth:
+                raise ItmError(f"--host {host} lets anyone who can reach this machine in: give the server an access "
+                               "token with --token-file PATH (or --token), or pass --no-auth to serve without one")
+            who = "anyone who can reach this machine" + (" and has the token" if secret else "")
+            warn(PROG, f"warning: listening on {host}: {who} can search the index and fetch every indexed image "
+                       "and its path")
         sock = listen(host, port)
-        limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), **({"max_pixels": max_pixels} if max_pixels else {}))
+        limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), max_queries=max_queries,
+                        **({"max_pixels": max_pixels} if max_pixels else {}))
         service = SearchService(index, device=device, precision=precision, backend=backend, threads=threads,
                                 limits=limits)
 
@@ -54,7 +68,25 @@ def serve(
             typer.echo(printable(f"{PROG}: serving {service.index_dir} ({counts['image']} images, {counts['text']} "
                                  f"texts) at {url}/ ; Ctrl-C to stop"))
 
-        run(service, sock, on_listening=listening)
+        run(service, sock, on_listening=listening, token=secret)
+
+
+MIN_TOKEN = 16  # characters: a shorter token is one a client refused 5 times a minute could still guess
+
+
+def _token(token: str | None, token_file: Path | None) -> str | None:
+    """The access token given on the command line or in a file, or None; a short or empty one is refused."""
+    if token is not None and token_file is not None:
+        raise typer.BadParameter("give --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ItmError(f"cannot read the access token from {token_file}: {e}") from None
+    if token is not None and len(token) < MIN_TOKEN:
+        raise ItmError(f"the access token is {len(token)} characters; give one of at least {MIN_TOKEN} "
+                       "(for example: python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return token
 
 
 def _importable(module: str) -> bool:

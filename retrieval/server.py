@@ -10,7 +10,8 @@ and the web page (static files in retrieval/static, package data), over one Sear
     GET  /api/images/{id}           an indexed image's file, exactly as indexed
     GET  /api/images/{id}/thumbnail a JPEG thumbnail of it
     GET  /api/info                  what `itm-index info --json` shows
-    GET  /api/health                generation served, queries answered, why a newer generation was not taken
+    GET  /api/health                generation served, queries answered and turned away (503), why a newer
+                                    generation was not taken
     GET  /api/openapi.json          the OpenAPI description
 
 Every error is a JSON object {"error": "one line"} with a 4xx status when the request is at
@@ -41,7 +42,7 @@ from itm.common.options import DEFAULT_K, DEFAULT_RERANK_K
 
 from .discovery import ServerInfo, announce, withdraw
 from .gallery import media_type
-from .http_guards import JSON, BodyLimit, HostCheck, SecurityHeaders, add_error_handlers
+from .http_guards import JSON, Admission, BodyLimit, Gate, HostCheck, SecurityHeaders, TokenCheck, add_error_handlers
 from .query import SORTS, Filters, Part, Query, Refine
 from .service import Answer, SearchService
 
@@ -126,17 +127,23 @@ class ErrorOut(BaseModel):
     has_reranker: Optional[bool] = Field(None, description="With a refused query: whether the index has a reranker")
 
 
-ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut},
-          413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 421, 422, 429, 503)}  # 503: full, or an
+# index the server cannot read; 401 and 429: the access token beyond loopback; 421: a Host it does not serve
 
 
-def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPBACK) -> FastAPI:
+def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPBACK,
+               token: str | None = None) -> FastAPI:
     """The ASGI app over `service`. Requests whose Host header is not in `allowed_hosts` are refused
-    (a web page elsewhere cannot reach a loopback server by rebinding a name to 127.0.0.1)."""
+    (a web page elsewhere cannot reach a loopback server by rebinding a name to 127.0.0.1); with `token`, every
+    request but the page's own files must carry it (http_guards.TokenCheck)."""
     app = FastAPI(title="itm", summary="image<->text search over one itm index", version="1",
                   docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", default_response_class=JSON)
     add_error_handlers(app, service)
     body_cap = service.limits.max_upload_bytes * 4 // 3 + 2**20  # base64 and form framing around the image
+    gate = Gate(service.limits.max_queries)
+    app.add_middleware(Admission, gate=gate)  # innermost: only admitted, authorised requests of a capped size count
+    if token is not None:
+        app.add_middleware(TokenCheck, token=token)
     app.add_middleware(BodyLimit, max_bytes=body_cap)
     app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.add_middleware(SecurityHeaders)
@@ -200,7 +207,7 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
     @app.get("/api/health", summary="Whether the server answers, and from which generation")
     def health():
         return JSON({"status": "ok", "index": realpath, "generation": service.generation(),
-                     "queries": service.queries, "has_reranker": service.has_reranker,
+                     "queries": service.queries, "shed": gate.shed, "has_reranker": service.has_reranker,
                      "refresh_error": service.refresh_error, "device": service.device,
                      "precision": service.precision, "pid": os.getpid()})
 
@@ -212,7 +219,8 @@ def create_app(service: SearchService, *, allowed_hosts: tuple[str, ...] = LOOPB
     return app
 
 
-def serve(service: SearchService, sock: socket.socket, on_listening: Callable[[str], None] | None = None) -> None:
+def serve(service: SearchService, sock: socket.socket, on_listening: Callable[[str], None] | None = None,
+          token: str | None = None) -> None:
     """Answer on `sock` (see `listen`) until Ctrl-C or SIGTERM; meanwhile itm-search finds this server for its index.
 
     >>> sock = listen("127.0.0.1", 8765)  # first, so that a port in use is found before the models load
@@ -221,10 +229,10 @@ def serve(service: SearchService, sock: socket.socket, on_listening: Callable[[s
     host = sock.getsockname()[0]
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
     hosts = LOOPBACK if host in LOOPBACK else ("*",)
-    config = uvicorn.Config(create_app(service, allowed_hosts=hosts), log_level="warning", access_log=False,
-                            lifespan="off", timeout_keep_alive=5)
+    config = uvicorn.Config(create_app(service, allowed_hosts=hosts, token=token), log_level="warning",
+                            access_log=False, lifespan="off", timeout_keep_alive=5)
     info = ServerInfo(url, os.getpid(), os.path.realpath(service.index_dir), service.device, service.precision,
-                      service.limits.max_upload_bytes)
+                      service.limits.max_upload_bytes, token)
     # uvicorn stops gracefully on SIGINT/SIGTERM and then raises the signal again for the handler it found:
     # this one, so that the announcement is withdrawn and serve() returns instead of the process dying
     main = threading.current_thread() is threading.main_thread()

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from itm.common.errors import EmptyIndexError, ItmError, QueryError, TooLargeError
-from itm.common.options import BACKEND, DEVICE, PRECISION, SERVER_MAX_K
+from itm.common.options import BACKEND, DEVICE, PRECISION, SERVER_MAX_K, SERVER_MAX_QUERIES
 from itm.common.paths import default_index_dir
 from itm.indexer.info import index_info
 from itm.indexer.manifest import MANIFEST
@@ -49,6 +49,7 @@ class Limits:
     max_upload_bytes: int = 32 * 2**20  # largest query image accepted, in bytes
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest query image accepted, width x height (the decoder's cap at most)
     max_k: int = SERVER_MAX_K  # most results, and rerank candidates, per kind
+    max_queries: int = SERVER_MAX_QUERIES  # queries inside the server at once (one answered, the rest waiting)
 
 
 @dataclass(frozen=True)

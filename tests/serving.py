@@ -31,10 +31,10 @@ class Reply:
 
 
 @contextmanager
-def running(service: SearchService) -> Iterator[str]:
+def running(service: SearchService, token: str | None = None) -> Iterator[str]:
     """Serve `service` on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, token=token), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

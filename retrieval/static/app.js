@@ -32,6 +32,21 @@ function apiParams(p) {
   return api;
 }
 
+// ---- the access token ------------------------------------------------------------------------
+// A server that listens beyond loopback asks for its token (401): the page asks once, keeps it in a cookie that
+// only this server's pages send (images and thumbnails carry it too), and asks again only if it is refused.
+async function request(url, options) {
+  let response = await fetch(url, options);
+  if (response.status === 401) {
+    const token = prompt("This itm server needs its access token:");
+    if (token) {
+      document.cookie = `itm_token=${encodeURIComponent(token)}; path=/; SameSite=Strict; max-age=31536000`;
+      response = await fetch(url, options);
+    }
+  }
+  return response;
+}
+
 // ---- searching -----------------------------------------------------------------------------
 async function searchFromUrl() {
   const p = new URLSearchParams(location.search);
@@ -39,7 +54,7 @@ async function searchFromUrl() {
   if (p.has("image")) showQueryImage(`/api/images/${encodeURIComponent(p.get("image"))}/thumbnail`, "this image");
   else hideQueryImage();
   if (!p.has("q") && !p.has("image")) return clearResults();
-  await show(fetch("/api/search?" + apiParams(p)));
+  await show(request("/api/search?" + apiParams(p)));
 }
 
 function go(query) {  // query: {q} or {image}
@@ -59,7 +74,7 @@ async function upload(file) {
   history.pushState(null, "", "?" + p);  // an uploaded image does not fit in a URL: only the settings stay
   $("q").value = "";
   showQueryImage(URL.createObjectURL(file), file.name);
-  await show(fetch("/api/search/upload", { method: "POST", body: form }));
+  await show(request("/api/search/upload", { method: "POST", body: form }));
 }
 
 async function show(pending) {
@@ -182,7 +197,7 @@ function hideQueryImage() {
 
 async function describeIndex() {
   try {
-    const info = await (await fetch("/api/info")).json();
+    const info = await (await request("/api/info")).json();
     const n = info.counts.image + info.counts.text;
     $("about").textContent = `${info.index} · ${count(info.counts.image, "image") || "no images"}, ` +
       `${count(info.counts.text, "text") || "no texts"} · ${info.model.name || info.model.arch}` +

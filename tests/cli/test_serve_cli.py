@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -211,3 +212,37 @@ def test_user_errors_are_one_line(corpus, tmp_path):
                         "import itm.retrieval.serve_cli as m; m.main()"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr == ("itm-serve: error: itm-serve needs fastapi; install them with: "
                                               "pip install 'itm[server]'\n")
+
+
+SERVE = [sys.executable, "-c", "import itm.retrieval.serve_cli as m; m.main()"]
+TOKEN = "correct-horse-battery-staple-42"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--token-file PATH (or --token), or pass --no-auth"),
+    (["--token", "short"], "at least 16"),
+    (["--token", TOKEN, "--token-file", "x"], "not both"),
+])
+def test_beyond_loopback_the_server_wants_a_token_or_says_no_auth(corpus, extra, message):
+    r = subprocess.run(SERVE + ["--index", str(corpus / "idx"), "--host", "0.0.0.0", "--port", "0", *extra],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode in (1, 2) and message in r.stderr, r.stderr  # refused before it listens or loads a model
+    assert find_server(corpus / "idx") is None
+
+
+def test_itm_search_brings_the_token_of_the_server_it_finds(corpus, tmp_path):
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    index = corpus / "idx"
+    proc = start_server(index, "--token-file", tmp_path / "token")
+    try:
+        url = find_server(index).url
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "/api/health", timeout=30)
+        assert refused.value.code == 401
+        r = run("itm-search", "a red square", "--index", index, "--json")
+        assert r.returncode == 0 and len(r.stdout.splitlines()) == 7, r.stderr
+        asked = urllib.request.Request(url + "/api/health", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(asked, timeout=30) as reply:
+            assert json.load(reply)["queries"] == 1  # the query went through the server, with its token
+    finally:
+        stop(proc)

@@ -228,7 +228,7 @@ def test_generations_committed_under_load_are_taken_whole(tmp_path, tiny_rerank_
             if n == 0 and get(url, "/api/info").status != 200:
                 failures.append(b"info")
 
-    with running(SearchService(w.index)) as url:
+    with running(SearchService(w.index, limits=Limits(max_queries=4))) as url:  # all four clients admitted
         clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
         for c in clients:
             c.start()
