@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -55,6 +57,14 @@ class Part:
             raise QueryError(f"{value!r} has weight 0; give a weight other than 0, or leave the part out")
         return cls(sign * weight, None if image else rest, rest if image else None)
 
+    def format(self) -> str:
+        """The command line's form of a text or image-file part, as `parse` (with the part's sign) reads it back:
+        `Part.parse(p.format(), sign, image) == p` where sign is the weight's."""
+        value = self.text if self.text is not None else self.image
+        if not isinstance(value, str):
+            raise QueryError("only a part holding a text or an image file's path has a command-line form")
+        return f"{abs(self.weight)!r}:{value}"
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -86,12 +96,27 @@ class Filters:
             min_width, min_height = int(m.group(1)), int(m.group(2) or m.group(1))
         return cls(path, date_from, date_to, camera, min_width, min_height, orientation).checked()
 
+    def format(self) -> dict[str, str | None]:
+        """The command line's forms of the filters, as `parse` takes them: `Filters.parse(**f.format()) == f`."""
+        date = None if self.date_from is None and self.date_to is None else \
+            self.date_from if self.date_from == self.date_to else f"{self.date_from or ''}..{self.date_to or ''}"
+        size = None if self.min_width is None and self.min_height is None else \
+            f"{self.min_width or 0}x{self.min_height or 0}"
+        return {"path": self.path, "date": date, "camera": self.camera, "min_size": size,
+                "orientation": self.orientation}
+
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Filters:
+        if d is not None and not isinstance(d, dict):
+            raise QueryError("filters must be a JSON object")
         names = {f.name for f in fields(cls)}
         unknown = set(d or {}) - names
         if unknown:
             raise QueryError(f"unknown filter {sorted(unknown)[0]!r}; filters are {', '.join(sorted(names))}")
+        for name, value in (d or {}).items():
+            wanted = int if name in ("min_width", "min_height") else str
+            if value is not None and (type(value) is not wanted):
+                raise QueryError(f"filter {name} must be {'an integer' if wanted is int else 'a string'}")
         return cls(**(d or {})).checked()
 
     def checked(self) -> Filters:
@@ -181,21 +206,50 @@ class Query:
         return {k: v for k, v in out.items() if v is not None or k in ("text", "min_prob", "dedup")}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Query:
+    def from_json(cls, d: Any) -> Query:
         """The query a JSON body asks; QueryError for anything it cannot be."""
+        if not isinstance(d, dict):
+            raise QueryError("a query is a JSON object")
         unknown = set(d) - JSON_FIELDS
         if unknown:
             raise QueryError(f"unknown field {sorted(unknown)[0]!r}; a query takes {', '.join(sorted(JSON_FIELDS))}")
-        parts = tuple(Part(float(p.get("weight", 1.0)), p.get("text"), _image_bytes(p), p.get("image_id"),
-                           p.get("image_name")) for p in d.get("parts") or ())
-        refine = Refine(d.get("min_prob"), d.get("sort") or "score", d.get("dedup"))
-        return cls(d.get("text"), _image_bytes(d), d.get("image_name"), d.get("image_id"), d.get("image_path"),
-                   int(d.get("k", DEFAULT_K)), d.get("kind"), int(d.get("rerank_k", DEFAULT_RERANK_K)),
-                   bool(d.get("rerank", True)), parts, Filters.from_json(d.get("filters")), refine).checked()
+        parts = d.get("parts") or []
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise QueryError("parts must be a list of JSON objects")
+        refine = Refine(_typed(d, "min_prob", float), _typed(d, "sort", str) or "score", _typed(d, "dedup", float))
+        return cls(_typed(d, "text", str), _image_bytes(d), _typed(d, "image_name", str), _typed(d, "image_id", int),
+                   _typed(d, "image_path", str), _typed(d, "k", int, DEFAULT_K), _typed(d, "kind", str),
+                   _typed(d, "rerank_k", int, DEFAULT_RERANK_K), _typed(d, "rerank", bool, True),
+                   tuple(_part(p) for p in parts), Filters.from_json(d.get("filters")), refine).checked()
 
 
 JSON_FIELDS = {"text", "image_base64", "image_name", "image_id", "image_path", "k", "kind", "rerank_k", "rerank",
                "parts", "filters", "min_prob", "sort", "dedup"}
+PART_FIELDS = {"weight", "text", "image_base64", "image_name", "image_id"}
+
+
+def _typed(d: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """d[name] if it is of `kind` (an int where a float is asked; never a bool for a number), else QueryError."""
+    value = d.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, bool) if kind is bool else \
+        isinstance(value, kind if kind is not float else (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is float and not math.isfinite(value)):
+        raise QueryError(f"{name} must be {_KIND_NAMES[kind]}, got {json.dumps(value)[:40]}")
+    return float(value) if kind is float else value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _part(p: dict[str, Any]) -> Part:
+    unknown = set(p) - PART_FIELDS
+    if unknown:
+        raise QueryError(f"unknown field {sorted(unknown)[0]!r} in a part; a part takes "
+                         f"{', '.join(sorted(PART_FIELDS))}")
+    return Part(_typed(p, "weight", float, 1.0), _typed(p, "text", str), _image_bytes(p), _typed(p, "image_id", int),
+                _typed(p, "image_name", str))
 
 
 def _image_json(image: str | bytes | None, name: str | None) -> dict[str, Any]:
@@ -210,6 +264,8 @@ def _image_bytes(d: dict[str, Any]) -> bytes | None:
     data = d.get("image_base64")
     if data is None:
         return None
+    if not isinstance(data, str):
+        raise QueryError("image_base64 must be a string")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError, TypeError):
