@@ -342,12 +342,15 @@ def serve_latency(r: Results) -> Lines:
 def serve_load(r: Results) -> Lines:
     d = r("serve_load")
     rows = [(x["index"], f"{x['items']:,}", f"{x['clients']}, {x['seconds']:.0f}", f1(x["qps"]),
-             f"{x['p50_ms']:.0f} ms", f"{x['p95_ms']:.0f} ms", f"{x['p99_ms']:.0f} ms", x["errors"],
+             f"{x['p50_ms']:.0f} ms", f"{x['p95_ms']:.0f} ms", f"{x['p99_ms']:.0f} ms",
+             f"{x['unloaded_p95_ms']:.0f} ms ({x['p95_vs_unloaded']:.2f}x)", f"{x['shed_503']:,}", x["errors"],
+             f"{x['after_ok']} of {x['after_runs']}, p95 {x['after_p95_ms']:.0f} ms",
              f"{mb(x['rss_before_mb'])}, {mb(x['rss_peak_mb'])}", "yes" if x["cli_output_identical"] else "no")
             for x in d["load"]]
     big = d["large_index"]["ann"]["image"]
-    return table(("index", "items", "clients, seconds", "queries/s", "p50", "p95", "p99", "errors",
-                  "server RSS before, peak", "CLI output same as without server"), rows) + \
+    return table(("index", "items", "clients, seconds", "admitted/s", "p50", "p95", "p99",
+                  "unloaded p95 (admitted p95 against it)", "turned away (503)", "errors", "answered right after",
+                  "server RSS before, peak", "CLI output same bytes as without server"), rows) + \
         note(f"The large index: {d['large_index']['n_images']:,} images synthesized through the commit path in "
              f"{d['large_index']['synthesized_s']:.1f} s, FAISS {big['factory']} with recall@10 "
              f"{big['recall_at_10']:.3f} against exact search. " + source("serve_load", d["machine"]))
