@@ -34,6 +34,10 @@ class DiskFullError(ItmError):
     """A write failed for want of space; what was finished is kept, and the same command resumes once space is freed."""
 
 
+class IndexDamagedError(ItmError):
+    """A file the index names is missing or not what was written; the message names it and what to run."""
+
+
 class IndexBusyError(ItmError):
     """Another build or compaction holds the index's writer lock, and the caller asked not to wait."""
 

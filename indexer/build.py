@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from itm.common.errors import CorpusError, ItmError
+from itm.common.errors import CorpusError, ItmError, ItmWarning
 from itm.common.options import BuildOptions
 from itm.common.parallel import ordered_map
 from itm.common.paths import default_index_dir
@@ -90,6 +91,9 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
     index_dir.mkdir(parents=True, exist_ok=True)
     with locked(index_dir, options.wait):
         writer = Writer(index_dir)
+        repaired = bool(writer.damage)
+        if repaired:
+            _repair(writer, source)
         tower = "text" if is_text_corpus(source) else "image"
         encoder = _Encoder(writer.manifest, index_dir, model, options, clock, tower)
         if writer.manifest is None:  # a new index records its model before the first segment is staged
@@ -99,7 +103,7 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
         job = _Embedding(writer, encoder, options, clock, _Skips(source, on_skip), on_progress)
         with clock("embed_s"):
             changes = job.texts(source) if is_text_corpus(source) else job.images(source)
-        if job.nothing_changed(source, changes):
+        if job.nothing_changed(source, changes) and not repaired:
             return _report(index_dir, changes, job, writer.manifest, t0, 0, clock)
         with clock("commit_s"):
             manifest = job.commit(source, changes)
@@ -107,6 +111,16 @@ def build_index(source: Path | str, index_dir: Path | str | None = None, model: 
             compacted = compact(writer, options.commit_every) \
                 if dead_share(manifest, writer.rows) >= options.compact_at else 0
     return _report(index_dir, changes, job, manifest, t0, compacted, clock)
+
+
+def _repair(writer: Writer, source: Path) -> None:
+    """Leave out what the index's damaged files held (this build encodes it again and commits new files), saying
+    so; items of other sources that were left out come back when those sources are built again."""
+    names = ", ".join(name for name, _ in writer.damage[:3]) + (" ..." if len(writer.damage) > 3 else "")
+    lost = [s for s in writer.repair() if s != os.fsdecode(source)]
+    again = f"; build these again too: {', '.join(lost)}" if lost else ""
+    warnings.warn(f"repairing {writer.index_dir}: {len(writer.damage)} damaged files ({names}); what they held is "
+                  f"encoded again{again}", ItmWarning, stacklevel=3)
 
 
 def _report(index_dir: Path, changes: SourceChanges, job: _Embedding, manifest: Manifest, t0: float,

@@ -8,7 +8,16 @@ from typing import List, Optional
 
 import typer
 
-from itm.common.cli import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP, THREADS_HELP, Progress, printable, user_errors
+from itm.common.cli import (
+    BACKEND_HELP,
+    DEVICE_HELP,
+    PRECISION_HELP,
+    THREADS_HELP,
+    Progress,
+    printable,
+    user_errors,
+    warn,
+)
 from itm.common.options import DEFAULT_MODEL, BuildOptions, RayOptions
 from itm.common.paths import default_index_dir
 
@@ -89,6 +98,24 @@ def _summary(index_dir: Path, added: int, updated: int, removed: int, unchanged:
     typer.echo(f"{printable(str(index_dir))}: {added} added, {updated} updated, {removed} removed, "
                f"{unchanged} unchanged, {skipped} skipped ({reused} reused by content hash); "
                f"{counts['image']} images, {counts['text']} texts in {seconds:.1f}s")
+
+
+@app.command()
+def check(index: Optional[Path] = IndexOpt) -> None:
+    """Verify every file the index names (its size and sha256 as written); list what is missing or damaged."""
+    with user_errors(PROG):
+        from .check import check_index
+
+        r = check_index(index or default_index_dir())
+    how = "size and sha256" if r.hashed else "size and contents (an index from before digests were kept)"
+    if not r.damaged:
+        typer.echo(f"{printable(str(r.index_dir))}: ok, {r.files} files verified by {how}")
+        return
+    for name, why in r.damaged:
+        typer.echo(f"damaged: {printable(str(r.index_dir / name))} {why}")
+    warn(PROG, f"{len(r.damaged)} of {r.files} files damaged; `itm-index build SOURCE` repairs the index, encoding "
+               "again only what the damaged files held (a search meanwhile says which file it cannot use)")
+    raise typer.Exit(1)
 
 
 @app.command()

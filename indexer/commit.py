@@ -9,6 +9,7 @@ the one before it names, so that a reader opening the previous generation still 
 from __future__ import annotations
 
 import fcntl
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ import numpy as np
 import pyarrow as pa
 
 from itm.common.durable import write_durably
-from itm.common.errors import IndexBusyError, ItmWarning
+from itm.common.errors import IndexBusyError, IndexDamagedError, ItmWarning
+from itm.models.checkpoint import file_sha256
 from itm.models.identity import ModelIdentity
 
 from . import store
+from .check import MARKER, digests_of, full_damage, marked
 from .manifest import KINDS, AnnInfo, Manifest, RerankerInfo, read_manifest, write_manifest
 
 
@@ -54,12 +57,45 @@ class Writer:
     def __init__(self, index_dir: Path):
         self.index_dir = Path(index_dir)
         self.manifest: Manifest | None = read_manifest(self.index_dir)  # None until `start` for a new index
+        # files found missing, cut short or (when the last itm-index check named them) changed: `repair` drops them
+        self.damage = full_damage(self.manifest, self.index_dir, marked(self.index_dir)) if self.manifest else []
+        bad = {name for name, _ in self.damage}
         self.arrays = store.SegmentArrays(self.index_dir, self.store_dtype)
         self.sizes = {**self.manifest.segments, **self.manifest.staging} if self.manifest else {}  # rows by segment
         self.rows: pa.Table = store.read_table(self.index_dir / self.manifest.rows, store.ROW_SCHEMA) \
-            if self.manifest else store.ROW_SCHEMA.empty_table()
+            if self.manifest and self.manifest.rows not in bad else store.ROW_SCHEMA.empty_table()
         self.skipped: pa.Table = store.read_table(self.index_dir / self.manifest.skipped, store.SKIP_SCHEMA) \
-            if self.manifest else store.SKIP_SCHEMA.empty_table()
+            if self.manifest and self.manifest.skipped not in bad else store.SKIP_SCHEMA.empty_table()
+
+    def repair(self) -> list[str]:
+        """Leave out what the damaged files held, so that this build encodes it again and its commit writes
+        the index's files anew; returns the sources whose items were left out, to be built again."""
+        bad = {name for name, _ in self.damage}
+        m = self.manifest
+        segments = {name.split(".", 1)[0] for name in bad if name.startswith("seg-")}
+        keep = ~np.isin(store.categories(self.rows.column("segment")), sorted(segments))
+        lost = set(self.rows.filter(pa.array(~keep)).column("source").to_pylist()) if len(self.rows) else set()
+        lost = {os.fsdecode(s) for s in lost} | (set(m.listings) if m.rows in bad else set())
+        self.rows = self.rows.filter(pa.array(keep))
+        if m.reranker and {m.reranker.file, m.reranker.config_file} & bad:
+            self._copy_reranker(m.reranker)
+        staging = {s: n for s, n in m.staging.items() if s not in segments}
+        if m.rows in bad:  # which rows were live is lost; the whole segments stay, reusable by content hash
+            staging.update({s: n for s, n in m.segments.items() if s not in segments})
+        self.manifest = replace(m, staging=staging, segments={} if m.rows in bad else m.segments,
+                                listings={k: v for k, v in m.listings.items() if k not in lost})
+        self.sizes = {s: n for s, n in self.sizes.items() if s not in segments}
+        return sorted(lost)
+
+    def _copy_reranker(self, reranker: RerankerInfo) -> None:
+        """The index's copy of its reranker, again from where it came, if that still holds the same weights."""
+        src = Path(reranker.source)
+        if not src.is_file() or file_sha256(src) != reranker.sha256:
+            raise IndexDamagedError(f"{self.index_dir / reranker.file} is damaged and {src} no longer holds the "
+                                    "reranker it was copied from; build the index again into a new --index folder")
+        for source, name in ((src.with_suffix(".json"), reranker.config_file), (src, reranker.file)):
+            data = source.read_bytes()
+            write_durably(self.index_dir / name, lambda f: f.write(data))
 
     @property
     def store_dtype(self) -> str | None:
@@ -73,10 +109,7 @@ class Writer:
         store.write_table(self.index_dir / manifest.rows, self.rows)
         store.write_table(self.index_dir / manifest.skipped, self.skipped)
         if reranker is not None:  # the index carries the reranker its rerank store was made by
-            src = Path(reranker.source)
-            for source, name in ((src.with_suffix(".json"), reranker.config_file), (src, reranker.file)):
-                data = source.read_bytes()
-                write_durably(self.index_dir / name, lambda f: f.write(data))
+            self._copy_reranker(reranker)
         write_manifest(self.index_dir, manifest)
         self.manifest = manifest
 
@@ -132,8 +165,11 @@ class Writer:
             updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), listings=old.listings if listings is None else listings)
         store.write_table(self.index_dir / manifest.rows, rows)
         store.write_table(self.index_dir / manifest.skipped, skipped)
+        manifest = replace(manifest, digests=digests_of(manifest, self.index_dir, old.digests))
         write_manifest(self.index_dir, manifest)
         store.collect_garbage(self.index_dir, keep=(manifest, old))
+        (self.index_dir / MARKER).unlink(missing_ok=True)  # the files a check found damaged are named no more
+        self.damage = []
         self.manifest, self.rows, self.skipped = manifest, rows, skipped
         return manifest
 

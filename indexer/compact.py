@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from itm.common.errors import IndexNotFoundError
+from itm.common.errors import IndexDamagedError, IndexNotFoundError
 from itm.common.options import SEGMENT_ROWS
 from itm.common.paths import default_index_dir
 
 from . import store
+from .check import describe
 from .commit import Writer, locked
 from .manifest import Manifest
 from .migrate import migrate_rows
@@ -49,6 +50,8 @@ def compact_index(index_dir: Path | str | None = None, segment_rows: int = SEGME
         raise IndexNotFoundError(f"no index at {index_dir}; pass --index or set ITM_INDEX to an index directory")
     with locked(index_dir, wait):
         writer = Writer(index_dir)
+        if writer.damage:  # a compaction copies rows out of the segments: it needs them whole
+            raise IndexDamagedError(describe(index_dir, writer.damage))
         migrate_rows(writer)  # a format-2 index gets its images' metadata (indexer/migrate.py)
         before = len(writer.manifest.segments)
         dropped = compact(writer, segment_rows)

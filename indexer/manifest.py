@@ -38,6 +38,8 @@ KINDS = ("image", "text")
 #      image files and commits them (indexer/migrate.py).
 #   Within format 3, each segment's Parquet metadata names the precision its embeddings were made with
 #   (store.PRECISION_KEY); a segment without it reads as store.UNRECORDED, and older code ignores it.
+#   Within format 3, `digests` records each file's size and sha256 (indexer/check.py); without it an index is
+#   checked by what its files hold, and older code ignores it.
 FORMAT_VERSION = 3
 
 
@@ -97,6 +99,10 @@ class Manifest:
     # (indexer/listing.py); absent for a source whose build skipped anything. Optional: an index
     # without it reads as before, and an older itm ignores it.
     listings: dict[str, dict] = field(default_factory=dict)
+    # file -> [size in bytes, sha256] of every file this generation needs, taken when it was written
+    # (indexer/check.py: itm-index check verifies them, searches and builds compare the sizes). Optional:
+    # an index without it is checked by what its files hold, and an older itm ignores it.
+    digests: dict[str, list] = field(default_factory=dict)
 
     def files(self) -> set[str]:
         """Every data file this generation needs (segment parts that were never written included)."""
@@ -129,7 +135,8 @@ class Manifest:
             ann={kind: AnnInfo(**_known(AnnInfo, a)) for kind, a in d["ann"].items()},
             segments=dict(d["segments"]), staging=dict(d.get("staging", {})), next_id=int(d["next_id"]),
             counts={**dict.fromkeys(KINDS, 0), **d["counts"]}, faiss_factory=d.get("faiss_factory"),
-            updated_at=d.get("updated_at"), format=int(d["format"]), listings=dict(d.get("listings", {})))
+            updated_at=d.get("updated_at"), format=int(d["format"]), listings=dict(d.get("listings", {})),
+            digests=dict(d.get("digests", {})))
 
 
 def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +184,8 @@ def read_manifest(index_dir: Path) -> Manifest | None:
         raise IndexFormatError(
             f"index at {index_dir} has format {fmt}, newer than this itm understands ({FORMAT_VERSION}); "
             "upgrade itm or pass --index for another index")
+    if raw["format"] < FORMAT_VERSION:
+        raw.pop("digests", None)  # no older format kept them; a migration may read files another way
     while raw["format"] < FORMAT_VERSION:
         raw = {**MIGRATIONS[raw["format"]](raw, Path(index_dir)), "format": raw["format"] + 1}
     try:

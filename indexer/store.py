@@ -35,8 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from itm.common.durable import is_temporary, write_durably
-from itm.common.errors import IndexFormatError, IndexNotFoundError, ItmError
+from itm.common.errors import IndexDamagedError, IndexNotFoundError, ItmError
 
+from .check import describe, full_damage, quick_damage
 from .manifest import KINDS, MANIFEST, AnnInfo, Manifest, read_manifest
 
 __all__ = ["KINDS", "ROW_SCHEMA", "SEGMENT_SCHEMA", "SKIP_SCHEMA", "SegmentArrays", "Snapshot", "collect_garbage",
@@ -254,6 +255,23 @@ class Snapshot:
 
     def __init__(self, index_dir: Path, manifest: Manifest):
         self.index_dir, self.manifest = Path(index_dir), manifest
+        damage = quick_damage(manifest, self.index_dir)  # a stat a file: a file cut short is named, not mapped
+        if damage:
+            missing = next((name for name, why in damage if why == "is missing"), None)
+            if missing is not None:  # gone because a writer committed twice meanwhile? Snapshot.open looks again
+                raise FileNotFoundError(2, "missing", str(self.index_dir / missing))
+            raise IndexDamagedError(describe(self.index_dir, damage))
+        try:
+            self._open()
+        except (OSError, ValueError, RuntimeError, pa.ArrowException) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            damage = full_damage(manifest, self.index_dir, set())  # what each file holds, for one without digests
+            raise IndexDamagedError(describe(self.index_dir, damage) if damage else
+                                    f"index at {self.index_dir} cannot be opened ({e}); run `itm-index check`") from None
+
+    def _open(self) -> None:
+        manifest = self.manifest
         self.rows = read_table(self.index_dir / manifest.rows, ROW_SCHEMA)
         self.skipped = read_table(self.index_dir / manifest.skipped, SKIP_SCHEMA)
         self._ann_bytes = {kind: np.memmap(self.index_dir / a.file, dtype=np.uint8, mode="r")
@@ -285,8 +303,7 @@ class Snapshot:
             except FileNotFoundError as e:
                 newer = read_manifest(index_dir)
                 if newer is None or newer.generation == manifest.generation:
-                    raise IndexFormatError(f"index at {index_dir} is missing {Path(e.filename).name}; rebuild it "
-                                           "into a new --index directory") from None
+                    raise IndexDamagedError(describe(index_dir, [(Path(e.filename).name, "is missing")])) from None
         raise ItmError(f"index at {index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again")
 
     def ann(self, kind: str) -> faiss.Index:
