@@ -1,4 +1,4 @@
-"""Is every file the manifest names there, and as it was written? itm-index check, a search's quick look, a build's repair.
+"""Is every file the manifest names there, and as it was written? itm-index check, a search's look, a build's repair.
 
 Each commit records every file's size and sha256 in the manifest (`Manifest.digests`). Three
 depths of looking:
@@ -54,10 +54,10 @@ def needed(manifest: Manifest, index_dir: Path) -> list[str]:
 
 def digests_of(manifest: Manifest, index_dir: Path, known: dict[str, list]) -> dict[str, list]:
     """The digests of the files `manifest` names that exist (segment parts are optional), reusing `known`
-    for segment files, which never change once written."""
+    for segments and the reranker's copy, which never change once written."""
     out = {}
     for name in sorted(manifest.files()):
-        if name.startswith("seg-") and name in known:
+        if name.startswith(("seg-", "reranker-")) and name in known:
             out[name] = known[name]
         elif (index_dir / name).is_file():
             out[name] = digest(index_dir / name)
