@@ -25,6 +25,7 @@ from itm.common.errors import CorpusError, ItmError, ItmWarning
 from itm.common.options import BuildOptions
 from itm.common.parallel import ordered_map
 from itm.common.paths import default_index_dir
+from itm.models.artifacts import check_card
 from itm.models.checkpoint import file_sha256
 from itm.models.item_encoder import ItemEncoder, ItemFeatures, Runtime
 from itm.models.loading import load_item_encoder
@@ -168,6 +169,7 @@ class _Encoder:
 def _reranker_info(spec: ModelSpec, encoder: ItemEncoder, store_dtype: str | None) -> RerankerInfo | None:
     if encoder.store is None:
         return None
+    check_card(spec.reranker, encoder.identity)  # a reranker trained for other features is refused
     sha = encoder.store.sha256
     return RerankerInfo(sha256=sha, file=f"reranker-{sha[:16]}.safetensors", source=str(spec.reranker),
                         image_shape=encoder.store.image_shape, text_shape=encoder.store.text_shape,

@@ -35,7 +35,8 @@ def build(
     model: Optional[str] = typer.Option(None, help=f"Model name or bundle (default {DEFAULT_MODEL}, or the index's)."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or 'random'."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local encoder checkpoint file."),
-    reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint whose rerank store to build."),
+    reranker: Optional[str] = typer.Option(None, help="Fusion reranker whose rerank store to build: a checkpoint "
+                                           "path, a URL, or hf-hub:ORG/NAME[@REVISION]."),
     batch_size: int = typer.Option(D.batch_size, min=1),
     workers: int = typer.Option(D.workers, min=0, help="Decoding threads (0: decode inline)."),
     device: str = typer.Option(D.device, help=DEVICE_HELP),
@@ -154,6 +155,12 @@ def info(index: Optional[Path] = IndexOpt,
     typer.echo("reranker    " + (f"{rr.sha256[:12]}, store {'x'.join(map(str, rr.image_shape))} "
                                  f"{rr.store_dtype or 'fp16'} per image"
                                  if rr else "none (recall only)"))
+    card = described["reranker_card"]
+    if card:  # what the reranker was trained on and how well it did (itm-train's model card)
+        figures = ", ".join(f"{k} {v:.1f}" for k, v in list((card.get("evaluation") or {}).items())[:4]
+                            if isinstance(v, (int, float)))
+        typer.echo(f"trained     {card.get('data', {}).get('name', '?')}, {card.get('steps', '?')} steps"
+                   + (f"; val {figures}" if figures else ""))
     for kind, a in m.ann.items():
         on_disk = f", on disk, nprobe {a.nprobe} for recall target {a.recall_target:.2f}" if a.ivfdata else ""
         typer.echo(f"faiss       {kind}: {a.factory}{on_disk}, {a.ntotal} vectors, "

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from itm.common.durable import write_durably
 from itm.common.errors import IndexBusyError, IndexDamagedError, ItmWarning
+from itm.models.artifacts import copy_card
 from itm.models.checkpoint import file_sha256
 from itm.models.identity import ModelIdentity
 
@@ -96,6 +97,7 @@ class Writer:
         for source, name in ((src.with_suffix(".json"), reranker.config_file), (src, reranker.file)):
             data = source.read_bytes()
             write_durably(self.index_dir / name, lambda f: f.write(data))
+        copy_card(src, self.index_dir / reranker.file)  # what it was trained for, for itm-index info
 
     @property
     def store_dtype(self) -> str | None:

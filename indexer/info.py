@@ -7,6 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itm.models.artifacts import read_card
+
 from . import store
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ def index_info(snap: Snapshot) -> dict[str, Any]:
                for s in snap.skipped.to_pylist()]
     return {"index": str(snap.index_dir), "counts": m.counts, "model": asdict(m.model),
             "reranker": m.reranker and asdict(m.reranker), "ann": {k: asdict(a) for k, a in m.ann.items()},
+            "reranker_card": read_card(snap.index_dir / m.reranker.file) if m.reranker else None,
             "precision": _precisions(snap), "bytes_on_disk": disk, "generation": m.generation, "skipped": skipped}
 
 

@@ -61,6 +61,11 @@ class RerankerInfo:
     def config_file(self) -> str:
         return str(Path(self.file).with_suffix(".json"))
 
+    @property
+    def card_file(self) -> str:
+        """Its model card (models/artifacts.py), when the checkpoint came with one."""
+        return str(Path(self.file).with_suffix(".card.json"))
+
 
 @dataclass(frozen=True)
 class AnnInfo:
@@ -112,7 +117,7 @@ class Manifest:
             names |= {f"{seg}.parquet", f"{seg}.emb.npy", f"{seg}.tok.npy", f"{seg}.mask.npy", f"{seg}.tok8.npy",
                       f"{seg}.tokscale.npy"}
         if self.reranker:
-            names |= {self.reranker.file, self.reranker.config_file}
+            names |= {self.reranker.file, self.reranker.config_file, self.reranker.card_file}
         return names
 
     def to_json(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from itm.common.errors import UnknownModelError
 from itm.common.options import DEFAULT_MODEL
 from itm.common.paths import demo_dir
 
+from .artifacts import fetch_reranker
 from .checkpoint import file_sha256
 from .identity import ModelIdentity
 
@@ -66,7 +67,7 @@ def resolve_model(
     >>> resolve_model("ViT-B-32").pretrained
     'laion2b_s34b_b79k'
     """
-    reranker = Path(reranker) if reranker else None
+    reranker = fetch_reranker(reranker) if reranker else None  # a path, a URL or hf-hub:ORG/NAME[@REVISION]
     if model in BUNDLES or Path(model, "bundle.json").is_file():
         spec = _bundle_spec(model, reranker)
         if checkpoint:  # taking the bundle's encoder instead would answer for other weights than asked

@@ -25,7 +25,8 @@ def calibrate_command(
                               "synthetic world, a bundle (demo) or an open_clip name."),
     pretrained: Optional[str] = typer.Option(None),
     checkpoint: Optional[Path] = typer.Option(None),
-    reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint (default: the bundle's)."),
+    reranker: Optional[str] = typer.Option(None, help="Fusion reranker: a checkpoint path, a URL, or "
+                                           "hf-hub:ORG/NAME[@REVISION] (default: the bundle's)."),
     split: str = typer.Option("val", help="Synthetic-world split to fit on (held out from training: val)."),
     images: int = typer.Option(300, min=10, help="Held-out images indexed."),
     queries: int = typer.Option(600, min=10, help="Captions asked (true captions of the images, and false ones)."),

@@ -20,7 +20,8 @@ def eval_command(
     model: str = typer.Option("ViT-B-32", help="Dual encoder: open_clip name or bundle (e.g. demo)."),
     pretrained: Optional[str] = typer.Option(None),
     checkpoint: Optional[Path] = typer.Option(None),
-    reranker: Optional[Path] = typer.Option(None, help="Fusion reranker checkpoint (default: the bundle's)."),
+    reranker: Optional[str] = typer.Option(None, help="Fusion reranker: a checkpoint path, a URL, or "
+                                           "hf-hub:ORG/NAME[@REVISION] (default: the bundle's)."),
     rerank_k: List[int] = typer.Option([10, 50], help="Two-stage depths to evaluate (repeatable)."),
     device: str = typer.Option(DEVICE, help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json"),

@@ -11,6 +11,8 @@ import torch
 from tqdm import tqdm
 
 from itm.common.errors import ItmError
+from itm.models.artifacts import write_card
+from itm.models.checkpoint import file_sha256
 from itm.models.encoder import DualEncoder, Encoded
 from itm.models.fusion import FusionReranker, get_fusion_config
 from itm.models.fusion_checkpoint import load_reranker
@@ -47,7 +49,7 @@ class TrainResult:
 
 def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts: TrainOptions | None = None,
           resume: bool = False, on_skip: Callable[[str, str], None] | None = None,
-          val_data: list[ImageCaptions] | None = None) -> TrainResult:
+          val_data: list[ImageCaptions] | None = None, data_name: str | None = None) -> TrainResult:
     """Train on (image, captions) data; checkpoints go to out_dir, and `resume` continues from them.
 
     With `val_data` and opts.eval_every, the model is validated every eval_every steps; the best
@@ -138,9 +140,30 @@ def train(spec: ModelSpec, data: list[ImageCaptions], out_dir: Path | str, opts:
     recent = history[-50:]
     losses = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]} if recent else {}
     weights = out_dir / "best" if best is not None else out_dir
+    if reranker is not None:  # what it was trained for and how well it did, beside it (models/artifacts.py)
+        evaluation = next((v for v in validation if best and v["step"] == best["step"]), {})
+        trained_encoder = weights / ENCODER_FILE if opts.train_encoders else None
+        write_card(weights / RERANKER_FILE, model_card(encoder, reranker, opts, data, data_name, step, losses,
+                                                      evaluation, trained_encoder))
     return TrainResult(out_dir, step, weights / RERANKER_FILE if reranker is not None else None,
                        weights / ENCODER_FILE if opts.train_encoders else None, losses, images.skipped,
                        time.perf_counter() - t0, best["step"] if best else None, validation)
+
+
+def model_card(encoder: DualEncoder, reranker: FusionReranker, opts: TrainOptions, data: list[ImageCaptions],
+               data_name: str | None, steps: int, losses: dict[str, float], evaluation: dict,
+               trained_encoder: Path | None = None) -> dict:
+    """The model card of a trained reranker: the encoder whose features it reads (the checkpoint trained beside
+    it, when the run trained both), the data, the run, its last losses and its validation at the step kept."""
+    who = encoder.identity
+    pretrained, sha = (None, file_sha256(trained_encoder)) if trained_encoder else (who.pretrained,
+                                                                                  who.checkpoint_sha256)
+    return {"encoder": {"arch": who.arch, "pretrained": pretrained, "checkpoint_sha256": sha,
+                        "embed_dim": who.embed_dim, "name": None if trained_encoder else who.name},
+            "fusion": reranker.cfg.name,
+            "data": {"name": data_name, "images": len(data), "captions": sum(len(d.captions) for d in data)},
+            "steps": steps, "losses": losses, "evaluation": {k: v for k, v in evaluation.items() if k != "step"},
+            "written": time.strftime("%Y-%m-%d")}
 
 
 def start_run(data: list, val_data: list | None, eval_every: int, out_dir: Path | str, seed: int) -> Path:

@@ -78,7 +78,8 @@ def train_command(
                             num_negatives=num_negatives, hard_negatives=hard_negatives, seed=seed, device=device,
                             precision=precision, fused_optimizer=fused_optimizer, workers=workers,
                             feature_cache_gb=feature_cache_gb, save_every=save_every, progress=True)
-        r = train(spec, data, out, opts, resume=resume, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"))
+        r = train(spec, data, out, opts, resume=resume, on_skip=lambda p, why: warn(PROG, f"skipping {p}: {why}"),
+                  data_name=f"{dataset.name} ({split})")
     parts = ", ".join(f"{k} {v:.4f}" for k, v in r.losses.items())
     typer.echo(f"{r.steps} steps in {r.seconds:.0f}s on {len(data)} images; last losses: {parts}")
     for path in (r.reranker, r.encoder):

@@ -65,6 +65,10 @@ def test_train_then_eval_gives_the_oracle_figures(karpathy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "2 steps" in r.stdout and "reranker.safetensors" in r.stdout
     reranker_path = tmp_path / "run" / "reranker.safetensors"
+    card = json.loads((tmp_path / "run" / "reranker.card.json").read_text())  # what it was trained for
+    assert card["encoder"]["arch"] == "itm-tiny" and card["encoder"]["pretrained"] == "random"
+    assert card["data"]["name"] == "karpathy.json (train)" and card["steps"] == 2 and card["fusion"] == "fusion-tiny"
+    assert set(card["losses"]) >= {"total"}
 
     r = run("itm-eval", karpathy / "karpathy.json", "--model", "itm-tiny", "--pretrained", "random",
             "--reranker", reranker_path, "--rerank-k", str(RERANK_K), "--json")
