@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from itm.common.durable import write_durably
-from itm.common.errors import IndexDamagedError, IndexFormatError, ItmError
+from itm.common.errors import IndexDamagedError, IndexFormatError, ItmError, ItmWarning
 
-from .manifest import Manifest, read_manifest
+from .manifest import MANIFEST, Manifest, manifest_damaged, read_manifest
 
 MARKER = "damaged.json"  # what the last check found, for the next build to repair
 Damage = list[tuple[str, str]]  # (file name in the index folder, what is wrong with it)
@@ -142,13 +143,16 @@ def check_index(index_dir: Path) -> CheckReport:
     """Verify every file of the index's current generation; leave `damaged.json` for the next build when damaged."""
     index_dir = Path(index_dir)
     try:
-        manifest = read_manifest(index_dir)
+        with warnings.catch_warnings():  # a manifest read from its copy is reported below, as damage
+            warnings.simplefilter("ignore", ItmWarning)
+            manifest = read_manifest(index_dir)
     except (IndexFormatError, ItmError) as e:
         raise IndexDamagedError(f"{index_dir / 'manifest.json'} cannot be read ({e}); it names every file of the "
                                 "index, so the index must be built again into a new --index folder") from None
     if manifest is None:
         raise IndexDamagedError(f"no index at {index_dir} (no manifest.json)")
-    damage = full_damage(manifest, index_dir)
+    own = manifest_damaged(index_dir)  # read from its copy above
+    damage = ([(MANIFEST, own)] if own else []) + full_damage(manifest, index_dir)
     marker = index_dir / MARKER
     if damage:
         data = json.dumps(sorted(name for name, _ in damage)).encode()

@@ -11,16 +11,18 @@ open_clip, so that the query path can read an index's model identity before load
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from itm.common.durable import fsync_dir, write_durably
-from itm.common.errors import IndexFormatError, ModelMismatchError
+from itm.common.errors import IndexFormatError, ItmWarning, ModelMismatchError
 from itm.models.identity import ModelIdentity
 from itm.models.registry import ModelSpec, resolve_model
 
 MANIFEST = "manifest.json"
+MANIFEST_COPY = "manifest.copy.json"  # written after it at each commit: what names the files if it is damaged
 OPTIONAL_ANN = ("ivfdata", "nprobe", "recall_target")  # AnnInfo fields left out of the JSON when unset
 KINDS = ("image", "text")
 
@@ -174,17 +176,58 @@ MIGRATIONS: dict[int, Migration] = {1: _from_format_1, 2: _from_format_2}  # for
 
 
 def read_manifest(index_dir: Path) -> Manifest | None:
-    """The index's current manifest, migrated to FORMAT_VERSION; None when there is no index there."""
-    path = Path(index_dir) / MANIFEST
+    """The index's current manifest, migrated to FORMAT_VERSION; None when there is no index there.
+
+    A manifest.json that cannot be read (damaged on disk, or gone) is read from its copy, written beside it at
+    every commit, with a warning: the next build writes it anew."""
+    path, copy = Path(index_dir) / MANIFEST, Path(index_dir) / MANIFEST_COPY
+    try:
+        return _load(path, index_dir)
+    except FileNotFoundError:
+        if not copy.exists():
+            return None
+        damage = "is missing"
+    except _Damaged as e:
+        if not copy.exists():  # an index from before copies were kept, or no itm index at all
+            raise IndexFormatError(f"{path} {e}; {e.remedy}") from None
+        damage = str(e)
+    try:
+        manifest = _load(copy, index_dir)
+    except (FileNotFoundError, _Damaged):
+        raise IndexFormatError(f"{path} {damage}, and so is its copy {copy.name}; it names every file of the index, "
+                               "so the index must be built again into a new --index folder") from None
+    warnings.warn(f"{path} {damage}; read its copy {copy.name} (generation {manifest.generation}): "
+                  "`itm-index build SOURCE` writes it anew", ItmWarning, stacklevel=2)
+    return manifest
+
+
+def manifest_damaged(index_dir: Path) -> str | None:
+    """What is wrong with manifest.json itself (read_manifest then reads its copy), or None."""
+    try:
+        _load(Path(index_dir) / MANIFEST, index_dir)
+    except FileNotFoundError:
+        return "is missing" if (Path(index_dir) / MANIFEST_COPY).exists() else None
+    except _Damaged as e:
+        return str(e)
+    return None
+
+
+class _Damaged(IndexFormatError):
+    """A manifest file that cannot be read as one; `remedy` is what to do when it has no copy."""
+
+    def __init__(self, what: str, remedy: str = "rebuild the index into a new --index directory"):
+        super().__init__(what)
+        self.remedy = remedy
+
+
+def _load(path: Path, index_dir: Path) -> Manifest:
     try:
         raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexFormatError(f"{path} is corrupt ({e}); rebuild the index into a new --index directory") from None
+        raise _Damaged(f"is corrupt ({e})") from None
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if not isinstance(fmt, int) or fmt < 1:
-        raise IndexFormatError(f"{path} is not an itm manifest; pass --index for an itm index directory")
+        raise _Damaged("is not an itm manifest", "pass --index for an itm index directory")
     if fmt > FORMAT_VERSION:
         raise IndexFormatError(
             f"index at {index_dir} has format {fmt}, newer than this itm understands ({FORMAT_VERSION}); "
@@ -196,14 +239,16 @@ def read_manifest(index_dir: Path) -> Manifest | None:
     try:
         return Manifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as e:
-        raise IndexFormatError(f"{path} is corrupt (bad or missing {e}); rebuild the index into a new --index "
-                               "directory") from None
+        raise _Damaged(f"is corrupt (bad or missing {e})") from None
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
-    """Replace the manifest atomically: readers see the old generation or the new one, never a mix."""
+    """Replace the manifest atomically: readers see the old generation or the new one, never a mix. A copy is
+    written after it: should manifest.json be damaged, the copy (of this generation or, after a crash between
+    the two, of the one before, whose files a commit keeps) still names the index's files."""
     data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
     write_durably(Path(index_dir) / MANIFEST, lambda f: f.write(data))
+    write_durably(Path(index_dir) / MANIFEST_COPY, lambda f: f.write(data))
     fsync_dir(Path(index_dir))
 
 

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from itm.common.errors import IndexDamagedError, IndexFormatError
+from itm.common.errors import IndexDamagedError, IndexFormatError, ItmWarning
 from itm.common.options import BuildOptions
 from itm.indexer.build import build_index
 from itm.indexer.check import check_index
@@ -88,15 +88,30 @@ def test_a_damaged_file_is_named_and_the_next_build_repairs_it(pristine, tmp_pat
     assert len(hits) == 8 and len(np.unique([h.path for h in hits])) == 8
 
 
-def test_a_manifest_that_cannot_be_read_is_named_everywhere(pristine, tmp_path):
+def test_a_damaged_manifest_is_read_from_its_copy_and_written_anew(pristine, tmp_path):
     idx = tmp_path / "idx"
     shutil.copytree(pristine / "idx", idx)
+    counts = read_manifest(idx).counts
     (idx / "manifest.json").write_text('{"format": 3, "model": ')
+    named = dict(check_index(idx).damaged)
+    assert named["manifest.json"].startswith("is corrupt")
+    with pytest.warns(ItmWarning, match="manifest.json is corrupt .* read its copy manifest.copy.json"):
+        assert len(Searcher(idx).search("a red square", k=20)) == 8  # searches go on from the copy
+    with pytest.warns(ItmWarning):
+        build_index(pristine / "photos", idx, None, OPTS)  # nothing else changed: the commit writes it anew
+    assert check_index(idx).damaged == [] and read_manifest(idx).counts == counts
+
+
+def test_a_manifest_and_its_copy_both_damaged_are_named_everywhere(pristine, tmp_path):
+    idx = tmp_path / "idx"
+    shutil.copytree(pristine / "idx", idx)
+    for name in ("manifest.json", "manifest.copy.json"):
+        (idx / name).write_text('{"format": 3, "model": ')
     with pytest.raises(IndexDamagedError, match="manifest.json cannot be read"):
         check_index(idx)
-    with pytest.raises(IndexFormatError, match="manifest.json is corrupt"):
+    with pytest.raises(IndexFormatError, match="manifest.json is corrupt .* and so is its copy"):
         Searcher(idx)
-    with pytest.raises(IndexFormatError, match="manifest.json is corrupt"):
+    with pytest.raises(IndexFormatError, match="manifest.json is corrupt .* and so is its copy"):
         build_index(pristine / "photos", idx, None, OPTS)
 
 
