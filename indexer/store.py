@@ -266,9 +266,10 @@ class Snapshot:
         except (OSError, ValueError, RuntimeError, pa.ArrowException) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            damage = full_damage(manifest, self.index_dir, set())  # what each file holds, for one without digests
+            damage = full_damage(manifest, self.index_dir)  # what each file holds: which one it could not open
             raise IndexDamagedError(describe(self.index_dir, damage) if damage else
-                                    f"index at {self.index_dir} cannot be opened ({e}); run `itm-index check`") from None
+                                    f"index at {self.index_dir} cannot be opened ({e}); run `itm-index check`"
+                                    ) from None
 
     def _open(self) -> None:
         manifest = self.manifest

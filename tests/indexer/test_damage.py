@@ -142,3 +142,20 @@ def test_the_commands_name_the_damage_in_one_line(pristine, tmp_path):
     rebuild = run("itm-index", "build", pristine / "photos", "--index", idx, "-q")  # no "nothing changed" shortcut
     assert rebuild.returncode == 0 and "repairing" in rebuild.stderr and " 4 added" in rebuild.stdout, rebuild.stderr
     assert run("itm-index", "check", "--index", idx).returncode == 0
+
+
+def test_an_index_without_digests_names_the_file_it_cannot_open(pristine, tmp_path):
+    """An index from before digests were kept: the sizes say nothing, so the search reads what each file holds."""
+    import json
+
+    idx = tmp_path / "idx"
+    shutil.copytree(pristine / "idx", idx)
+    for name in ("manifest.json", "manifest.copy.json"):
+        raw = json.loads((idx / name).read_text())
+        raw.pop("digests")
+        (idx / name).write_text(json.dumps(raw))
+    name = f"{_segment_of(read_manifest(idx), 'image', idx)}.emb.npy"
+    cut(idx / name)
+    with pytest.raises(IndexDamagedError, match=f"{name} cannot be read"):
+        Searcher(idx)
+
