@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from itm.common.durable import write_durably
-from itm.common.errors import IndexDamagedError, IndexFormatError, ItmError, ItmWarning
+from itm.common.errors import IndexDamagedError, IndexFormatError, ItmError
 
-from .manifest import MANIFEST, Manifest, manifest_damaged, read_manifest
+from .manifest import MANIFEST, Manifest, load_manifest
 
 MARKER = "damaged.json"  # what the last check found, for the next build to repair
 Damage = list[tuple[str, str]]  # (file name in the index folder, what is wrong with it)
@@ -41,10 +40,9 @@ def needed(manifest: Manifest, index_dir: Path) -> list[str]:
     """The files this generation needs: those with a digest, else the ones its layout implies."""
     if manifest.digests:
         return sorted(manifest.digests)
-    names = {manifest.rows, manifest.skipped, *(a.file for a in manifest.ann.values()),
-             *(a.ivfdata for a in manifest.ann.values() if a.ivfdata)}
+    names = {n for n in manifest.files() if not n.startswith("seg-")}  # a segment's parts depend on its kind
     if manifest.reranker:
-        names |= {manifest.reranker.file, manifest.reranker.config_file}
+        names.discard(manifest.reranker.card_file)  # a reranker may come without a card
     for seg in manifest.segments:
         names |= {f"{seg}.parquet", f"{seg}.emb.npy"}
         if manifest.reranker:
@@ -143,15 +141,12 @@ def check_index(index_dir: Path) -> CheckReport:
     """Verify every file of the index's current generation; leave `damaged.json` for the next build when damaged."""
     index_dir = Path(index_dir)
     try:
-        with warnings.catch_warnings():  # a manifest read from its copy is reported below, as damage
-            warnings.simplefilter("ignore", ItmWarning)
-            manifest = read_manifest(index_dir)
+        manifest, own = load_manifest(index_dir)  # `own`: what is wrong with manifest.json, read from its copy
     except (IndexFormatError, ItmError) as e:
         raise IndexDamagedError(f"{index_dir / 'manifest.json'} cannot be read ({e}); it names every file of the "
                                 "index, so the index must be built again into a new --index folder") from None
     if manifest is None:
         raise IndexDamagedError(f"no index at {index_dir} (no manifest.json)")
-    own = manifest_damaged(index_dir)  # read from its copy above
     damage = ([(MANIFEST, own)] if own else []) + full_damage(manifest, index_dir)
     marker = index_dir / MARKER
     if damage:

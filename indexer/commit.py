@@ -28,7 +28,7 @@ from itm.models.identity import ModelIdentity
 
 from . import store
 from .check import MARKER, digests_of, full_damage, marked
-from .manifest import KINDS, MANIFEST, AnnInfo, Manifest, RerankerInfo, manifest_damaged, read_manifest, write_manifest
+from .manifest import KINDS, MANIFEST, AnnInfo, Manifest, RerankerInfo, load_manifest, write_manifest
 
 
 @contextmanager
@@ -57,11 +57,11 @@ class Writer:
 
     def __init__(self, index_dir: Path):
         self.index_dir = Path(index_dir)
-        self.manifest: Manifest | None = read_manifest(self.index_dir)  # None until `start` for a new index
+        # None until `start` for a new index; read from its copy when manifest.json is damaged (the commit rewrites it)
+        self.manifest, own = load_manifest(self.index_dir)
         # files found missing, cut short or (when the last itm-index check named them) changed: `repair` drops them
-        self.damage = full_damage(self.manifest, self.index_dir, marked(self.index_dir)) if self.manifest else []
-        if self.manifest and (why := manifest_damaged(self.index_dir)):  # read from its copy: the commit rewrites it
-            self.damage.insert(0, (MANIFEST, why))
+        self.damage = ([(MANIFEST, own)] if own else []) + \
+            (full_damage(self.manifest, self.index_dir, marked(self.index_dir)) if self.manifest else [])
         bad = {name for name, _ in self.damage}
         self.arrays = store.SegmentArrays(self.index_dir, self.store_dtype)
         self.sizes = {**self.manifest.segments, **self.manifest.staging} if self.manifest else {}  # rows by segment

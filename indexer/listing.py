@@ -19,7 +19,7 @@ from itm.common.options import BuildOptions
 from itm.models.formats import IMAGE_EXTENSIONS
 
 from .check import marked, quick_damage
-from .manifest import Manifest, manifest_damaged, read_manifest
+from .manifest import Manifest, load_manifest
 from .scan import is_text_corpus, scan_images
 
 
@@ -49,10 +49,9 @@ def record(listing: Listing, items: int) -> dict:
 
 def unchanged(index_dir: Path, source: Path, options: BuildOptions) -> tuple[Manifest, int] | None:
     """(manifest, the source's rows) when the source lists as its last commit saw it; else None."""
-    manifest = read_manifest(index_dir)
+    manifest, own = load_manifest(index_dir)
     entry = manifest.listings.get(os.fsdecode(source)) if manifest is not None and not manifest.staging else None
-    if entry is None or not source.exists() or quick_damage(manifest, index_dir) or marked(index_dir) \
-            or manifest_damaged(index_dir):
+    if entry is None or not source.exists() or own or quick_damage(manifest, index_dir) or marked(index_dir):
         return None  # a damaged index needs a real build, which repairs it
     listing = Listing(source, options)
     if is_text_corpus(source):

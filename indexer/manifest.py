@@ -180,36 +180,32 @@ def read_manifest(index_dir: Path) -> Manifest | None:
 
     A manifest.json that cannot be read (damaged on disk, or gone) is read from its copy, written beside it at
     every commit, with a warning: the next build writes it anew."""
+    manifest, damage = load_manifest(index_dir)
+    if damage is not None:
+        warnings.warn(f"{Path(index_dir) / MANIFEST} {damage}; read its copy {MANIFEST_COPY} (generation "
+                      f"{manifest.generation}): `itm-index build SOURCE` writes it anew", ItmWarning, stacklevel=2)
+    return manifest
+
+
+def load_manifest(index_dir: Path) -> tuple[Manifest | None, str | None]:
+    """read_manifest without the warning: the manifest, and what is wrong with manifest.json when it was read
+    from its copy (None when manifest.json itself was read, or there is no index)."""
     path, copy = Path(index_dir) / MANIFEST, Path(index_dir) / MANIFEST_COPY
     try:
-        return _load(path, index_dir)
+        return _load(path, index_dir), None
     except FileNotFoundError:
         if not copy.exists():
-            return None
+            return None, None
         damage = "is missing"
     except _Damaged as e:
         if not copy.exists():  # an index from before copies were kept, or no itm index at all
             raise IndexFormatError(f"{path} {e}; {e.remedy}") from None
         damage = str(e)
     try:
-        manifest = _load(copy, index_dir)
+        return _load(copy, index_dir), damage
     except (FileNotFoundError, _Damaged):
         raise IndexFormatError(f"{path} {damage}, and so is its copy {copy.name}; it names every file of the index, "
                                "so the index must be built again into a new --index folder") from None
-    warnings.warn(f"{path} {damage}; read its copy {copy.name} (generation {manifest.generation}): "
-                  "`itm-index build SOURCE` writes it anew", ItmWarning, stacklevel=2)
-    return manifest
-
-
-def manifest_damaged(index_dir: Path) -> str | None:
-    """What is wrong with manifest.json itself (read_manifest then reads its copy), or None."""
-    try:
-        _load(Path(index_dir) / MANIFEST, index_dir)
-    except FileNotFoundError:
-        return "is missing" if (Path(index_dir) / MANIFEST_COPY).exists() else None
-    except _Damaged as e:
-        return str(e)
-    return None
 
 
 class _Damaged(IndexFormatError):
