@@ -113,11 +113,8 @@ class Filters:
         unknown = set(d or {}) - names
         if unknown:
             raise QueryError(f"unknown filter {sorted(unknown)[0]!r}; filters are {', '.join(sorted(names))}")
-        for name, value in (d or {}).items():
-            wanted = int if name in ("min_width", "min_height") else str
-            if value is not None and (type(value) is not wanted):
-                raise QueryError(f"filter {name} must be {'an integer' if wanted is int else 'a string'}")
-        return cls(**(d or {})).checked()
+        return cls(**{name: _typed(d, name, int if name in ("min_width", "min_height") else str)
+                      for name in (d or {})}).checked()
 
     def checked(self) -> Filters:
         for name in ("date_from", "date_to"):
@@ -256,7 +253,7 @@ def _image_json(image: str | bytes | None, name: str | None) -> dict[str, Any]:
     if image is None:
         return {}
     if isinstance(image, str):
-        raise QueryError(f"{image}: a query sent as JSON carries the image's bytes, not its path (Query.uploaded)")
+        raise QueryError(f"{image}: a query sent as JSON carries the image's bytes, not its path (the client reads it)")
     return {"image_base64": binascii.b2a_base64(image, newline=False).decode("ascii"), "image_name": name}
 
 
