@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +70,9 @@ def _from_hub(name: str) -> Path:
 
 def _from_url(url: str) -> Path:
     """The checkpoint at `url`, with `<name>.json` and `<name>.card.json` beside it, fetched once into the cache."""
+    import urllib.error  # here, not above: 20 ms that every cold query would pay
+    import urllib.request
+
     folder = cache_root() / "rerankers" / hashlib.sha256(url.encode()).hexdigest()[:24]
     weights = folder / WEIGHTS
     if weights.is_file() and (folder / CONFIG).is_file():
